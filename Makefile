@@ -1,0 +1,34 @@
+# The two commands a new user runs: `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint gpu-test clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch first, from the local wheel, so no multi-GB CUDA build is pulled.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/gla-serve serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m ruff check .
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "not gpu" -q
+
+gpu-test:
+	python3 -m pytest -m gpu -q
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""gla-serve model package."""
