@@ -1,1 +1,110 @@
-"""gla-serve kernels package."""
+"""GLA kernels: the float64-capable reference, the chunked PyTorch form and the Triton fast paths.
+
+Recurrence S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t * scale (scale = K ** -0.5 by default),
+state V-first [.., H, V, K] float32. CPU tensors run PyTorch; CUDA tensors run Triton when it imports.
+Importing this package never needs Triton or a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.chunk_torch import chunk_gla_prefill_torch, chunk_gla_torch
+from kernels.decode_torch import fused_recurrent_gla_decode_torch, rms_norm_swish_gate
+from kernels.naive import naive_recurrent_gla
+
+__all__ = [
+    "chunk_gla_prefill",
+    "chunk_gla_torch",
+    "fused_recurrent_gla_decode",
+    "naive_recurrent_gla",
+    "rms_norm_swish_gate",
+]
+
+
+def _load_triton() -> tuple[object | None, object | None]:
+    """The Triton entry points, or (None, None) without CUDA or Triton (then CUDA uses PyTorch too).
+
+    Resolved once at import so the per-call dispatch costs one attribute test, not an import.
+    """
+    if not torch.cuda.is_available():
+        return None, None
+    try:
+        from kernels.triton_chunk import chunk_gla_prefill_triton
+        from kernels.triton_recurrent import fused_recurrent_gla_decode_triton
+    except ImportError:
+        return None, None
+    return chunk_gla_prefill_triton, fused_recurrent_gla_decode_triton
+
+
+_TRITON_PREFILL, _TRITON_DECODE = _load_triton()
+
+
+def chunk_gla_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_slots: torch.Tensor,
+    scale: float | None = None,
+    initial_state_mask: torch.Tensor | None = None,
+    checkpoint_positions: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length chunked prefill that reads and writes states in a pool.
+
+    Args:
+        q, k, g: [T, H, K] packed tokens of N sequences; g log-gates <= 0. v: [T, H, V].
+        cu_seqlens: int32 [N+1], cu_seqlens[0] == 0, cu_seqlens[N] == T; every length >= 1.
+        state_pool: float32 [S, H, V, K]; state_slots: int32 [N], distinct.
+        scale: defaults to K ** -0.5.
+        initial_state_mask: bool [N]; False starts sequence n from zeros. None means all True.
+        checkpoint_positions: optional int64 [M] packed token indices p.
+
+    Returns:
+        o [T, H, V] in v.dtype; with checkpoint_positions, (o, states [M, H, V, K] float32) where
+        states[m] is the state after consuming token p_m. Final states land in state_pool[state_slots].
+
+    Example:
+        >>> o = chunk_gla_prefill(q, k, v, g, cu, pool, slots)  # pool[slots] now holds final states
+    """
+    if q.is_cuda and _TRITON_PREFILL is not None:
+        return _TRITON_PREFILL(q, k, v, g, cu_seqlens, state_pool, state_slots, scale,
+                                        initial_state_mask, checkpoint_positions)
+    return chunk_gla_prefill_torch(q, k, v, g, cu_seqlens, state_pool, state_slots, scale,
+                                   initial_state_mask, checkpoint_positions)
+
+
+def fused_recurrent_gla_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_slots: torch.Tensor,
+    scale: float | None = None,
+    gate: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """One decode step for B sequences, state updated in place in the pool.
+
+    Args:
+        q, k, g: [B, H, K]; v: [B, H, V]; state_pool: float32 [S, H, V, K]; state_slots: int32 [B].
+        scale: defaults to K ** -0.5.
+        gate: optional [B, H, V]; then the output is RMSNorm_V(o) * norm_weight * swish(gate)
+            (spec section 2 step 10), fused into the kernel on CUDA.
+        norm_weight: [V] or None; norm_eps: RMSNorm epsilon.
+
+    Returns:
+        o [B, H, V] in v.dtype. Slots not in state_slots are untouched.
+
+    Example:
+        >>> o = fused_recurrent_gla_decode(q, k, v, g, pool, slots)
+    """
+    if q.is_cuda and _TRITON_DECODE is not None:
+        return _TRITON_DECODE(q, k, v, g, state_pool, state_slots, scale,
+                                                 gate, norm_weight, norm_eps)
+    return fused_recurrent_gla_decode_torch(q, k, v, g, state_pool, state_slots, scale,
+                                            gate, norm_weight, norm_eps)
