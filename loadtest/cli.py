@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     target.add_argument("--model", help="model name for --api chat (default: first of GET /v1/models)")
+    target.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' (servers with GLA_API_KEYS)")
     target.add_argument(
         "--no-conversation-id", action="store_true",
         help="--api generate: do not send conversation_id (every turn starts fresh)",
@@ -137,7 +138,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             prompts=prompts, max_tokens=args.max_tokens, temperature=args.temperature,
             top_p=args.top_p, extra_body=args.extra_body,
             use_conversation_id=not args.no_conversation_id, seed=args.seed,
-            request_timeout_s=args.request_timeout,
+            request_timeout_s=args.request_timeout, api_key=args.api_key,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -40,6 +40,7 @@ class LoadConfig:
     use_conversation_id: bool = True
     seed: int = 0
     request_timeout_s: float = 120.0
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -78,6 +79,7 @@ class LoadConfig:
         settings = asdict(self)
         settings["arrival"] = self.arrival
         settings["prompts"] = len(self.prompts)
+        settings["api_key"] = "<set>" if self.api_key else None
         if self.rate is not None and math.isinf(self.rate):
             settings["rate"] = "inf"
         return settings

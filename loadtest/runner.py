@@ -150,7 +150,10 @@ async def run_load(cfg: LoadConfig, on_result: OnResult | None = None) -> LoadRu
     transport = httpx.AsyncHTTPTransport(
         limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     )
-    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=timeout, transport=transport) as client:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
+    async with httpx.AsyncClient(
+        base_url=cfg.base_url, timeout=timeout, transport=transport, headers=headers
+    ) as client:
         server, discovered = await server_info(client)
         model = cfg.model or discovered
         run = _Run(cfg, client, model, on_result or (lambda result, in_flight: None))

@@ -23,8 +23,10 @@ def start_fake_server() -> Iterator[StartServer]:
     """Factory: `url, state = start_fake_server(faults=Faults(...), token_delay_s=...)`."""
     with ExitStack() as stack:
 
-        def start(faults: Faults | None = None, token_delay_s: float = 0.002) -> tuple[str, FakeState]:
-            state = FakeState(token_delay_s=token_delay_s, faults=faults or Faults())
+        def start(
+            faults: Faults | None = None, token_delay_s: float = 0.002, api_key: str | None = None
+        ) -> tuple[str, FakeState]:
+            state = FakeState(token_delay_s=token_delay_s, faults=faults or Faults(), api_key=api_key)
             url = stack.enter_context(serve(create_app(state)))
             return url, state
 

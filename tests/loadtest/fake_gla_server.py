@@ -38,6 +38,7 @@ class Faults:
 class FakeState:
     token_delay_s: float = 0.002
     faults: Faults = field(default_factory=Faults)
+    api_key: str | None = None
     num_requests: int = 0
     num_running: int = 0
     max_running: int = 0
@@ -61,7 +62,9 @@ def _history_key(messages: list[dict[str, Any]]) -> str:
 def create_app(state: FakeState) -> FastAPI:
     app = FastAPI()
 
-    def admit() -> tuple[int, JSONResponse | None]:
+    def admit(request: Request) -> tuple[int, JSONResponse | None]:
+        if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
+            return 0, _error(401, "invalid API key")
         state.num_requests += 1
         n = state.num_requests
         if state.faults.http_503_every and n % state.faults.http_503_every == 0:
@@ -85,7 +88,7 @@ def create_app(state: FakeState) -> FastAPI:
         prompt, max_tokens = body.get("prompt"), body.get("max_tokens", 16)
         if not isinstance(prompt, str) or not prompt:
             return _error(422, "prompt must be a non-empty string", "prompt")
-        n, rejected = admit()
+        n, rejected = admit(request)
         if rejected:
             return rejected
         cid = body.get("conversation_id")
@@ -120,7 +123,7 @@ def create_app(state: FakeState) -> FastAPI:
         messages, max_tokens = body.get("messages"), body.get("max_tokens", 16)
         if not isinstance(messages, list) or not messages:
             return _error(422, "messages must be a non-empty list", "messages")
-        n, rejected = admit()
+        n, rejected = admit(request)
         if rejected:
             return rejected
         cached = state.chat_states.get(_history_key(messages[:-1]), 0)

@@ -100,6 +100,16 @@ def test_failed_turn_ends_its_conversation(start_fake_server) -> None:
     assert s.num_requests == 4
 
 
+def test_api_key_is_sent_as_bearer_token(start_fake_server) -> None:
+    url, _ = start_fake_server(api_key="sk-test")
+    _, s = _run(LoadConfig(base_url=url, num_requests=3, max_tokens=2, api_key="sk-test"))
+    assert (s.num_ok, s.num_errors) == (3, 0)
+    _, s = _run(LoadConfig(base_url=url, num_requests=3, max_tokens=2))
+    assert s.errors_by_kind == {"http 401": 3}
+    assert LoadConfig(api_key="sk-test").to_json()["api_key"] == "<set>"
+    assert "sk-test" not in repr(LoadConfig(api_key="sk-test"))
+
+
 def test_unreachable_server_is_a_transport_error() -> None:
     cfg = LoadConfig(base_url="http://127.0.0.1:9", num_requests=2, concurrency=1, request_timeout_s=5)
     _, s = _run(cfg)
