@@ -84,7 +84,7 @@ class Drainer:
             await asyncio.wait_for(self._idle.wait(), timeout=self.deadline_s)
             finished = True
             log.info("drained in %.2fs", time.monotonic() - started)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             finished = False
             log.warning("drain deadline of %.1fs passed with %d requests in flight",
                         self.deadline_s, self.in_flight)
@@ -101,7 +101,7 @@ class Drainer:
                 else:
                     pending = asyncio.to_thread(callback)  # a blocking flush must not stall the loop
                 await asyncio.wait_for(pending, timeout=max(0.0, end - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("flush %s did not finish within the flush timeout", name)
             except Exception:
                 # One failing flush (say Redis is down) must not stop the others or the exit.

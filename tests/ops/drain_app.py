@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from server.drain import DrainingServer, Drainer, DrainMiddleware
+from server.drain import Drainer, DrainingServer, DrainMiddleware
 
 
 def main() -> None:
