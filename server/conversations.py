@@ -1,0 +1,163 @@
+"""Conversation state between turns: the engine <-> cache interface and an in-process LRU behind it.
+
+A conversation is its token log plus, optionally, the model state after consuming all but the last
+logged token (the last sampled token is pending: the next turn feeds it first). The state is a
+cache of the log: without it the engine rebuilds the state by prefilling the log. The tiered cache
+(issue 5) implements `ConversationStore` with device, host and Redis tiers; docs/api.md describes
+the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from server.errors import ConversationBusy
+
+DEFAULT_TENANT = "default"
+_BYTES_PER_TOKEN = 8  # a Python int in a list, roughly, for the budget
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    tenant: str
+    conversation_id: str
+
+
+@dataclass(slots=True)
+class ConversationSnapshot:
+    """What a finished turn leaves behind.
+
+    token_ids: the whole log (every prompt and sampled token of every turn), at least 1 token.
+    state: per-layer tensors from `StatePool.read` after consuming `token_ids[:-1]`, or None when
+        only the log is known (the engine then prefills `token_ids` from a zero state).
+    """
+
+    token_ids: list[int]
+    state: dict[str, Any] | None = None
+
+    @property
+    def num_state_bytes(self) -> int:
+        if self.state is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_state_bytes + _BYTES_PER_TOKEN * len(self.token_ids)
+
+
+@runtime_checkable
+class ConversationStore(Protocol):
+    """What the engine needs from a conversation cache.
+
+    Turn protocol: `acquire` (may raise ConversationBusy -> 409) -> `await load` -> the turn runs ->
+    on success `commit(key, snapshot)` -> always `release`. A failed or aborted turn never commits,
+    so the stored conversation stays exactly as it was.
+    """
+
+    def acquire(self, key: ConversationKey) -> None: ...
+
+    def release(self, key: ConversationKey) -> None: ...
+
+    async def load(self, key: ConversationKey) -> ConversationSnapshot | None: ...
+
+    def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
+        """Store a finished turn. Called from the engine loop: must not block on I/O."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class LRUConversationStore:
+    """In-process conversations within a byte budget, least recently used evicted first.
+
+    Over budget it first drops the state of the least recently used conversation but keeps its
+    token log (a later turn rebuilds the state by prefill), and drops whole conversations only
+    when the logs alone exceed the budget.
+
+    Args:
+        budget_bytes: bound on states plus logs.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[ConversationKey, ConversationSnapshot] = OrderedDict()
+        self._busy: set[ConversationKey] = set()
+        self._lock = threading.Lock()
+        self.num_bytes = 0
+        self.num_hits = 0
+        self.num_misses = 0
+        self.num_state_evictions = 0
+        self.num_evictions = 0
+
+    def acquire(self, key: ConversationKey) -> None:
+        with self._lock:
+            if key in self._busy:
+                raise ConversationBusy(
+                    f"conversation {key.conversation_id!r} already has a turn in progress; retry when it ends",
+                    param="conversation_id",
+                )
+            self._busy.add(key)
+
+    def release(self, key: ConversationKey) -> None:
+        with self._lock:
+            self._busy.discard(key)
+
+    async def load(self, key: ConversationKey) -> ConversationSnapshot | None:
+        await asyncio.sleep(0)
+        with self._lock:
+            snap = self._entries.get(key)
+            if snap is None:
+                self.num_misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.num_hits += 1
+            return ConversationSnapshot(list(snap.token_ids), snap.state)
+
+    def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.num_bytes -= old.nbytes
+            self._entries[key] = snapshot
+            self.num_bytes += snapshot.nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        while self.num_bytes > self.budget_bytes:
+            victim = next((k for k, s in self._entries.items() if s.state is not None), None)
+            if victim is not None:
+                snap = self._entries[victim]
+                self.num_bytes -= snap.num_state_bytes
+                snap.state = None
+                self.num_state_evictions += 1
+                continue
+            if not self._entries:
+                break
+            _, snap = self._entries.popitem(last=False)
+            self.num_bytes -= snap.nbytes
+            self.num_evictions += 1
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "conversations": len(self._entries),
+                "states": sum(1 for s in self._entries.values() if s.state is not None),
+                "bytes": self.num_bytes,
+                "budget_bytes": self.budget_bytes,
+                "hits": self.num_hits,
+                "misses": self.num_misses,
+                "state_evictions": self.num_state_evictions,
+                "evictions": self.num_evictions,
+                "busy": len(self._busy),
+            }

@@ -1,0 +1,440 @@
+"""AsyncEngine: the one loop that owns the model; requests join and leave between its steps.
+
+Each step is schedule -> run (prefill chunks + decode + sample, one host sync) -> postprocess
+(append tokens, detokenize, stop rules, commit finished conversations, free slots). The step runs in
+a worker thread so the event loop keeps serving HTTP meanwhile; the scheduler is only touched by
+that step and, between steps, by `_ingest` on the loop, so it needs no lock. Only `add_request`
+and `abort` cross from request handlers into the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from server.conversations import ConversationKey, ConversationSnapshot, ConversationStore
+from server.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from server.errors import BadRequest, Unavailable
+from server.model_runner import ModelRunner
+from server.sampler import SampleResult
+from server.sampling_params import SamplingParams
+from server.scheduler import Scheduler
+from server.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+from server.settings import Settings
+
+log = logging.getLogger("gla.engine")
+
+
+class EngineObserver(Protocol):
+    """Hooks for metrics (issue 6). Called on the engine's worker thread or loop; must be cheap."""
+
+    def on_step(self, seqs: list[Sequence], num_prefill_tokens: int, now: float) -> None: ...
+
+    def on_finish(self, seq: Sequence, now: float) -> None: ...
+
+
+class RequestStream:
+    """The outputs of one request, in order; iteration ends after the finished one."""
+
+    def __init__(self, request_id: str, seq: Sequence) -> None:
+        self.request_id = request_id
+        self.seq = seq
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.is_finished = False
+
+    def put(self, out: RequestOutput) -> None:
+        self._queue.put_nowait(out)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        while not self.is_finished:
+            out = await self._queue.get()
+            if out.finished:
+                self.is_finished = True
+            yield out
+
+
+class AsyncEngine:
+    """Continuous-batching engine over one model.
+
+    Args:
+        model: a GLAForCausalLM.
+        tokenizer: its Hugging Face tokenizer (None: token ids only, empty texts).
+        settings: limits and scheduling knobs (max_num_seqs, max_num_batched_tokens, queue bounds, caps).
+        conversations: the conversation store (an LRU here; the tiered cache later).
+
+    Example:
+        >>> engine = AsyncEngine(model, tok, Settings(), LRUConversationStore(2**30))
+        >>> await engine.start()
+        >>> async for out in await engine.add_request([1, 2, 3], SamplingParams(max_tokens=8)):
+        ...     print(out.text, end="")
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, settings: Settings, conversations: ConversationStore) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.conversations = conversations
+        num_valid = len(tokenizer) if tokenizer is not None else None
+        self.runner = ModelRunner(
+            model, settings.max_num_seqs, seed=settings.seed, use_cuda_graphs=settings.cuda_graphs,
+            num_valid_tokens=num_valid,
+        )
+        self.scheduler = Scheduler(
+            settings.max_num_seqs,
+            settings.max_num_batched_tokens,
+            settings.max_waiting_requests,
+            settings.max_waiting_tokens,
+            settings.retry_after_s,
+        )
+        self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
+        if self.eos_token_id is None:
+            eos = model.config.eos_token_id
+            self.eos_token_id = eos[0] if isinstance(eos, list) else eos
+        self.special_ids: set[int] = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.observers: list[EngineObserver] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._incoming: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.is_stopping = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="gla-engine")
+
+    async def stop(self) -> None:
+        """Abort everything and stop the loop."""
+        self.is_stopping = True
+        for rid in list(self._streams):
+            self.abort(rid)
+        self._wakeup.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            try:
+                await asyncio.wait_for(task, timeout=30)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._incoming)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}-{time.monotonic_ns() % 10**9}"
+
+    async def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        conversation: ConversationKey | None = None,
+        request_id: str | None = None,
+        first_turn_prompt_token_ids: list[int] | None = None,
+    ) -> RequestStream:
+        """Queue a request; raises BadRequest (400), ConversationBusy (409), Overloaded (429), Unavailable (503).
+
+        Args:
+            prompt_token_ids: this turn's new tokens (>= 1, <= max_prompt_tokens).
+            params: sampling params (max_tokens <= max_tokens_cap).
+            conversation: continue (or start) this conversation; the turn is committed when it ends
+                normally, never when it fails or is aborted.
+            first_turn_prompt_token_ids: the prompt to use instead when `conversation` does not exist
+                yet (the same text tokenized with BOS: only a conversation's first turn gets one).
+        """
+        if self.is_stopping or not self.is_running:
+            raise Unavailable("the engine is not running", headers={"Retry-After": str(self.settings.retry_after_s)})
+        self._validate(prompt_token_ids, params)
+        if first_turn_prompt_token_ids is not None:
+            self._validate(first_turn_prompt_token_ids, params)
+        request_id = request_id or self.new_request_id()
+        if request_id in self._streams:
+            raise BadRequest(f"request id {request_id!r} is already in use", param="request_id")
+        if conversation is not None:
+            self.conversations.acquire(conversation)
+        try:
+            snapshot = await self.conversations.load(conversation) if conversation is not None else None
+            if snapshot is None and first_turn_prompt_token_ids is not None:
+                prompt_token_ids = first_turn_prompt_token_ids
+            seq = self._new_sequence(request_id, prompt_token_ids, params, conversation, snapshot)
+            pending_tokens = sum(s.num_input_tokens for s in self._incoming)
+            self.scheduler.check_admission(seq.num_input_tokens, len(self._incoming), pending_tokens)
+            if self.is_stopping:
+                raise Unavailable("the engine is stopping", headers={"Retry-After": str(self.settings.retry_after_s)})
+        except BaseException:
+            if conversation is not None:
+                self.conversations.release(conversation)
+            raise
+        stream = RequestStream(request_id, seq)
+        self._streams[request_id] = stream
+        self._incoming.append(seq)
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slot is freed before the next step and nothing is committed."""
+        if request_id not in self._streams:
+            return
+        self._aborts.add(request_id)
+        self._wakeup.set()
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        conversation: ConversationKey | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """add_request, then its outputs; leaving the iteration early (or being cancelled) aborts."""
+        stream = await self.add_request(prompt_token_ids, params, conversation, request_id)
+        async for out in self.iterate(stream):
+            yield out
+
+    async def iterate(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
+        """A stream's outputs; leaving early (or being cancelled) aborts the request."""
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if not stream.is_finished:
+                self.abort(stream.request_id)
+
+    async def warmup(self) -> None:
+        """One real 1-token generate through the whole engine (what /ready waits for)."""
+        token = self.eos_token_id if self.eos_token_id is not None else 0
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        async for _ in self.generate([token], params, request_id=self.new_request_id("warmup")):
+            pass
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        s = self.settings
+        if not prompt_token_ids:
+            raise BadRequest("the prompt is empty: send at least one token", param="prompt", code="empty_prompt")
+        if len(prompt_token_ids) > s.max_prompt_tokens:
+            raise BadRequest(
+                f"the prompt has {len(prompt_token_ids)} tokens; the limit is {s.max_prompt_tokens}",
+                param="prompt", code="prompt_too_long",
+            )
+        vocab = self.runner.num_valid_tokens
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt_token_ids")
+        if params.max_tokens > s.max_tokens_cap:
+            raise BadRequest(
+                f"max_tokens {params.max_tokens} exceeds the server's cap of {s.max_tokens_cap}",
+                param="max_tokens", code="max_tokens_too_large",
+            )
+
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        conversation: ConversationKey | None,
+        snapshot: ConversationSnapshot | None,
+    ) -> Sequence:
+        history = list(snapshot.token_ids) if snapshot is not None else []
+        state = snapshot.state if snapshot is not None else None
+        # With a state, only the pending token and the prompt are new; without, rebuild from the log.
+        inputs = ([history[-1]] + prompt) if state is not None else (history + prompt)
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=list(prompt),
+            params=params,
+            input_token_ids=inputs,
+            history_token_ids=history,
+            initial_state=state,
+            conversation=conversation,
+            eos_token_id=None if params.ignore_eos else self.eos_token_id,
+        )
+        if params.seed is not None:
+            seq.generator = self.runner.new_generator(params.seed)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.context_token_ids, params.skip_special_tokens)
+        seq.stop_matcher = StopStringMatcher(params.stop) if params.stop else None
+        return seq
+
+    # ---- the loop -------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            self._ingest()
+            if self.is_stopping and not self.scheduler.has_work():
+                return
+            if not self.scheduler.has_work():
+                self._wakeup.clear()
+                if self._incoming or self._aborts:
+                    continue
+                await self._wakeup.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self._step)
+            except Exception as exc:  # a failed step fails its sequences, never the server
+                log.exception("engine step failed")
+                outputs = self._fail_running(exc)
+            self._dispatch(outputs)
+            await asyncio.sleep(0)
+
+    def _ingest(self) -> None:
+        for seq in self._incoming:
+            if seq.request_id in self._aborts:
+                continue
+            self.scheduler.add(seq)
+        aborted = [s for s in self._incoming if s.request_id in self._aborts]
+        self._incoming = []
+        for rid in self._aborts:
+            stream = self._streams.get(rid)
+            if stream is not None and not stream.seq.is_finished:
+                aborted.append(stream.seq)
+        self._aborts.clear()
+        outs = []
+        for seq in dict.fromkeys(aborted):
+            if seq.is_finished:
+                continue
+            self.scheduler.finish(seq)
+            self._end(seq, FinishReason.ABORT)
+            outs.append(self._final_output(seq, ""))
+        self._dispatch(outs)
+
+    def _step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        now = time.monotonic()
+        for seq in batch.admitted:
+            seq.first_scheduled_time = now
+        seqs, samples = self.runner.run(batch)
+        self.num_steps += 1
+        outputs = self._postprocess(seqs, samples)
+        now = time.monotonic()
+        for obs in self.observers:
+            obs.on_step(seqs, batch.num_prefill_tokens, now)
+        return outputs
+
+    def _postprocess(self, seqs: list[Sequence], samples: list[SampleResult]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for seq, sample in zip(seqs, samples, strict=True):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            tok = sample.token_id
+            seq.output_token_ids.append(tok)
+            p = seq.params
+            is_stop_token = tok == seq.eos_token_id or tok in p.stop_token_ids
+            num_new_chars = 0
+            if not is_stop_token and seq.detokenizer is not None:
+                delta = seq.detokenizer.step(tok)
+                seq.output_text += delta
+                num_new_chars = len(delta)
+            if is_stop_token:
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, tok
+            elif seq.stop_matcher is not None and num_new_chars:
+                hit = seq.stop_matcher.find(seq.output_text, num_new_chars)
+                if hit is not None:
+                    seq.output_text = seq.output_text[: hit[0]]
+                    seq.finish_reason, seq.stop_reason = FinishReason.STOP, hit[1]
+            if seq.finish_reason is None and len(seq.output_token_ids) >= p.max_tokens:
+                seq.finish_reason = FinishReason.LENGTH
+            if seq.finish_reason is not None:
+                if seq.finish_reason is FinishReason.LENGTH and seq.detokenizer is not None:
+                    seq.output_text += seq.detokenizer.flush()
+                self._commit(seq)
+                self.scheduler.finish(seq)
+                self._end(seq, seq.finish_reason)
+                out = self._final_output(seq, self._take_text(seq, final=True))
+            else:
+                out = self._output(seq, self._take_text(seq, final=False))
+            out.token_ids = [tok]
+            out.logprobs = [sample.logprob]
+            out.top_logprobs = [sample.top_logprobs]
+            outputs.append(out)
+        return outputs
+
+    def _take_text(self, seq: Sequence, final: bool) -> str:
+        safe = len(seq.output_text)
+        if not final and seq.stop_matcher is not None:
+            safe = seq.stop_matcher.safe_length(seq.output_text)
+        text = seq.output_text[seq.num_emitted_chars : safe]
+        seq.num_emitted_chars = max(seq.num_emitted_chars, safe)
+        return text
+
+    def _commit(self, seq: Sequence) -> None:
+        if seq.conversation is None or seq.slot is None:
+            return
+        snapshot = ConversationSnapshot(seq.token_log(), self.runner.read_state(seq.slot))
+        self.conversations.commit(seq.conversation, snapshot)
+
+    def _end(self, seq: Sequence, reason: FinishReason) -> None:
+        """Bookkeeping common to every way a request ends (the slot is already free)."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.conversation is not None:
+            self.conversations.release(seq.conversation)
+        now = time.monotonic()
+        for obs in self.observers:
+            obs.on_finish(seq, now)
+
+    def _output(self, seq: Sequence, text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=text,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+        )
+
+    def _final_output(self, seq: Sequence, text: str, error: str | None = None) -> RequestOutput:
+        out = self._output(seq, text)
+        out.finished = True
+        out.finish_reason = seq.finish_reason
+        out.stop_reason = seq.stop_reason
+        out.error = error
+        return out
+
+    def _fail_running(self, exc: Exception) -> list[RequestOutput]:
+        outs = []
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
+            self._end(seq, FinishReason.ERROR)
+            outs.append(self._final_output(seq, "", error=f"generation failed: {type(exc).__name__}"))
+        return outs
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "free_slots": self.scheduler.num_free_slots,
+            "max_num_seqs": self.settings.max_num_seqs,
+            "steps": self.num_steps,
+            "state_bytes_per_slot": self.runner.bytes_per_slot,
+        }

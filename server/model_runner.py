@@ -1,0 +1,121 @@
+"""ModelRunner: owns the model, the state pool and the sampler; turns a ScheduledBatch into tokens.
+
+One `run` = one packed varlen prefill of this step's chunks + one decode of all running sequences +
+one batched sample over the rows that need a token (decode rows and prompts that finished this
+step). The pool has one extra slot past the scheduler's: the CUDA-graph scratch slot that padded
+decode rows write to.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from server.sampler import Sampler, SampleResult, SampleRow
+from server.scheduler import ScheduledBatch
+from server.sequence import Sequence
+
+log = logging.getLogger("gla.engine")
+
+
+class ModelRunner:
+    """Runs steps of the engine on one model.
+
+    Args:
+        model: a GLAForCausalLM (its device is the engine's device).
+        num_slots: slots for sequences; the pool gets one more (scratch).
+        num_valid_tokens: ids at or past it (vocabulary padding) get no probability.
+        seed: seed of the sampler's shared generator.
+        use_cuda_graphs: replay decode from CUDA graphs when the model is on CUDA.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        num_slots: int,
+        seed: int = 0,
+        use_cuda_graphs: bool = True,
+        num_valid_tokens: int | None = None,
+    ) -> None:
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.vocab_size = model.config.vocab_size
+        # Checkpoints pad the vocabulary past the tokenizer's; those ids must never be sampled.
+        self.num_valid_tokens = min(num_valid_tokens or self.vocab_size, self.vocab_size)
+        self.pool = model.new_state_pool(num_slots + 1)
+        self.scratch_slot = num_slots
+        self.sampler = Sampler(self.device, seed)
+        self.graphed_decoder = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            from model.cuda_graph import GraphedDecoder
+
+            self.graphed_decoder = GraphedDecoder(model, self.pool, self.scratch_slot, max_batch=num_slots)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.pool.bytes_per_slot
+
+    def read_state(self, slot: int) -> dict[str, torch.Tensor]:
+        return self.pool.read(slot)
+
+    def new_generator(self, seed: int) -> torch.Generator:
+        return self.sampler.new_generator(seed)
+
+    def _prepare_slots(self, admitted: list[Sequence]) -> None:
+        for seq in admitted:
+            assert seq.slot is not None
+            if seq.initial_state is not None:
+                self.pool.write(seq.slot, seq.initial_state)
+            # a fresh sequence's first chunk runs with initial_state_mask False: no zeroing needed
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[SampleResult]]:
+        """Run one step; return the sequences that got a token and their samples, in order."""
+        self._prepare_slots(batch.admitted)
+        logits: list[torch.Tensor] = []
+        sampled: list[Sequence] = []
+        if batch.prefill:
+            ids: list[int] = []
+            cu = [0]
+            slots, mask = [], []
+            for c in batch.prefill:
+                ids += c.seq.input_token_ids[c.start : c.end]
+                cu.append(len(ids))
+                slots.append(c.seq.slot)
+                mask.append(c.start > 0 or c.seq.initial_state is not None)
+            out = self.model.prefill(
+                torch.tensor(ids, dtype=torch.long).to(self.device),
+                torch.tensor(cu, dtype=torch.int32).to(self.device),
+                self.pool,
+                torch.tensor(slots, dtype=torch.int32).to(self.device),
+                torch.tensor(mask, dtype=torch.bool).to(self.device),
+            )  # [N, vocab]
+            done = [i for i, c in enumerate(batch.prefill) if c.is_last]
+            if done:
+                logits.append(out[done] if len(done) < len(batch.prefill) else out)
+                sampled += [batch.prefill[i].seq for i in done]
+            for c in batch.prefill:
+                c.seq.num_prefilled = c.end
+        if batch.decode:
+            ids = [s.output_token_ids[-1] for s in batch.decode]
+            input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
+            slots_t = torch.tensor([s.slot for s in batch.decode], dtype=torch.int32).to(self.device)
+            if self.graphed_decoder is not None:
+                logits.append(self.graphed_decoder(input_ids, slots_t))
+            else:
+                logits.append(self.model.decode(input_ids, self.pool, slots_t))
+            sampled += batch.decode
+        if not sampled:
+            return [], []
+        rows = [
+            SampleRow(s.params, s.generator, s.context_token_ids if s.params.repetition_penalty != 1 else [],
+                      s.output_token_ids)
+            for s in sampled
+        ]
+        all_logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=0)
+        if self.num_valid_tokens < self.vocab_size:
+            all_logits = all_logits.clone()
+            all_logits[:, self.num_valid_tokens :] = float("-inf")
+        return sampled, self.sampler(all_logits, rows)

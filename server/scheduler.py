@@ -1,0 +1,129 @@
+"""Scheduler: waiting queue, state-pool slots, and the per-step plan (prefill chunks + decode set).
+
+Each step decodes every running sequence whose prompt is consumed, and prefills waiting prompt
+tokens up to `max_num_batched_tokens`, so a long prompt is split across steps and running streams
+never wait more than one budget for it. Admission is FIFO; a sequence keeps its slot until it ends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.errors import Overloaded
+from server.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    seq: Sequence
+    start: int  # first input token of this chunk
+    end: int  # one past the last
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.seq.num_input_tokens
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)  # got a slot this step: load or zero it
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.end - c.start for c in self.prefill)
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set and slot allocation.
+
+    Args:
+        num_slots: state-pool slots available to sequences (0 .. num_slots-1).
+        max_num_batched_tokens: prefill tokens per step.
+        max_waiting_requests, max_waiting_tokens: queue bounds; past them `check_admission` raises
+            Overloaded (429).
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        max_num_batched_tokens: int,
+        max_waiting_requests: int,
+        max_waiting_tokens: int,
+        retry_after_s: int = 1,
+    ) -> None:
+        self.num_slots = num_slots
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting_requests = max_waiting_requests
+        self.max_waiting_tokens = max_waiting_tokens
+        self.retry_after_s = retry_after_s
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+        self.num_waiting_tokens = 0
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.free_slots)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def check_admission(self, num_tokens: int, num_pending: int = 0, num_pending_tokens: int = 0) -> None:
+        """Raise Overloaded when one more request of `num_tokens` would overflow the queue.
+
+        `num_pending*` count requests accepted but not yet handed to the scheduler.
+        """
+        # A request that will get a slot at once does not really wait.
+        waiting = len(self.waiting) + num_pending - self.num_free_slots
+        tokens = self.num_waiting_tokens + num_pending_tokens
+        if waiting + 1 > self.max_waiting_requests or (
+            waiting >= 0 and tokens + num_tokens > self.max_waiting_tokens
+        ):
+            raise Overloaded(
+                f"server is at capacity ({len(self.running)} running, {len(self.waiting)} waiting); retry later",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+        self.num_waiting_tokens += seq.num_input_tokens
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            self.num_waiting_tokens -= seq.num_input_tokens
+            seq.slot = self.free_slots.pop()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.admitted.append(seq)
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            if seq.is_prefill_done:
+                batch.decode.append(seq)
+            elif budget > 0:
+                n = min(seq.num_remaining_prefill, budget)
+                batch.prefill.append(PrefillChunk(seq, seq.num_prefilled, seq.num_prefilled + n))
+                budget -= n
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence wherever it is and free its slot."""
+        seq.status = SequenceStatus.FINISHED
+        if seq.slot is not None:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+            seq.slot = None
+        else:
+            try:
+                self.waiting.remove(seq)
+                self.num_waiting_tokens -= seq.num_input_tokens
+            except ValueError:
+                pass

@@ -1,0 +1,114 @@
+"""Every server setting in one typed place: env vars `GLA_<NAME>` and CLI flags `--<name>` share names.
+
+Fields for the state cache (issue 5) and for operations (issue 6) live here too, so those modules
+read their configuration from `Settings` instead of the environment. Precedence: CLI flag, then
+environment, then the default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+DEFAULT_PUBLIC_PATHS = ["/", "/health", "/ready", "/metrics", "/docs", "/openapi.json", "/static"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GLA_", extra="ignore", validate_default=True)
+
+    # -- model and device
+    model: str | None = Field(None, description="local model directory (default: the bundled tiny model)")
+    served_model_name: str | None = Field(None, description="model id reported by /v1/models (default: dir name)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (CUDA only)")
+    seed: int = Field(0, description="seed of the engine's generator for requests without their own seed")
+
+    # -- HTTP
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    log_level: LogLevel = Field("info", description="log level")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
+
+    # -- scheduling and admission
+    max_num_seqs: int = Field(32, ge=1, description="state-pool slots = sequences decoded together")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="prefill token budget per engine step")
+    max_waiting_requests: int = Field(256, ge=0, description="queued requests beyond the running ones (429 beyond)")
+    max_waiting_tokens: int = Field(262_144, ge=0, description="prompt tokens in the queue (429 beyond)")
+    max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_prompt_tokens: int = Field(32_768, ge=1, description="longest prompt (tokens fed in one turn)")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens of /generate when the request omits it")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503")
+
+    # -- conversation state cache (issue 5 reads the host/redis fields)
+    conversation_cache_bytes: int = Field(
+        2 * 2**30, ge=0, description="in-process conversation state LRU budget in bytes"
+    )
+    host_cache_bytes: int = Field(8 * 2**30, ge=0, description="host-memory state tier budget in bytes")
+    state_cache_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype states are stored in outside the device (bfloat16 halves the bytes)"
+    )
+    prefix_snapshot_interval: int = Field(
+        0, ge=0, description="snapshot long prompts every N tokens for prefix reuse (0 = off)"
+    )
+    redis_url: SecretStr | None = Field(None, description="redis:// or rediss:// URL of the shared state tier")
+    redis_key_prefix: str = Field("gla", description="prefix of every Redis key")
+    redis_ttl_s: int = Field(86_400, ge=1, description="Redis entry time to live")
+    redis_timeout_s: float = Field(0.5, gt=0, description="timeout of one Redis operation")
+    redis_breaker_failures: int = Field(5, ge=1, description="consecutive Redis failures that open the breaker")
+    redis_breaker_reset_s: float = Field(10.0, gt=0, description="seconds before an open breaker retries")
+    conversation_lease_s: float = Field(600.0, gt=0, description="expiry of a turn's conversation lease")
+
+    # -- operations (issue 6)
+    api_keys_file: str | None = Field(None, description="file of API keys: one `KEY TENANT` per line")
+    api_keys: SecretStr | None = Field(None, description="comma-separated KEY[:TENANT] pairs (prefer the env var)")
+    public_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_PUBLIC_PATHS),
+        description="comma-separated paths served without an API key",
+    )
+    tenant_max_concurrency: int = Field(0, ge=0, description="running+queued requests per tenant (0 = unlimited)")
+    tenant_max_tokens_per_minute: int = Field(0, ge=0, description="prompt+generated tokens per tenant (0 = off)")
+    metrics_enabled: bool = Field(True, description="serve Prometheus metrics at /metrics")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+
+    @field_validator("public_paths", mode="before")
+    @classmethod
+    def _split_paths(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v != "auto" and v != "cpu" and not (v == "cuda" or v.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, v: str) -> str:
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_cap:
+            self.default_max_tokens = self.max_tokens_cap
+        return self
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.resolved_device() == "cpu" else "bfloat16"

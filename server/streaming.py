@@ -1,0 +1,54 @@
+"""Server-Sent Events: frames, and a wrapper that makes every stream end cleanly.
+
+Once a 200 has been sent an error can no longer change the status, so it becomes an `error` event;
+every stream then ends with `data: [DONE]`. If the client goes away the generator is cancelled and
+the wrapper aborts the request in the engine, which frees its slot before the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from server.errors import APIError, GenerationFailed
+
+log = logging.getLogger("gla.server")
+
+DONE_FRAME = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_frame(data: BaseModel | dict[str, Any] | str, event: str | None = None) -> str:
+    if isinstance(data, BaseModel):
+        payload = data.model_dump_json(exclude_none=False)
+    elif isinstance(data, dict):
+        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    else:
+        payload = data
+    head = f"event: {event}\n" if event else ""
+    return head + "".join(f"data: {line}\n" for line in payload.split("\n")) + "\n"
+
+
+async def _guarded(frames: AsyncIterator[str], on_close: Callable[[], None]) -> AsyncIterator[str]:
+    try:
+        try:
+            async for frame in frames:
+                yield frame
+        except APIError as exc:
+            yield sse_frame(exc.body(), event="error")
+        except Exception:
+            log.exception("stream failed")
+            yield sse_frame(GenerationFailed("internal server error", code="internal_error").body(), event="error")
+        yield DONE_FRAME
+    finally:
+        on_close()
+
+
+def sse_response(frames: AsyncIterator[str], on_close: Callable[[], None]) -> StreamingResponse:
+    """Stream `frames`; `on_close` runs however the stream ends (finished, failed, client gone)."""
+    return StreamingResponse(_guarded(frames, on_close), media_type="text/event-stream", headers=SSE_HEADERS)
