@@ -211,6 +211,8 @@ def train(args: argparse.Namespace) -> dict:
             per_step = (probe_t[1] - probe_t[0]) / (args.probe_steps - probe_start)
             elapsed = time.perf_counter() - t0
             total = max(step + 1, step + int((args.time_budget_s - elapsed) / per_step))
+            if args.max_epochs:
+                total = min(total, math.ceil(args.max_epochs * train_stream.numel() / (args.batch * args.ctx)))
             eval_every = eval_every or max(50, total // 12)
             log["steps_from_budget"] = {"probe_steps": step, "s_per_step": per_step, "total_steps": total}
             print(f"{per_step * 1e3:.1f} ms/step -> {total} steps in {args.time_budget_s:.0f}s", flush=True)
@@ -289,10 +291,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--time-budget-s", type=float, default=None, help="pick max steps to fit this time")
+    ap.add_argument("--max-epochs", type=float, default=0, help="with --time-budget-s: at most this many epochs")
     ap.add_argument("--probe-steps", type=int, default=30, help="steps timed before fixing the count")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
