@@ -1,0 +1,185 @@
+"""deploy/k8s and deploy/prometheus: schema-valid offline, and consistent with each other and the server.
+
+Schemas come from the kubernetes-validate wheel (strict: unknown fields fail). The kustomize output is
+rendered by `kubectl kustomize` when kubectl is installed, and always by `render_kustomization`
+below, which supports exactly the fields our kustomization uses; the two must agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from server.drain import Drainer
+from server.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+# The oldest Kubernetes we claim to support, and the newest the wheel knows.
+VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version()]
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def render_kustomization(directory: Path) -> list[dict]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    supported = {"apiVersion", "kind", "resources", "labels"}
+    assert set(kustomization) <= supported, f"extend render_kustomization for {set(kustomization) - supported}"
+    docs = [doc for resource in kustomization["resources"] for doc in load_docs(directory / resource)]
+    for label_set in kustomization.get("labels", []):
+        assert set(label_set) == {"pairs"}, "only metadata labels are rendered here"
+        for doc in docs:
+            doc["metadata"].setdefault("labels", {}).update(label_set["pairs"])
+    return docs
+
+
+def by_kind_name(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
+
+
+RENDERED = by_kind_name(render_kustomization(K8S))
+MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_manifest_is_schema_valid(path: Path, version: str) -> None:
+    for doc in load_docs(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kustomize_output_is_schema_valid(version: str) -> None:
+    kinds = {kind for kind, _ in RENDERED}
+    assert {"Deployment", "Service", "StatefulSet", "Secret", "ConfigMap", "HorizontalPodAutoscaler",
+            "PodDisruptionBudget"} <= kinds
+    for doc in RENDERED.values():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_every_manifest_is_in_the_kustomization() -> None:
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == [p.name for p in MANIFESTS]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not installed")
+def test_kubectl_kustomize_agrees_with_our_render() -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert by_kind_name([d for d in yaml.safe_load_all(out) if d]) == RENDERED
+
+
+def test_the_validator_rejects_a_typo() -> None:
+    broken = copy.deepcopy(RENDERED[("Deployment", "gla-serve")])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+def pod_spec(kind: str, name: str) -> dict:
+    return RENDERED[(kind, name)]["spec"]["template"]["spec"]
+
+
+def server_container() -> dict:
+    return pod_spec("Deployment", "gla-serve")["containers"][0]
+
+
+def test_deployment_probes_gpu_and_resources() -> None:
+    c = server_container()
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["startupProbe"]["httpGet"]["path"] == "/health"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"])
+    assert "memory" in c["resources"]["limits"]
+    assert pod_spec("Deployment", "gla-serve")["securityContext"]["runAsNonRoot"] is True
+
+
+def test_grace_period_covers_prestop_drain_and_flush() -> None:
+    config = RENDERED[("ConfigMap", "gla-serve")]["data"]
+    pre_stop = server_container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    needed = float(pre_stop[1]) + float(config["GLA_DRAIN_TIMEOUT_S"]) + Drainer().flush_timeout_s
+    assert pod_spec("Deployment", "gla-serve")["terminationGracePeriodSeconds"] >= needed
+
+
+def test_selectors_ports_and_references_line_up() -> None:
+    deployment = RENDERED[("Deployment", "gla-serve")]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = RENDERED[("Service", "gla-serve")]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    port_names = {p["name"] for p in server_container()["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    assert RENDERED[("PodDisruptionBudget", "gla-serve")]["spec"]["selector"]["matchLabels"].items() \
+        <= pod_labels.items()
+    target = RENDERED[("HorizontalPodAutoscaler", "gla-serve")]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) in RENDERED
+    # Every referenced ConfigMap / Secret key exists, unless the reference is optional.
+    for ref in server_container()["envFrom"]:
+        assert ("ConfigMap", ref["configMapRef"]["name"]) in RENDERED
+    for container in server_container(), pod_spec("StatefulSet", "gla-redis")["containers"][0]:
+        for env in container.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref and not ref.get("optional"):
+                assert ref["key"] in RENDERED[("Secret", ref["name"])]["stringData"]
+
+
+def test_redis_persists_with_aof_and_a_password() -> None:
+    redis = RENDERED[("StatefulSet", "gla-redis")]
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert ("Service", redis["spec"]["serviceName"]) in RENDERED
+    env = {e["name"]: e for e in server_container()["env"]}
+    assert env["GLA_REDIS_URL"]["value"].startswith("redis://:$(REDIS_PASSWORD)@gla-redis:6379")
+    assert list(env).index("REDIS_PASSWORD") < list(env).index("GLA_REDIS_URL")  # $(VAR) needs order
+    policy = RENDERED[("NetworkPolicy", "gla-redis")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+
+
+def test_gla_env_names_are_server_settings() -> None:
+    settings = pytest.importorskip("server.settings")
+    fields = set(settings.Settings.model_fields)
+    names = set(RENDERED[("ConfigMap", "gla-serve")]["data"])
+    names |= {e["name"] for e in server_container()["env"] if e["name"].startswith("GLA_")}
+    assert {n for n in names if not n.startswith("GLA_") or n[4:].lower() not in fields} == set()
+
+
+def test_servicemonitor_and_scrape_config_find_the_metrics_port() -> None:
+    (monitor,) = load_docs(PROMETHEUS / "servicemonitor.yaml")
+    service = RENDERED[("Service", "gla-serve")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "ServiceMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+    jobs = {job["job_name"]: job for job in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+            ["scrape_configs"]}
+    keep = {tuple(r["source_labels"]): r["regex"] for r in jobs["gla-serve"]["relabel_configs"]
+            if r.get("action") == "keep"}
+    pod_labels = RENDERED[("Deployment", "gla-serve")]["spec"]["template"]["metadata"]["labels"]
+    assert keep[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == pod_labels["app.kubernetes.io/name"]
+    assert keep[("__meta_kubernetes_pod_container_port_name",)] in {p["name"] for p in server_container()["ports"]}
+    assert all(job["metrics_path"] == "/metrics" for job in jobs.values())
+
+
+def test_hpa_metric_is_served_by_the_adapter_rule() -> None:
+    (metric,) = RENDERED[("HorizontalPodAutoscaler", "gla-serve")]["spec"]["metrics"]
+    (rule,) = yaml.safe_load((PROMETHEUS / "adapter-rules.yaml").read_text())["rules"]["custom"]
+    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
+    source = rule["name"]["matches"]
+    assert rule["seriesQuery"].startswith(source + "{")
+    body, _ = Metrics(process_metrics=False).render()
+    assert f"\n{source} " in body.decode()
