@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -21,3 +23,9 @@ def nan_poison(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+# Triton decides interpreter-or-compiler when a kernel is decorated, i.e. when kernels.triton_* is
+# first imported; without a GPU the Triton tests can only run interpreted, so say so before that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

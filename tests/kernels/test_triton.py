@@ -1,0 +1,188 @@
+"""Triton kernels against the float64 spec (kernels/naive.py) on the same rounded inputs.
+
+Runs on CUDA when present, else under TRITON_INTERPRET=1 on the CPU (small shapes: the interpreter
+is slow). Bounds, rel-RMS (and max|d|/max|ref| <= 2x): CPU interpreter fp32 1e-5 (exact fp32 dots);
+GPU fp32 5e-3 (TF32 dots, fla measures ~1e-3); bf16 5e-3 for o and state; decode 1e-5 in fp32,
+bf16 output 5e-3 with its fp32 state at 1e-5. The CPU cases use fp16 for half precision: the Triton
+3.9 interpreter's bf16 tl.dot returns garbage (a bare 16x16 bf16 dot is off by 1e10).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gla_testutils import assert_close, gla_inputs, random_state
+
+from kernels import chunk_gla_torch, naive_recurrent_gla, rms_norm_swish_gate
+
+triton = pytest.importorskip("triton")
+from kernels.triton_chunk import chunk_gla_prefill_triton  # noqa: E402
+from kernels.triton_recurrent import fused_recurrent_gla_decode_triton  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def prefill_bound(dtype: torch.dtype) -> float:
+    if dtype == torch.float32:
+        return 5e-3 if ON_GPU else 1e-5
+    return 5e-3
+
+
+def _params(small: list[tuple], gpu: list[tuple], name) -> list:  # type: ignore[no-untyped-def]
+    """Small cases run everywhere (interpreter included); `gpu` cases only under the gpu marker."""
+    return [pytest.param(*c, id=name(c)) for c in small] + [
+        pytest.param(*c, id=name(c), marks=pytest.mark.gpu) for c in gpu]
+
+
+# (T, H, K, V, n, use_h0, dtype)
+PREFILL_SMALL = [(T, 1, 60, 60, n, h0, "f32") for T in (1, 15, 63, 64, 65) for n in (1, 16)
+                 for h0 in (False, True)]
+PREFILL_SMALL += [(65, 1, 128, 128, 16, True, "f32"), (130, 2, 32, 48, 1, True, "f16"),
+                  (1000, 1, 16, 16, 1, True, "f32"), (1000, 1, 16, 16, 16, False, "f32")]
+PREFILL_GPU = [(T, 4, K, V, n, h0, dt) for T in (1, 15, 63, 64, 65, 1000)
+               for (K, V) in ((60, 60), (128, 256), (256, 512))
+               for n in (1, 16) for h0 in (False, True) for dt in ("f32", "bf16")]
+PREFILL_GPU += [(2000, 4, 256, 512, 16, True, "f16"), (4096, 4, 256, 512, 1, True, "bf16")]
+
+
+def _prefill_id(c: tuple) -> str:
+    T, H, K, V, n, h0, dt = c
+    return f"T{T}-H{H}-K{K}-V{V}-n{n}-{'h0' if h0 else 'noh0'}-{dt}"
+
+
+@pytest.mark.parametrize("T,H,K,V,n,use_h0,dt", _params(PREFILL_SMALL, PREFILL_GPU, _prefill_id))
+def test_prefill_matches_naive(T: int, H: int, K: int, V: int, n: int, use_h0: bool, dt: str,
+                               nan_poison: None) -> None:
+    dtype = DTYPES[dt]
+    q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, n, dtype=dtype, device=DEV))
+    pool = random_state(4, H, V, K, dtype=torch.float32, device=DEV)
+    pool[0] = float("nan")  # a fresh slot's garbage must never be read
+    before = pool.clone()
+    slots = torch.tensor([0 if not use_h0 else 2], dtype=torch.int32, device=DEV)
+    mask = torch.tensor([use_h0], device=DEV)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+    o = chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots, initial_state_mask=mask)
+    h0 = before[slots.long()].double() if use_h0 else None
+    ref_o, ref_s = naive_recurrent_gla(*(x[None].double() for x in (q, k, v, g)), initial_state=h0,
+                                       output_final_state=True)
+    assert o.dtype == dtype
+    bound = prefill_bound(dtype)
+    assert_close(o, ref_o[0], bound, "o")
+    assert_close(pool[slots.long()], ref_s, bound, "state")
+    others = [i for i in range(4) if i != slots.item()]
+    assert torch.equal(pool[others].nan_to_num(7.0), before[others].nan_to_num(7.0))
+
+
+VARLEN = [([1, 15, 64, 65, 130], 1, 32, 32, None), ([70, 1, 200], 1, 32, 32, 64)]
+VARLEN_GPU = [([3000, 1, 64, 700, 5], 4, 256, 512, None), ([2048] * 8, 4, 128, 256, None),
+              ([1000, 9000], 4, 256, 512, 1024)]
+
+
+@pytest.mark.parametrize("lens,H,K,V,seg", _params(
+    VARLEN, VARLEN_GPU, lambda c: f"lens{'-'.join(map(str, c[0][:5]))}-H{c[1]}-K{c[2]}-V{c[3]}-seg{c[4]}"))
+def test_prefill_varlen_equals_per_sequence(lens: list[int], H: int, K: int, V: int, seg: int | None,
+                                            nan_poison: None) -> None:
+    """A packed batch (with some sequences starting fresh) == each sequence run alone == the spec."""
+    T, N = sum(lens), len(lens)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, 4, dtype=dtype, device=DEV))
+    pool = random_state(N + 2, H, V, K, dtype=torch.float32, device=DEV)
+    slots = torch.arange(N, dtype=torch.int32, device=DEV).flip(0) + 1
+    mask = torch.tensor([i % 3 != 1 for i in range(N)], device=DEV)
+    pool[slots[~mask].long()] = float("nan")
+    before = pool.clone()
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    o = chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots, initial_state_mask=mask, seg_len=seg)
+    bound = prefill_bound(dtype)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        alone = before.clone()
+        one = torch.tensor([0, b - a], dtype=torch.int32, device=DEV)
+        o1 = chunk_gla_prefill_triton(q[a:b], k[a:b], v[a:b], g[a:b], one, alone, slots[i:i + 1],
+                                      initial_state_mask=mask[i:i + 1], seg_len=seg)
+        same = 1e-6 if seg else bound  # a forced segment length makes the two runs the same arithmetic
+        assert_close(o[a:b], o1, same, f"o seq{i} packed vs alone")
+        assert_close(pool[slots[i].long()], alone[slots[i].long()], same, f"state seq{i} packed vs alone")
+        h0 = before[slots[i].long()][None].double() if bool(mask[i]) else None
+        ref_o, ref_s = naive_recurrent_gla(*(x[None, a:b].double() for x in (q, k, v, g)),
+                                           initial_state=h0, output_final_state=True)
+        assert_close(o[a:b], ref_o[0], bound, f"o seq{i}")
+        assert_close(pool[slots[i].long()], ref_s[0], bound, f"state seq{i}")
+    assert torch.equal(pool[0], before[0]) and torch.equal(pool[N + 1], before[N + 1])
+
+
+@pytest.mark.parametrize("seg", [None, 64], ids=["seg-auto", "seg64"])
+def test_prefill_checkpoint_states(seg: int | None, nan_poison: None) -> None:
+    lens, H, K, V = [70, 1, 200], 1, 32, 32
+    T = sum(lens)
+    q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, 2, dtype=torch.float32, device=DEV))
+    pool = random_state(3, H, V, K, dtype=torch.float32, device=DEV)
+    before = pool.clone()
+    slots = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV)
+    mask = torch.tensor([True, False, True], device=DEV)
+    cu = torch.tensor([0, 70, 71, 271], dtype=torch.int32, device=DEV)
+    pos = torch.tensor([0, 63, 64, 69, 70, 71, 134, 135, 200, 270], device=DEV)
+    o, states = chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots, initial_state_mask=mask,
+                                         checkpoint_positions=pos, seg_len=seg)
+    for m, p in enumerate(pos.tolist()):
+        n = int(torch.searchsorted(cu[1:], torch.tensor(p, device=DEV), right=True))
+        a = cu[n].item()
+        h0 = before[n][None].double() if bool(mask[n]) else None
+        _, ref = naive_recurrent_gla(*(x[None, a:p + 1].double() for x in (q, k, v, g)), initial_state=h0,
+                                     output_final_state=True)
+        assert_close(states[m], ref[0], prefill_bound(torch.float32), f"checkpoint {p}")
+    # the last token of a sequence is its final state
+    assert_close(states[-1], pool[2], 1e-6, "checkpoint at end == final state")
+
+
+# (B, H, K, V, gated, dtype)
+DECODE_SMALL = [(1, 2, 60, 60, False, "f32"), (3, 2, 60, 60, True, "f32"), (3, 1, 128, 128, False, "f32"),
+                (2, 2, 32, 48, True, "f16")]
+DECODE_GPU = [(B, 4, K, V, gated, dt) for B in (1, 8, 64, 256) for (K, V) in ((128, 256), (256, 512))
+              for gated in (False, True) for dt in ("f32", "bf16")]
+
+
+@pytest.mark.parametrize("B,H,K,V,gated,dt", _params(
+    DECODE_SMALL, DECODE_GPU, lambda c: f"B{c[0]}-H{c[1]}-K{c[2]}-V{c[3]}-{'gate' if c[4] else 'plain'}-{c[5]}"))
+def test_decode_matches_naive_in_place(B: int, H: int, K: int, V: int, gated: bool, dt: str,
+                                       nan_poison: None) -> None:
+    dtype = DTYPES[dt]
+    S = 2 * B + 3
+    pool = random_state(S, H, V, K, dtype=torch.float32, device=DEV)
+    slots = torch.randperm(S, generator=torch.Generator().manual_seed(B))[:B].to(torch.int32).to(DEV)
+    for step in range(2):  # twice: the fused gate's counters must stay in phase across calls
+        q, k, v, g = (x[:, 0] for x in gla_inputs(B, 1, H, K, V, 1, dtype=dtype, device=DEV, seed=step))
+        gate = torch.randn(B, H, V, device=DEV).to(dtype) if gated else None
+        w = (torch.rand(V, device=DEV) + 0.5).to(dtype) if gated else None
+        before = pool.clone()
+        o = fused_recurrent_gla_decode_triton(q, k, v, g, pool, slots, gate=gate, norm_weight=w)
+        ref_o, ref_s = naive_recurrent_gla(*(x[:, None].double() for x in (q, k, v, g)),
+                                           initial_state=before[slots.long()].double(), output_final_state=True)
+        ref_o = ref_o[:, 0].to(dtype).double()  # the kernel rounds o to the model dtype before the gate
+        if gated:
+            ref_o = rms_norm_swish_gate(ref_o, gate.double(), w.double())
+        assert o.dtype == dtype
+        assert_close(o, ref_o, 1e-5 if dtype == torch.float32 else 5e-3, f"o step{step}")
+        assert_close(pool[slots.long()], ref_s, 1e-5, f"state step{step}")
+        others = sorted(set(range(S)) - set(slots.tolist()))
+        assert torch.equal(pool[others], before[others]), "decode touched another slot"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_prefill_256k_tokens_strong_gates_stable() -> None:
+    """256K tokens in one sequence, gates down to about -30 per step: finite and equal to the
+    chunked float64 form (itself tested against the spec)."""
+    T, H, K, V = 262144, 1, 64, 64
+    q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, 1, dtype=torch.bfloat16, device=DEV))
+    g = (g.float() * torch.rand(T, H, K, device=DEV) * 10).to(torch.bfloat16)
+    pool = random_state(1, H, V, K, dtype=torch.float32, device=DEV)
+    h0 = pool.clone()
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+    o = chunk_gla_prefill_triton(q, k, v, g, cu, pool, torch.zeros(1, dtype=torch.int32, device=DEV))
+    ref_o, ref_s = chunk_gla_torch(*(x[None].double() for x in (q, k, v, g)), initial_state=h0.double(),
+                                   output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(pool).all()
+    assert_close(o, ref_o[0], 5e-3, "o")
+    assert_close(pool, ref_s, 5e-3, "state")
