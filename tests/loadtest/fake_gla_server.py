@@ -88,6 +88,8 @@ def create_app(state: FakeState) -> FastAPI:
         prompt, max_tokens = body.get("prompt"), body.get("max_tokens", 16)
         if not isinstance(prompt, str) or not prompt:
             return _error(422, "prompt must be a non-empty string", "prompt")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return _error(422, "max_tokens must be an integer >= 1", "max_tokens")
         n, rejected = admit(request)
         if rejected:
             return rejected
@@ -123,6 +125,8 @@ def create_app(state: FakeState) -> FastAPI:
         messages, max_tokens = body.get("messages"), body.get("max_tokens", 16)
         if not isinstance(messages, list) or not messages:
             return _error(422, "messages must be a non-empty list", "messages")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return _error(422, "max_tokens must be an integer >= 1", "max_tokens")
         n, rejected = admit(request)
         if rejected:
             return rejected
