@@ -183,3 +183,18 @@ def test_hpa_metric_is_served_by_the_adapter_rule() -> None:
     assert rule["seriesQuery"].startswith(source + "{")
     body, _ = Metrics(process_metrics=False).render()
     assert f"\n{source} " in body.decode()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not installed")
+def test_example_overlay_renders_valid_and_rewires_secrets() -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "overlay-example")], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    docs = by_kind_name([d for d in yaml.safe_load_all(out) if d])
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, VERSIONS[-1], strict=True)
+    assert all(doc["metadata"].get("namespace") == "gla" for (kind, _), doc in docs.items() if kind != "Namespace")
+    container = docs[("Deployment", "gla-serve")]["spec"]["template"]["spec"]["containers"][0]
+    keys_secret = {e["name"]: e for e in container["env"]}["GLA_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"]
+    assert keys_secret.startswith("gla-api-keys-") and ("Secret", keys_secret) in docs
+    assert ("Secret", "gla-redis") in docs and "stringData" not in docs[("Secret", "gla-redis")]
+    assert container["image"] == "registry.example.com/gla-serve:0.1.0"
