@@ -132,7 +132,8 @@ def test_concurrency_limit_per_tenant_counts_streams_until_their_last_byte(serve
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             slow = asyncio.create_task(client.get("/slow", headers=auth(KEY_A)))
-            await asyncio.sleep(0.2)
+            while limiter.in_flight("alpha") == 0:
+                await asyncio.sleep(0.01)
             busy = await client.get("/whoami", headers=auth(KEY_A))
             other = await client.get("/whoami", headers=auth(KEY_B))
             assert (await slow).status_code == 200

@@ -52,9 +52,13 @@ def test_sigterm_lets_the_stream_finish_refuses_new_work_and_exits_0(tmp_path: P
             lines = stream.iter_lines()
             assert next(lines) == "data: 0"
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
             with httpx.Client(base_url=base, timeout=5) as other:
                 ready = other.get("/ready")
+                for _ in range(100):  # the signal is handled at uvicorn's next tick (<= 0.1 s)
+                    if ready.status_code == 503:
+                        break
+                    time.sleep(0.05)
+                    ready = other.get("/ready")
                 new = other.get("/stream", params={"n": 1})
                 health = other.get("/health")
             received = [line for line in lines if line]
