@@ -1,0 +1,215 @@
+"""Kernel benchmark on a CUDA GPU: our Triton prefill/decode vs fla-core in the same process, same inputs.
+
+    python benchmarks/bench_kernels.py --out kernels-h100.json [--quick] [--sweep]
+
+GPU time is the median over CUDA-graph replays (events); `eager_ms` is wall time per call with the GPU
+synchronised once per batch of calls; `host_us` is the Python time per call before any sync.
+Prefill FLOPs (same formula for both, so the ratio is the time ratio): per token and head
+4*K*V (state update k v^T + inter-chunk q S) + BT*(K+V) (causal half of the BT=64 intra-chunk q k^T and
+A v), i.e. F = T*H*(4KV + 64(K+V)). Decode bytes: the fp32 state read and written (2*B*H*V*K*4) plus
+q, k, g, v in and o out in the input dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels import triton_chunk
+from kernels.triton_chunk import chunk_gla_prefill_triton
+from kernels.triton_recurrent import fused_recurrent_gla_decode_triton
+
+SHAPES = {"gla-1.3B": (4, 256, 512), "gla-340M": (4, 128, 256)}
+
+
+def graph_ms(fn: Callable[[], object], reps: int = 20) -> tuple[float, str]:
+    """Median GPU ms per call from CUDA-graph replays; falls back to do_bench if capture fails."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(5):
+                graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 5)
+        return statistics.median(times), "graph"
+    except Exception as exc:  # fla's varlen path syncs on the host, which capture forbids
+        print(f"  (graph capture failed: {type(exc).__name__}; using do_bench)", file=sys.stderr)
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), "do_bench"
+
+
+def eager(fn: Callable[[], object], n: int = 30) -> tuple[float, float]:
+    """(wall ms per call incl. GPU, host us per call before sync)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / n * 1e3
+    return wall, host
+
+
+def prefill_inputs(lens: list[int], H: int, K: int, V: int):  # type: ignore[no-untyped-def]
+    T = sum(lens)
+    q, k = (torch.randn(T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(T, H, V, device="cuda", dtype=torch.bfloat16)
+    g = (F.logsigmoid(torch.randn(T, H, K, device="cuda")) / 16).to(torch.bfloat16)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    return q, k, v, g, cu
+
+
+def bench_prefill(name: str, lens: list[int], with_fla: bool, seg: int | None = None) -> dict:
+    H, K, V = SHAPES[name]
+    T, N = sum(lens), len(lens)
+    q, k, v, g, cu = prefill_inputs(lens, H, K, V)
+    pool = torch.randn(N, H, V, K, device="cuda") * 0.1
+    slots = torch.arange(N, dtype=torch.int32, device="cuda")
+    ours = lambda: chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots, seg_len=seg)
+    flops = T * H * (4 * K * V + 64 * (K + V))
+    ms, how = graph_ms(ours)
+    wall, host = eager(ours)
+    row = {"kernel": "prefill", "shape": name, "B": N, "T": lens[0], "H": H, "K": K, "V": V,
+           "seg": seg or "auto", "ours_ms": ms, "ours_timing": how, "ours_tflops": flops / ms / 1e9,
+           "ours_eager_ms": wall, "ours_host_us": host}
+    if with_fla:
+        from fla.ops.gla import chunk_gla
+
+        h0 = pool.clone()
+        if N == 1:
+            fla = lambda: chunk_gla(q[None], k[None], v[None], g[None], initial_state=h0,
+                                    output_final_state=True, state_v_first=True)
+        else:
+            cu64, cu_cpu = cu.long(), cu.long().cpu()
+            fla = lambda: chunk_gla(q[None], k[None], v[None], g[None], initial_state=h0,
+                                    output_final_state=True, state_v_first=True, cu_seqlens=cu64,
+                                    cu_seqlens_cpu=cu_cpu)
+        fms, fhow = graph_ms(fla)
+        fwall, fhost = eager(fla)
+        row.update({"fla_ms": fms, "fla_timing": fhow, "fla_tflops": flops / fms / 1e9, "fla_eager_ms": fwall,
+                    "fla_host_us": fhost, "speedup": fms / ms})
+    return row
+
+
+def bench_decode(name: str, B: int, with_fla: bool, gated: bool = False) -> dict:
+    H, K, V = SHAPES[name]
+    q, k = (torch.randn(B, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, V, device="cuda", dtype=torch.bfloat16)
+    g = (F.logsigmoid(torch.randn(B, H, K, device="cuda")) / 16).to(torch.bfloat16)
+    S = 2 * B
+    pool = torch.randn(S, H, V, K, device="cuda") * 0.1
+    slots = torch.randperm(S, device="cuda")[:B].to(torch.int32)
+    gate = torch.randn(B, H, V, device="cuda", dtype=torch.bfloat16) if gated else None
+    w = torch.rand(V, device="cuda", dtype=torch.bfloat16) if gated else None
+    ours = lambda: fused_recurrent_gla_decode_triton(q, k, v, g, pool, slots, gate=gate, norm_weight=w)
+    nbytes = 2 * B * H * V * K * 4 + (3 * B * H * K + 2 * B * H * V) * 2
+    ms, how = graph_ms(ours, reps=50)
+    wall, host = eager(ours, n=100)
+    row = {"kernel": "decode" + ("+gate" if gated else ""), "shape": name, "B": B, "H": H, "K": K, "V": V,
+           "ours_ms": ms, "ours_timing": how, "ours_gbps": nbytes / ms / 1e6, "ours_eager_ms": wall,
+           "ours_host_us": host}
+    if with_fla:
+        from fla.ops.gla import fused_recurrent_gla
+
+        h0 = pool[:B].clone()
+        fla = lambda: fused_recurrent_gla(q[:, None], k[:, None], v[:, None], gk=g[:, None], initial_state=h0,
+                                          output_final_state=True, state_v_first=True)
+        fms, fhow = graph_ms(fla, reps=50)
+        fwall, fhost = eager(fla, n=100)
+        row.update({"fla_ms": fms, "fla_timing": fhow, "fla_gbps": nbytes / fms / 1e6, "fla_eager_ms": fwall,
+                    "fla_host_us": fhost, "speedup": fms / ms})
+    return row
+
+
+def ceilings() -> dict:
+    x = torch.randn(2**29, device="cuda")  # 2 GiB
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
+    return {"copy_gbps": 2 * 2**31 / copy_ms / 1e6, "bf16_matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def fmt(r: dict) -> str:
+    what = f"T={r['T']}" if r["kernel"] == "prefill" else f"B={r['B']}"
+    rate = f"{r['ours_tflops']:6.1f} TF/s" if "ours_tflops" in r else f"{r['ours_gbps']:6.0f} GB/s"
+    s = (f"{r['kernel']:12} {r['shape']:9} {what:9} N={r['B'] if r['kernel'] == 'prefill' else '-':<3} "
+         f"ours {r['ours_ms'] * 1e3:8.1f} us {rate}  eager {r['ours_eager_ms'] * 1e3:8.1f} us  "
+         f"host {r['ours_host_us']:6.1f} us")
+    if "fla_ms" in r:
+        s += f" | fla {r['fla_ms'] * 1e3:8.1f} us host {r['fla_host_us']:6.1f} us | x{r['speedup']:.2f}"
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="skip 128K and the second shape")
+    ap.add_argument("--sweep", action="store_true", help="also time segment lengths / V tiles")
+    ap.add_argument("--no-fla", action="store_true")
+    args = ap.parse_args()
+    with_fla = not args.no_fla
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)}
+    if with_fla:
+        import fla
+
+        meta["fla"] = getattr(fla, "__version__", "?")
+    meta.update(ceilings())
+    print(json.dumps(meta))
+    rows = []
+    shapes = ["gla-1.3B"] if args.quick else list(SHAPES)
+    for name in shapes:
+        for lens in ([512], [2048], [8192], [32768], [131072], [2048] * 8):
+            if args.quick and lens == [131072]:
+                continue
+            rows.append(bench_prefill(name, lens, with_fla))
+            print(fmt(rows[-1]), flush=True)
+        for B in (1, 8, 64, 256):
+            rows.append(bench_decode(name, B, with_fla))
+            print(fmt(rows[-1]), flush=True)
+        for B in (1, 64):
+            rows.append(bench_decode(name, B, False, gated=True))
+            print(fmt(rows[-1]), flush=True)
+    if args.sweep:
+        base = dict(triton_chunk.CONFIGS[256])
+        for bv, nw, ns in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 3), (64, 4, 3)):
+            triton_chunk.CONFIGS[256].update(BV=bv, num_warps=nw, num_stages=ns)
+            for lens, seg in (([2048], None), ([32768], None), ([32768], 2048), ([32768], 8192)):
+                r = bench_prefill("gla-1.3B", lens, False, seg=seg)
+                r.update(BV=bv, num_warps=nw, num_stages=ns, sweep=True)
+                rows.append(r)
+                print(f"sweep BV={bv} nw={nw} ns={ns} seg={seg}: " + fmt(r), flush=True)
+        triton_chunk.CONFIGS[256].update(base)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
