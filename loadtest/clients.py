@@ -72,27 +72,21 @@ async def send_turn(
     start = time.perf_counter()
     result.start_s = start - run_start
     reader = ChatStreamReader(result, start) if cfg.api == "chat" else GenerateStreamReader(result, start)
-    finished_at: float | None = None
     try:
         async with client.stream("POST", path, json=body) as response:
             result.status_code = response.status_code
             if response.status_code != 200:
                 result.error = f"http {response.status_code}: {await _error_text(response)}"
-                return reader.finish(time.perf_counter(), complete=False)
-            # Read to EOF even after the terminator so the server never sees an early disconnect.
+                return reader.close()
             async for event in aiter_sse(response.aiter_text()):
-                if not reader.done:
-                    reader.on_event(event, time.perf_counter())
-                    if reader.done:
-                        finished_at = time.perf_counter()
+                reader.feed(event)
     except httpx.TimeoutException as exc:
         result.error = f"timeout: {type(exc).__name__} after {cfg.request_timeout_s:g} s"
     except httpx.HTTPError as exc:
         result.error = f"transport: {type(exc).__name__}: {exc}"
-    now = time.perf_counter()
-    result = reader.finish(finished_at or now, complete=finished_at is not None)
+    result = reader.close()
     if result.ok:
-        _advance(conv, user_text, result)
+        advance(conv, user_text, result)
     return result
 
 
@@ -108,7 +102,8 @@ async def _error_text(response: httpx.Response) -> str:
         return raw[:300].decode("utf-8", errors="replace")
 
 
-def _advance(conv: Conversation, user_text: str, result: TurnResult) -> None:
+def advance(conv: Conversation, user_text: str, result: TurnResult) -> None:
+    """After a successful turn: the history grows and the server's conversation id is adopted."""
     conv.messages.append({"role": "user", "content": user_text})
     conv.messages.append({"role": "assistant", "content": result.text})
     if result.conversation_id:

@@ -8,6 +8,7 @@ A turn counts as complete only when the format's terminator arrived: the final e
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from loadtest.records import TurnResult
@@ -40,6 +41,7 @@ class _StreamReader:
         self._last_token_at: float | None = None
         self._parts: list[str] = []
         self._final_text: str | None = None
+        self._finished_at: float | None = None
         self.done = False
 
     def _on_token(self, text: str, now: float) -> None:
@@ -85,6 +87,20 @@ class _StreamReader:
 
     def _on_payload(self, payload: dict[str, Any], now: float) -> None:
         raise NotImplementedError
+
+    def feed(self, event: SSEEvent) -> None:
+        """Feed a live stream's event, timed now. Events after the terminator are ignored, but callers
+        still drain the stream so the server never sees an early disconnect."""
+        if self.done:
+            return
+        self.on_event(event, time.perf_counter())
+        if self.done:
+            self._finished_at = time.perf_counter()
+
+    def close(self) -> TurnResult:
+        """End a live stream: complete only if its terminator was fed."""
+        complete = self._finished_at is not None
+        return self.finish(self._finished_at if complete else time.perf_counter(), complete)
 
     def finish(self, now: float, complete: bool) -> TurnResult:
         """Close the turn at `now`; `complete` says whether the format's terminator was seen."""
