@@ -1,0 +1,368 @@
+"""The Redis tier (redis-py asyncio), shared by every replica; never raises for Redis trouble.
+
+Each call runs under a timeout and a circuit breaker: a refused, failed or timed-out call returns
+the miss value (None / False) and is counted, so an outage turns into cache misses and skipped
+writes instead of failed requests, and the breaker's half-open probe brings the tier back when
+Redis returns (redis-py reconnects on the next call).
+
+A snapshot is stored as payload chunks under a fresh generation id, then a manifest (the snapshot
+header plus generation and chunk count) written last with SET ... GET: a reader that sees a
+manifest sees all of its chunks, and the previous generation's chunks are unlinked afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from server.state_cache.breaker import CLOSED, OPEN, CircuitBreaker
+from server.state_cache.keys import bytes_to_tokens, tokens_to_bytes
+from server.state_cache.snapshot import EncodedSnapshot
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MANIFEST_MAGIC = b"GLAMAN1\x00"
+_MANIFEST = struct.Struct("<8s8sIIQ")  # magic, generation, num_chunks, chunk_bytes, payload_len
+MAX_CHUNKS = 1 << 16
+
+# Appends only when the stored log has the length the caller last saw, so a log that missed an
+# append during an outage is rewritten whole instead of silently growing a hole.
+_APPEND_LOG = """
+local n = redis.call('STRLEN', KEYS[1])
+if n ~= tonumber(ARGV[2]) then return -1 end
+redis.call('APPEND', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return n + string.len(ARGV[1])
+"""
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_EXTEND_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class _Unavailable:
+    """Returned by `_call` when Redis could not answer; distinct from a real None reply."""
+
+
+UNAVAILABLE = _Unavailable()
+
+
+def chunk_key(key: str, generation: bytes, index: int) -> str:
+    return f"{key}:chunk:{generation.hex()}:{index}"
+
+
+def parse_manifest(data: bytes) -> tuple[bytes, int, int, int, bytes]:
+    """(generation, num_chunks, chunk_bytes, payload_len, snapshot header bytes); ValueError if bad."""
+    if len(data) < _MANIFEST.size:
+        raise ValueError("manifest truncated")
+    magic, gen, num_chunks, chunk_bytes, payload_len = _MANIFEST.unpack_from(data)
+    if magic != MANIFEST_MAGIC or num_chunks > MAX_CHUNKS or chunk_bytes == 0:
+        raise ValueError("bad manifest")
+    if num_chunks != -(-payload_len // chunk_bytes):
+        raise ValueError("manifest chunk count does not match its payload length")
+    return gen, num_chunks, chunk_bytes, payload_len, data[_MANIFEST.size :]
+
+
+class RedisTier:
+    """Async Redis access for the state cache.
+
+    Args:
+        url: redis://[:password@]host:port/db or rediss://... for TLS (certificate options go in
+            `client_kwargs`, e.g. ssl_ca_certs, ssl_cert_reqs).
+        ttl_s: default time to live of every entry.
+        op_timeout_s: limit for one small command (token log, lease, manifest).
+        min_bandwidth_bytes_s: snapshot transfers get `op_timeout_s + nbytes / this` seconds.
+        chunk_bytes: payload chunk size; one SET per chunk keeps Redis responsive to others.
+        failure_threshold, base_backoff_s, max_backoff_s: circuit breaker (see breaker.py).
+        client_kwargs: extra arguments for `redis.asyncio.from_url`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: float = 24 * 3600,
+        op_timeout_s: float = 0.25,
+        connect_timeout_s: float = 0.5,
+        min_bandwidth_bytes_s: float = 50e6,
+        chunk_bytes: int = 4 << 20,
+        failure_threshold: int = 3,
+        base_backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        max_connections: int = 64,
+        client_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if ttl_s <= 0 or op_timeout_s <= 0 or chunk_bytes <= 0:
+            raise ValueError("ttl_s, op_timeout_s and chunk_bytes must be positive")
+        self.ttl_ms = int(ttl_s * 1000)
+        self.op_timeout_s = op_timeout_s
+        self.min_bandwidth_bytes_s = min_bandwidth_bytes_s
+        self.chunk_bytes = chunk_bytes
+        self.breaker = CircuitBreaker(failure_threshold, base_backoff_s, max_backoff_s)
+        kwargs: dict[str, Any] = dict(
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=max(10.0, op_timeout_s),
+            retry=Retry(NoBackoff(), 0),  # the breaker decides when to try again, not redis-py
+            retry_on_timeout=False,
+            max_connections=max_connections,
+            client_name="gla-serve-state-cache",
+        )
+        kwargs.update(client_kwargs or {})
+        self._client = aioredis.from_url(url, **kwargs)
+        self._append_log = self._client.register_script(_APPEND_LOG)
+        self._release_lease = self._client.register_script(_RELEASE_LEASE)
+        self._extend_lease = self._client.register_script(_EXTEND_LEASE)
+        self.num_errors = 0
+        self.num_timeouts = 0
+        self.num_refused = 0
+        self.snapshot_hits = 0
+        self.snapshot_misses = 0
+        self.snapshot_writes = 0
+        self.snapshot_write_failures = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    @property
+    def is_available(self) -> bool:
+        """False while the breaker is open (calls would be refused)."""
+        return self.breaker.state != OPEN
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _ttl(self, ttl_s: float | None) -> int:
+        return self.ttl_ms if ttl_s is None else max(1, int(ttl_s * 1000))
+
+    def _transfer_timeout(self, nbytes: int) -> float:
+        return self.op_timeout_s + nbytes / self.min_bandwidth_bytes_s
+
+    async def _call(
+        self, what: str, fn: Callable[[aioredis.Redis], Awaitable[T]], timeout_s: float | None = None
+    ) -> T | _Unavailable:
+        if not self.breaker.allow():
+            self.num_refused += 1
+            return UNAVAILABLE
+        was = self.breaker.state
+        try:
+            async with asyncio.timeout(timeout_s or self.op_timeout_s):
+                result = await fn(self._client)
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except ResponseError as e:
+            # Redis answered, so it is up: count the error without tripping the breaker.
+            self.num_errors += 1
+            self.breaker.record_success()
+            log.warning("redis %s: %s", what, e)
+            return UNAVAILABLE
+        except (RedisError, OSError, TimeoutError) as e:
+            if isinstance(e, TimeoutError):
+                self.num_timeouts += 1
+            else:
+                self.num_errors += 1
+            self.breaker.record_failure()
+            if self.breaker.state == OPEN and was != OPEN:
+                log.warning("redis unavailable (%s: %r); state cache tier off for now", what, e)
+                await self._drop_connections()
+            return UNAVAILABLE
+        if was != CLOSED:
+            log.warning("redis reachable again; state cache tier back on")
+        self.breaker.record_success()
+        return result
+
+    async def _drop_connections(self) -> None:
+        try:
+            await self._client.connection_pool.disconnect()
+        except (RedisError, OSError):  # pragma: no cover - best effort
+            pass
+
+    async def ping(self) -> bool:
+        return (await self._call("ping", lambda r: r.ping())) is True
+
+    # -- small values -----------------------------------------------------------------------------
+    async def get_bytes(self, key: str) -> bytes | None:
+        res = await self._call("get", lambda r: r.get(key))
+        return None if isinstance(res, _Unavailable) else res
+
+    async def set_bytes(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        res = await self._call("set", lambda r: r.set(key, value, px=self._ttl(ttl_s)))
+        return res is True
+
+    async def pttl_ms(self, key: str) -> int | None:
+        """Remaining time to live in ms (None when missing, unavailable or without expiry)."""
+        res = await self._call("pttl", lambda r: r.pttl(key))
+        return res if isinstance(res, int) and res >= 0 else None
+
+    # -- snapshots --------------------------------------------------------------------------------
+    async def put_snapshot(self, key: str, enc: EncodedSnapshot, ttl_s: float | None = None) -> bool:
+        """Chunks first, manifest last; True when the whole snapshot is readable under `key`."""
+        ttl_ms = self._ttl(ttl_s)
+        gen = os.urandom(8)
+        chunks = enc.chunks(self.chunk_bytes)
+        manifest = (
+            _MANIFEST.pack(MANIFEST_MAGIC, gen, len(chunks), self.chunk_bytes, len(enc.payload))
+            + enc.header_bytes
+        )
+
+        async def write(r: aioredis.Redis) -> bytes | None:
+            pipe = r.pipeline(transaction=False)
+            for i, c in enumerate(chunks):
+                pipe.set(chunk_key(key, gen, i), c, px=ttl_ms)
+            await pipe.execute()
+            return await r.set(key, manifest, px=ttl_ms, get=True)
+
+        old = await self._call("put_snapshot", write, self._transfer_timeout(enc.nbytes))
+        if isinstance(old, _Unavailable):
+            self.snapshot_write_failures += 1
+            return False
+        self.snapshot_writes += 1
+        self.bytes_written += enc.nbytes
+        if old:
+            await self._unlink_chunks(key, old)
+        return True
+
+    async def _unlink_chunks(self, key: str, manifest: bytes) -> None:
+        try:
+            gen, n, *_ = parse_manifest(manifest)
+        except ValueError:
+            return
+        if n:
+            await self._call("unlink", lambda r: r.unlink(*[chunk_key(key, gen, i) for i in range(n)]))
+
+    async def get_snapshot(
+        self, key: str, accept_header: Callable[[bytes], None] | None = None
+    ) -> tuple[bytes, bytearray] | None:
+        """(header bytes, payload) or None on a miss, a torn write or an outage.
+
+        `accept_header` sees the header before the payload is fetched and may raise (e.g. a
+        `SnapshotError` for another model's fingerprint) to stop early; that exception propagates.
+        """
+        manifest = await self.get_bytes(key)
+        if manifest is None:
+            self.snapshot_misses += 1
+            return None
+        try:
+            gen, n, _, payload_len, header = parse_manifest(manifest)
+        except ValueError:
+            self.snapshot_misses += 1
+            return None
+        if accept_header is not None:
+            accept_header(header)
+        if n == 0:
+            return header, bytearray()
+        keys = [chunk_key(key, gen, i) for i in range(n)]
+        parts = await self._call(
+            "get_snapshot", lambda r: r.mget(keys), self._transfer_timeout(payload_len)
+        )
+        if isinstance(parts, _Unavailable) or any(p is None for p in parts):
+            # Chunks expired or were replaced between the manifest read and now: a miss.
+            self.snapshot_misses += 1
+            return None
+        payload = bytearray().join(parts)
+        self.snapshot_hits += 1
+        self.bytes_read += len(payload) + len(manifest)
+        return header, payload
+
+    async def delete_snapshot(self, key: str) -> None:
+        old = await self._call("getdel", lambda r: r.getdel(key))
+        if isinstance(old, bytes):
+            await self._unlink_chunks(key, old)
+
+    # -- prefix anchors ---------------------------------------------------------------------------
+    async def add_anchor_member(self, key: str, length: int, ttl_s: float | None = None) -> bool:
+        async def add(r: aioredis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            pipe.sadd(key, length)
+            pipe.pexpire(key, self._ttl(ttl_s))
+            return await pipe.execute()
+
+        return not isinstance(await self._call("anchor_add", add), _Unavailable)
+
+    async def anchor_members(self, keys: Sequence[str]) -> list[set[int]] | None:
+        """The cached lengths under each anchor key, in one round trip; None when unavailable."""
+
+        async def members(r: aioredis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.smembers(k)
+            return await pipe.execute()
+
+        res = await self._call("anchor_members", members)
+        if isinstance(res, _Unavailable):
+            return None
+        return [{int(m) for m in s} for s in res]
+
+    async def remove_anchor_member(self, key: str, length: int) -> None:
+        await self._call("anchor_rem", lambda r: r.srem(key, length))
+
+    # -- token log --------------------------------------------------------------------------------
+    async def get_token_log(self, key: str) -> list[int] | None:
+        data = await self.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            return bytes_to_tokens(data)
+        except ValueError:
+            return None
+
+    async def set_token_log(self, key: str, token_ids: Sequence[int], ttl_s: float | None = None) -> bool:
+        return await self.set_bytes(key, tokens_to_bytes(token_ids), ttl_s)
+
+    async def append_token_log(
+        self, key: str, new_ids: Sequence[int], expected_len: int, ttl_s: float | None = None
+    ) -> bool:
+        """Appends if the stored log has `expected_len` ids; False on mismatch or outage."""
+        data = tokens_to_bytes(new_ids)
+        res = await self._call(
+            "append_log",
+            lambda r: self._append_log(keys=[key], args=[data, 4 * expected_len, self._ttl(ttl_s)], client=r),
+        )
+        return isinstance(res, int) and res >= 0
+
+    # -- turn lease -------------------------------------------------------------------------------
+    async def acquire_lease(self, key: str, token: str, ttl_s: float) -> bool | None:
+        """True if acquired, False if someone holds it, None if Redis cannot say."""
+        res = await self._call("lease", lambda r: r.set(key, token, nx=True, px=max(1, int(ttl_s * 1000))))
+        if isinstance(res, _Unavailable):
+            return None
+        return res is True
+
+    async def release_lease(self, key: str, token: str) -> bool:
+        res = await self._call("unlease", lambda r: self._release_lease(keys=[key], args=[token], client=r))
+        return res == 1
+
+    async def extend_lease(self, key: str, token: str, ttl_s: float) -> bool:
+        res = await self._call(
+            "extend_lease",
+            lambda r: self._extend_lease(keys=[key], args=[token, max(1, int(ttl_s * 1000))], client=r),
+        )
+        return res == 1
+
+    def stats(self) -> dict[str, int | str]:
+        return {
+            "redis_snapshot_hits": self.snapshot_hits,
+            "redis_snapshot_misses": self.snapshot_misses,
+            "redis_snapshot_writes": self.snapshot_writes,
+            "redis_snapshot_write_failures": self.snapshot_write_failures,
+            "redis_bytes_read": self.bytes_read,
+            "redis_bytes_written": self.bytes_written,
+            "redis_errors": self.num_errors,
+            "redis_timeouts": self.num_timeouts,
+            "redis_refused": self.num_refused,
+            "redis_breaker_state": self.breaker.state,
+            "redis_breaker_opens": self.breaker.num_opens,
+        }

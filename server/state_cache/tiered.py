@@ -1,0 +1,458 @@
+"""TieredStateCache: the one object the engine talks to for saved conversation state.
+
+The token log is the source of truth and a state is a cache of it: every lookup checks that a
+state summarises exactly a prefix of the caller's tokens (prefix hash) and was made by this model
+(fingerprint), so a miss, an eviction, a corrupt blob or a foreign one all mean the same thing to
+the engine: prefill from the longest prefix found (possibly none).
+
+Snapshots are stored once per (tenant, token prefix); a conversation is a small pointer to its
+latest committed prefix. Host tier first, then Redis; a Redis hit is promoted to the host. Redis
+writes run in the background after the host insert, so a commit never waits for the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from server.state_cache.flight import SingleFlight
+from server.state_cache.host import HostEntry, HostLRU, tensors_nbytes
+from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag
+from server.state_cache.redis_tier import RedisTier
+from server.state_cache.snapshot import (
+    SnapshotError,
+    SnapshotHeader,
+    check_identity,
+    decode_snapshot,
+    encode_snapshot,
+)
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+_POINTER = struct.Struct("<Q32s32s")  # num_tokens, prefix_hash, anchor
+
+
+@dataclass(slots=True)
+class CacheHit:
+    """A usable state. `tensors` are shared with the cache: copy them (StatePool.write), never
+    mutate them. They always have the dtypes that were stored (bf16 storage is undone)."""
+
+    num_tokens: int
+    prefix_hash: bytes
+    tensors: dict[str, torch.Tensor]
+    tier: str  # "host" or "redis"
+
+
+@dataclass(slots=True)
+class Lease:
+    """One turn's exclusive right to a conversation; `is_distributed` is False when Redis could not
+    be asked and only this replica's exclusivity holds."""
+
+    key: str
+    token: str
+    is_distributed: bool
+
+
+class TieredStateCache:
+    """Host LRU + optional Redis, prefix index, token logs, turn leases and single-flight.
+
+    Args:
+        fingerprint: `keys.model_fingerprint(config, weights_digest)`; snapshots must match it.
+        host_budget_bytes: host tier size (e.g. 8 GiB = ~170 states of the 1.3B model).
+        redis: a `RedisTier`, or None for a single-replica, host-only cache.
+        key_prefix: namespace shared by the replicas of one deployment.
+        storage_dtype: torch.bfloat16 halves Redis bytes (lossy); None (default) stores exactly.
+            The host tier always keeps exact tensors.
+        max_pending_write_bytes: background Redis writes beyond this are skipped (and counted),
+            so a slow Redis cannot grow memory without bound.
+        max_local_conversations: bound on in-process conversation pointers and token logs.
+        thread_threshold_bytes: copies, encodes and decodes at least this big go to a thread.
+        on_event: called as on_event(name, amount) for every counter increment (Prometheus).
+
+    Example:
+        >>> cache = TieredStateCache(fp, host_budget_bytes=4 << 30, redis=RedisTier(url))
+        >>> hit = await cache.lookup_prefix("default", prompt_ids)   # None or CacheHit
+        >>> await cache.store("default", prompt_ids + reply_ids, pool.read(slot), conversation_id="c1")
+    """
+
+    def __init__(
+        self,
+        fingerprint: bytes,
+        *,
+        host_budget_bytes: int,
+        redis: RedisTier | None = None,
+        key_prefix: str = "gla:",
+        storage_dtype: torch.dtype | None = None,
+        pin_memory: bool | None = None,
+        max_pending_write_bytes: int = 1 << 30,
+        max_local_conversations: int = 100_000,
+        thread_threshold_bytes: int = 1 << 20,
+        on_event: Callable[[str, int], None] | None = None,
+    ) -> None:
+        if len(fingerprint) != 32:
+            raise ValueError("fingerprint must be 32 bytes (keys.model_fingerprint)")
+        self.fingerprint = fingerprint
+        self.keys = KeySpace(key_prefix, model_tag(fingerprint))
+        self.host = HostLRU(host_budget_bytes, pin_memory=pin_memory, on_evict=self._on_host_evict)
+        self.redis = redis
+        self.storage_dtype = storage_dtype
+        self.max_pending_write_bytes = max_pending_write_bytes
+        self.max_local_conversations = max_local_conversations
+        self.thread_threshold_bytes = thread_threshold_bytes
+        self.on_event = on_event
+        self.counters: Counter[str] = Counter()
+        self.flights: SingleFlight[Any] = SingleFlight()
+        # host prefix index: anchor key -> cached lengths; snapshot key -> (anchor key, length)
+        self._host_anchors: dict[str, set[int]] = {}
+        self._host_index: dict[str, tuple[str, int]] = {}
+        self._pointers: OrderedDict[str, bytes] = OrderedDict()
+        self._logs: OrderedDict[str, list[int]] = OrderedDict()
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._pending: set[asyncio.Task] = set()
+        self._pending_bytes = 0
+        self._conv_tail: dict[str, asyncio.Task] = {}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] += amount
+        if self.on_event is not None:
+            self.on_event(name, amount)
+
+    async def _offload(self, nbytes: int, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        if nbytes >= self.thread_threshold_bytes:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.max_local_conversations:
+            table.popitem(last=False)
+
+    def _on_host_evict(self, key: str, _entry: HostEntry) -> None:
+        anchor_key, n = self._host_index.pop(key, ("", 0))
+        lengths = self._host_anchors.get(anchor_key)
+        if lengths is not None:
+            lengths.discard(n)
+            if not lengths:
+                del self._host_anchors[anchor_key]
+
+    def _host_put(self, snap_key: str, anchor_key: str, entry: HostEntry) -> None:
+        if self.host.put(snap_key, entry):
+            self._host_anchors.setdefault(anchor_key, set()).add(entry.num_tokens)
+            self._host_index[snap_key] = (anchor_key, entry.num_tokens)
+
+    # -- store ------------------------------------------------------------------------------------
+    async def store(
+        self,
+        tenant: str,
+        token_ids: Sequence[int],
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        conversation_id: str | None = None,
+        ttl_s: float | None = None,
+        wait_for_redis: bool = False,
+    ) -> None:
+        """Saves the state after `token_ids` (call only when a turn or prompt completes).
+
+        The cache takes the tensors as they are (`StatePool.read` returns fresh CPU copies):
+        do not mutate them afterwards. With `conversation_id` the conversation's pointer moves to
+        this prefix. Redis is written in the background unless `wait_for_redis`.
+        """
+        n = len(token_ids)
+        hasher = PrefixHasher(token_ids)
+        phash = hasher.prefix_hash(n)
+        snap_key = self.keys.snapshot(tenant, phash)
+        anchor_key = self.keys.anchor(tenant, hasher.anchor_for(n))
+        nbytes = tensors_nbytes(tensors)
+        owned = await self._offload(nbytes, self.host.prepare, tensors)
+        self._host_put(snap_key, anchor_key, HostEntry(owned, n, phash, nbytes))
+        self._count("stores")
+        conv_key = pointer = None
+        if conversation_id is not None:
+            conv_key = self.keys.conversation(tenant, conversation_id)
+            pointer = _POINTER.pack(n, phash, hasher.anchor_for(n))
+            self._remember(self._pointers, conv_key, pointer)
+        if self.redis is None:
+            return
+        if self._pending_bytes + nbytes > self.max_pending_write_bytes:
+            self._count("redis_writes_skipped")
+            return
+        previous = self._conv_tail.get(conv_key) if conv_key is not None else None
+        task = asyncio.create_task(
+            self._write_redis(snap_key, anchor_key, n, phash, owned, nbytes, conv_key, pointer, ttl_s, previous)
+        )
+        self._pending.add(task)
+        self._pending_bytes += nbytes
+
+        def done(t: asyncio.Task) -> None:
+            self._pending.discard(t)
+            self._pending_bytes -= nbytes
+            if conv_key is not None and self._conv_tail.get(conv_key) is t:
+                del self._conv_tail[conv_key]
+
+        task.add_done_callback(done)
+        if conv_key is not None:
+            self._conv_tail[conv_key] = task
+        if wait_for_redis:
+            await asyncio.shield(task)
+
+    async def _write_redis(
+        self,
+        snap_key: str,
+        anchor_key: str,
+        n: int,
+        phash: bytes,
+        tensors: dict[str, torch.Tensor],
+        nbytes: int,
+        conv_key: str | None,
+        pointer: bytes | None,
+        ttl_s: float | None,
+        previous: asyncio.Task | None,
+    ) -> None:
+        assert self.redis is not None
+        enc = await self._offload(
+            nbytes, encode_snapshot, tensors, num_tokens=n, prefix_hash=phash,
+            fingerprint=self.fingerprint, storage_dtype=self.storage_dtype,
+        )
+        if previous is not None:
+            # Commits of one conversation land in order, so an older pointer never wins.
+            await asyncio.wait([previous])
+        if not await self.redis.put_snapshot(snap_key, enc, ttl_s):
+            self._count("redis_writes_failed")
+            return
+        await self.redis.add_anchor_member(anchor_key, n, ttl_s)
+        if conv_key is not None and pointer is not None:
+            # Written after the snapshot: a reader never follows a pointer to nothing.
+            await self.redis.set_bytes(conv_key, pointer, ttl_s)
+        self._count("redis_writes")
+
+    async def flush(self) -> None:
+        """Waits for background Redis writes (shutdown, tests)."""
+        while self._pending:
+            await asyncio.wait(list(self._pending))
+
+    async def close(self) -> None:
+        await self.flush()
+        if self.redis is not None:
+            await self.redis.close()
+
+    # -- lookup -----------------------------------------------------------------------------------
+    async def lookup_prefix(self, tenant: str, token_ids: Sequence[int]) -> CacheHit | None:
+        """The state of the longest cached prefix of `token_ids` (at least 1 token), or None.
+
+        Probes the host index and Redis' anchor sets (one round trip), then tries candidates from
+        longest to shortest; the longer prefix wins whichever tier holds it.
+        """
+        self._count("lookups")
+        hasher = PrefixHasher(token_ids)
+        total = len(token_ids)
+        anchor_keys = [self.keys.anchor(tenant, a) for a in hasher.anchors]
+        host_lengths = {n for k in anchor_keys for n in self._host_anchors.get(k, ())}
+        redis_lengths: set[int] = set()
+        if self.redis is not None and total:
+            members = await self.redis.anchor_members(anchor_keys)
+            for i, lengths in enumerate(members or []):
+                redis_lengths |= {n for n in lengths if n // ANCHOR_BLOCK == i}
+        for n in sorted((host_lengths | redis_lengths), reverse=True):
+            if not 1 <= n <= total:
+                continue
+            hit = await self._fetch(tenant, hasher.prefix_hash(n), n, anchor_keys[n // ANCHOR_BLOCK],
+                                    try_redis=n in redis_lengths)
+            if hit is not None:
+                return self._hit(hit)
+            if n in redis_lengths and self.redis is not None:
+                await self.redis.remove_anchor_member(anchor_keys[n // ANCHOR_BLOCK], n)
+        self._count("lookup_misses")
+        return None
+
+    async def lookup(
+        self, tenant: str, conversation_id: str, token_ids: Sequence[int] | None = None
+    ) -> CacheHit | None:
+        """The conversation's latest committed state, or None.
+
+        With `token_ids` (the conversation's log) a state is used only if it summarises a prefix
+        of them; a pointer that does not is counted as `rejected_prefix_mismatch` and skipped.
+        """
+        self._count("lookups")
+        conv_key = self.keys.conversation(tenant, conversation_id)
+        pointers = []
+        if self.redis is not None and (remote := await self.redis.get_bytes(conv_key)) is not None:
+            pointers.append(remote)
+        if (local := self._pointers.get(conv_key)) is not None:
+            pointers.append(local)
+        hasher = PrefixHasher(token_ids) if token_ids is not None else None
+        candidates = sorted({_POINTER.unpack(p) for p in pointers if len(p) == _POINTER.size}, reverse=True)
+        for n, phash, anchor in candidates:
+            if hasher is not None and (n > hasher.num_tokens or hasher.prefix_hash(n) != phash):
+                self._count("rejected_prefix_mismatch")
+                continue
+            hit = await self._fetch(tenant, phash, n, self.keys.anchor(tenant, anchor), try_redis=True)
+            if hit is not None:
+                return self._hit(hit)
+        self._count("lookup_misses")
+        return None
+
+    def _hit(self, hit: CacheHit) -> CacheHit:
+        self._count(f"lookup_hits_{hit.tier}")
+        self._count("cached_tokens", hit.num_tokens)
+        return hit
+
+    async def _fetch(
+        self, tenant: str, phash: bytes, n: int, anchor_key: str, try_redis: bool
+    ) -> CacheHit | None:
+        snap_key = self.keys.snapshot(tenant, phash)
+        entry = self.host.get(snap_key)
+        if entry is not None and entry.num_tokens == n and entry.prefix_hash == phash:
+            return CacheHit(n, phash, entry.tensors, "host")
+        if not try_redis or self.redis is None:
+            return None
+        return await self.flights.do(("fetch", snap_key), lambda: self._fetch_redis(snap_key, phash, n, anchor_key))
+
+    async def _fetch_redis(self, snap_key: str, phash: bytes, n: int, anchor_key: str) -> CacheHit | None:
+        assert self.redis is not None
+
+        def accept(header_bytes: bytes) -> None:
+            header = SnapshotHeader.from_bytes(header_bytes)
+            check_identity(header, fingerprint=self.fingerprint, prefix_hash=phash)
+
+        try:
+            got = await self.redis.get_snapshot(snap_key, accept_header=accept)
+            if got is None:
+                return None
+            header_bytes, payload = got
+            snap = await self._offload(
+                len(payload), decode_snapshot, header_bytes, payload,
+                fingerprint=self.fingerprint, prefix_hash=phash,
+            )
+        except SnapshotError as e:
+            # Never loaded, and deleted so the next lookup does not pay for it again.
+            self._count(f"rejected_{e.reason}")
+            log.warning("state snapshot %s rejected: %s", snap_key, e)
+            await self.redis.delete_snapshot(snap_key)
+            return None
+        if snap.num_tokens != n:
+            self._count("rejected_prefix_mismatch")
+            return None
+        nbytes = tensors_nbytes(snap.tensors)
+        owned = await self._offload(nbytes, self.host.prepare, snap.tensors) if self.host.pin_memory else snap.tensors
+        self._host_put(snap_key, anchor_key, HostEntry(owned, n, phash, nbytes))
+        return CacheHit(n, phash, owned, "redis")
+
+    @asynccontextmanager
+    async def prefill_once(self, tenant: str, token_ids: Sequence[int]) -> AsyncIterator[bool]:
+        """Single-flight for identical concurrent prompts of one tenant.
+
+        Yields True to the first caller, who should prefill and `store` before leaving the block;
+        the others wait for it, get False, and should `lookup_prefix` again (and prefill
+        themselves only if that still misses, e.g. because the leader failed).
+        """
+        hasher = PrefixHasher(token_ids)
+        key = ("prefill", tenant, hasher.prefix_hash(len(token_ids)))
+        async with self.flights.claim(key) as is_leader:
+            if not is_leader:
+                self._count("prefill_waits")
+            yield is_leader
+
+    # -- token logs -------------------------------------------------------------------------------
+    async def get_token_log(self, tenant: str, conversation_id: str) -> list[int] | None:
+        """The conversation's token ids: Redis (shared by replicas) first, then this process."""
+        key = self.keys.token_log(tenant, conversation_id)
+        if self.redis is not None:
+            remote = await self.redis.get_token_log(key)
+            if remote is not None:
+                self._remember(self._logs, key, remote)
+                return list(remote)
+        local = self._logs.get(key)
+        return list(local) if local is not None else None
+
+    async def set_token_log(self, tenant: str, conversation_id: str, token_ids: Sequence[int]) -> None:
+        key = self.keys.token_log(tenant, conversation_id)
+        self._remember(self._logs, key, list(token_ids))
+        if self.redis is not None and not await self.redis.set_token_log(key, token_ids):
+            self._count("token_log_writes_skipped")
+
+    async def append_token_log(
+        self, tenant: str, conversation_id: str, new_ids: Sequence[int]
+    ) -> list[int]:
+        """Appends a committed turn's tokens; returns the whole log.
+
+        Redis gets an APPEND if its copy has the length this process knows, else (it missed an
+        append during an outage, or expired) the whole log is rewritten.
+        """
+        key = self.keys.token_log(tenant, conversation_id)
+        old = self._logs.get(key)
+        if old is None:
+            old = await self.get_token_log(tenant, conversation_id) or []
+        new_log = [*old, *new_ids]
+        self._remember(self._logs, key, new_log)
+        if self.redis is not None:
+            if not await self.redis.append_token_log(key, new_ids, expected_len=len(old)):
+                if not await self.redis.set_token_log(key, new_log):
+                    self._count("token_log_writes_skipped")
+        return list(new_log)
+
+    # -- turn lease -------------------------------------------------------------------------------
+    async def acquire_lease(self, tenant: str, conversation_id: str, ttl_s: float = 120.0) -> Lease | None:
+        """Exclusive right to run one turn; None when another turn holds it (answer 409).
+
+        The lease expires after `ttl_s` even if its holder dies; `extend_lease` for long turns.
+        With Redis unreachable it falls back to this replica only (is_distributed False).
+        """
+        key = self.keys.lease(tenant, conversation_id)
+        now = time.monotonic()
+        held = self._leases.get(key)
+        if held is not None and held[1] > now:
+            self._count("lease_conflicts")
+            return None
+        token = os.urandom(16).hex()
+        distributed = False
+        if self.redis is not None:
+            got = await self.redis.acquire_lease(key, token, ttl_s)
+            if got is False:
+                self._count("lease_conflicts")
+                return None
+            distributed = got is True
+            if not distributed:
+                self._count("lease_local_only")
+        self._leases[key] = (token, now + ttl_s)
+        return Lease(key, token, distributed)
+
+    async def extend_lease(self, lease: Lease, ttl_s: float = 120.0) -> bool:
+        held = self._leases.get(lease.key)
+        if held is None or held[0] != lease.token:
+            return False
+        self._leases[lease.key] = (lease.token, time.monotonic() + ttl_s)
+        if lease.is_distributed and self.redis is not None:
+            return await self.redis.extend_lease(lease.key, lease.token, ttl_s)
+        return True
+
+    async def release_lease(self, lease: Lease) -> None:
+        held = self._leases.get(lease.key)
+        if held is not None and held[0] == lease.token:
+            del self._leases[lease.key]
+        if lease.is_distributed and self.redis is not None:
+            await self.redis.release_lease(lease.key, lease.token)
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int | str]:
+        """Flat counters for /metrics: cache events, host tier, Redis tier, pending writes."""
+        out: dict[str, int | str] = dict(self.counters)
+        out.update(self.host.stats())
+        out["pending_write_bytes"] = self._pending_bytes
+        out["prefill_waits_total"] = self.flights.num_waits
+        out["fetches_coalesced"] = self.flights.num_coalesced
+        if self.redis is not None:
+            out.update(self.redis.stats())
+        return out

@@ -1,0 +1,216 @@
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis
+
+from server.state_cache.breaker import CLOSED, OPEN
+from server.state_cache.keys import prefix_hash
+from server.state_cache.redis_tier import RedisTier, chunk_key, parse_manifest
+from server.state_cache.snapshot import SnapshotCorrupt, decode_snapshot, encode_snapshot
+from tests.state_cache.helpers import assert_state_equal, fp, make_state, state_of_bytes
+from tests.state_cache.tls_proxy import TlsProxy, make_self_signed
+
+pytestmark = pytest.mark.redis
+FP = fp("model-a")
+
+
+def ns() -> str:
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+def encoded(nbytes: int = 1 << 20):
+    return encode_snapshot(state_of_bytes(nbytes), num_tokens=9, prefix_hash=prefix_hash(range(9)),
+                           fingerprint=FP)
+
+
+def sync_client(proc) -> redis.Redis:
+    return redis.Redis.from_url(proc.url)
+
+
+def test_chunked_snapshot_round_trip_with_ttl(redis_proc):
+    key = ns() + "snap"
+    enc = encoded(1 << 20)
+
+    async def main():
+        tier = RedisTier(redis_proc.url, chunk_bytes=64 << 10, ttl_s=60)
+        try:
+            assert await tier.put_snapshot(key, enc)
+            header, payload = await tier.get_snapshot(key)
+            return header, payload, tier.stats()
+        finally:
+            await tier.close()
+
+    header, payload, stats = asyncio.run(main())
+    snap = decode_snapshot(header, payload, fingerprint=FP)
+    assert_state_equal(snap.tensors, state_of_bytes(1 << 20))
+    assert stats["redis_snapshot_hits"] == 1 and stats["redis_bytes_written"] == enc.nbytes
+    r = sync_client(redis_proc)
+    gen, n, *_ = parse_manifest(r.get(key))
+    assert n == 16  # 1 MiB of state in 64 KiB chunks
+    for k in (key, chunk_key(key, gen, 0), chunk_key(key, gen, n - 1)):
+        assert 0 < r.pttl(k) <= 60_000
+
+
+def test_overwrite_unlinks_previous_chunks_and_missing_chunk_is_a_miss(redis_proc):
+    key = ns() + "snap"
+
+    async def main():
+        tier = RedisTier(redis_proc.url, chunk_bytes=256 << 10)
+        try:
+            await tier.put_snapshot(key, encoded())
+            old_gen = parse_manifest(sync_client(redis_proc).get(key))[0]
+            await tier.put_snapshot(key, encoded())
+            r = sync_client(redis_proc)
+            assert not r.exists(chunk_key(key, old_gen, 0))
+            gen = parse_manifest(r.get(key))[0]
+            r.delete(chunk_key(key, gen, 2))  # e.g. evicted by Redis maxmemory
+            assert await tier.get_snapshot(key) is None
+            assert await tier.get_snapshot(ns() + "absent") is None
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_corrupted_chunk_fails_the_checksum(redis_proc):
+    key = ns() + "snap"
+
+    async def main():
+        tier = RedisTier(redis_proc.url, chunk_bytes=128 << 10)
+        try:
+            await tier.put_snapshot(key, encoded())
+            r = sync_client(redis_proc)
+            r.setrange(chunk_key(key, parse_manifest(r.get(key))[0], 3), 1000, b"\xff\xfe")
+            return await tier.get_snapshot(key)
+        finally:
+            await tier.close()
+
+    header, payload = asyncio.run(main())
+    with pytest.raises(SnapshotCorrupt, match="checksum"):
+        decode_snapshot(header, payload, fingerprint=FP)
+
+
+def test_token_log_append_detects_a_missed_append(redis_proc):
+    key = ns() + "log"
+
+    async def main():
+        tier = RedisTier(redis_proc.url, ttl_s=30)
+        try:
+            assert await tier.get_token_log(key) is None
+            assert await tier.set_token_log(key, [1, 2, 3])
+            assert await tier.append_token_log(key, [4, 5], expected_len=3)
+            assert not await tier.append_token_log(key, [9], expected_len=3)  # stale view: refused
+            assert await tier.get_token_log(key) == [1, 2, 3, 4, 5]
+            assert 0 < await tier.pttl_ms(key) <= 30_000
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_lease_is_exclusive_released_only_by_its_holder_and_expires(redis_proc):
+    key = ns() + "lease"
+
+    async def main():
+        a, b = RedisTier(redis_proc.url), RedisTier(redis_proc.url)
+        try:
+            assert await a.acquire_lease(key, "tok-a", ttl_s=5) is True
+            assert await b.acquire_lease(key, "tok-b", ttl_s=5) is False
+            assert not await b.release_lease(key, "tok-b")
+            assert await a.extend_lease(key, "tok-a", ttl_s=5)
+            assert await a.release_lease(key, "tok-a")
+            assert await b.acquire_lease(key, "tok-b", ttl_s=0.05) is True
+            await asyncio.sleep(0.1)
+            assert await a.acquire_lease(key, "tok-a", ttl_s=5) is True  # b's lease expired
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_wrong_password_is_unavailable_not_an_error(redis_proc):
+    url = f"redis://:wrong@127.0.0.1:{redis_proc.port}/0"
+
+    async def main():
+        tier = RedisTier(url)
+        try:
+            assert await tier.get_bytes("k") is None
+            assert not await tier.set_bytes("k", b"v")
+            assert await tier.acquire_lease("l", "t", 1) is None
+            assert tier.num_errors >= 1
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_killed_redis_is_a_miss_and_the_breaker_recovers_after_restart(own_redis):
+    key = ns() + "k"
+
+    async def main():
+        tier = RedisTier(own_redis.url, failure_threshold=2, base_backoff_s=0.05, max_backoff_s=0.2)
+        try:
+            assert await tier.set_bytes(key, b"v")
+            own_redis.stop()
+            t0 = time.monotonic()
+            for _ in range(20):
+                assert await tier.get_bytes(key) is None
+                assert not await tier.put_snapshot(key, encoded(64 << 10))
+                assert await tier.get_snapshot(key) is None
+                assert await tier.anchor_members([key]) is None
+            assert time.monotonic() - t0 < 2.0  # refused by the breaker, not waiting on timeouts
+            assert tier.breaker.state == OPEN and tier.num_refused > 0
+            own_redis.start()  # same port, empty data
+            deadline = time.monotonic() + 5
+            while not await tier.set_bytes(key, b"w"):
+                assert time.monotonic() < deadline, "tier did not recover"
+                await asyncio.sleep(0.05)
+            assert await tier.get_bytes(key) == b"w"
+            assert tier.breaker.state == CLOSED
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_slow_redis_times_out_as_a_miss(own_redis):
+    async def main():
+        tier = RedisTier(own_redis.url, op_timeout_s=0.1, failure_threshold=1, base_backoff_s=5)
+        try:
+            assert await tier.set_bytes("k", b"v")
+            own_redis.proc.send_signal(19)  # SIGSTOP: the socket stays open but nothing answers
+            t0 = time.monotonic()
+            assert await tier.get_bytes("k") is None
+            assert time.monotonic() - t0 < 1.0
+            assert tier.num_timeouts == 1 and tier.breaker.state == OPEN
+        finally:
+            own_redis.proc.send_signal(18)  # SIGCONT
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_rediss_url_through_tls(redis_proc, tmp_path):
+    pair = make_self_signed(tmp_path)
+    if pair is None:
+        pytest.skip("openssl CLI not available to make a test certificate")
+    cert, key_file = pair
+    key = ns() + "snap"
+    state = make_state()
+    enc = encode_snapshot(state, num_tokens=1, prefix_hash=prefix_hash([1]), fingerprint=FP)
+    with TlsProxy(cert, key_file, redis_proc.port) as proxy:
+        url = f"rediss://:{redis_proc.password}@127.0.0.1:{proxy.port}/0"
+
+        async def main():
+            tier = RedisTier(url, op_timeout_s=2, client_kwargs={"ssl_ca_certs": str(cert)})
+            try:
+                assert await tier.put_snapshot(key, enc)
+                return await tier.get_snapshot(key)
+            finally:
+                await tier.close()
+
+        header, payload = asyncio.run(main())
+    assert_state_equal(decode_snapshot(header, payload, fingerprint=FP).tensors, state)

@@ -1,0 +1,122 @@
+import random
+import struct
+
+import pytest
+import torch
+
+from server.state_cache.keys import prefix_hash
+from server.state_cache.snapshot import (
+    CHECKSUM_BLAKE2B,
+    FLAG_REDUCED_PRECISION,
+    ModelMismatch,
+    PrefixMismatch,
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotHeader,
+    decode_blob,
+    decode_snapshot,
+    encode_snapshot,
+)
+from tests.state_cache.helpers import assert_state_equal, fp, make_state
+
+FP = fp("model-a")
+PH = prefix_hash([5, 6, 7])
+
+
+def _encode(state=None, **kw):
+    return encode_snapshot(state or make_state(), num_tokens=3, prefix_hash=PH, fingerprint=FP, **kw)
+
+
+def test_round_trip_is_exact_and_keeps_metadata():
+    state = make_state() | {"step": torch.tensor([1, 2, 3], dtype=torch.int64), "empty": torch.zeros(0, 4)}
+    enc = _encode(state)
+    snap = decode_blob(enc.to_blob(), fingerprint=FP, prefix_hash=PH)
+    assert_state_equal(snap.tensors, state)
+    assert snap.num_tokens == 3 and snap.header.prefix_hash == PH and snap.header.fingerprint == FP
+    assert [t.name for t in snap.header.tensors] == list(state)
+    assert all(t.offset % 64 == 0 for t in snap.header.tensors)
+
+
+def test_split_header_and_payload_round_trip_and_chunks_cover_payload():
+    enc = _encode(checksum_alg=CHECKSUM_BLAKE2B)
+    chunks = enc.chunks(100)
+    assert len(chunks) > 1 and b"".join(bytes(c) for c in chunks) == bytes(enc.payload)
+    snap = decode_snapshot(enc.header_bytes, bytearray().join(chunks), fingerprint=FP)
+    assert_state_equal(snap.tensors, make_state())
+
+
+def test_bf16_storage_halves_float32_and_restores_dtype():
+    state = make_state(layers=3, v=64, k=32, conv=False)
+    exact, half = _encode(state), _encode(state, storage_dtype=torch.bfloat16)
+    assert len(half.payload) == len(exact.payload) // 2
+    assert half.header.flags & FLAG_REDUCED_PRECISION and not exact.header.flags
+    snap = decode_blob(half.to_blob(), fingerprint=FP)
+    for name, t in state.items():
+        got = snap.tensors[name]
+        assert got.dtype == torch.float32
+        assert ((got - t).norm() / t.norm()).item() < 4e-3  # bf16 keeps 8 bits of mantissa
+    raw = decode_blob(half.to_blob(), fingerprint=FP, restore_dtype=False)
+    assert all(t.dtype == torch.bfloat16 for t in raw.tensors.values())
+
+
+def test_corrupted_payload_is_rejected():
+    enc = _encode()
+    blob = bytearray(enc.to_blob())
+    blob[len(enc.header_bytes) + 7] ^= 0x01
+    with pytest.raises(SnapshotCorrupt, match="checksum"):
+        decode_blob(blob, fingerprint=FP)
+    with pytest.raises(SnapshotCorrupt):
+        decode_blob(enc.to_blob()[:-1], fingerprint=FP)
+
+
+def test_every_single_byte_flip_in_the_header_is_rejected():
+    enc = _encode()
+    rng = random.Random(0)
+    for pos in range(len(enc.header_bytes)):
+        blob = bytearray(enc.to_blob())
+        blob[pos] ^= 1 << rng.randrange(8)
+        with pytest.raises(SnapshotError):
+            decode_blob(blob, fingerprint=FP, prefix_hash=PH)
+
+
+def test_other_model_and_other_prefix_are_rejected():
+    blob = _encode().to_blob()
+    with pytest.raises(ModelMismatch):
+        decode_blob(blob, fingerprint=fp("model-b"))
+    with pytest.raises(PrefixMismatch):
+        decode_blob(blob, fingerprint=FP, prefix_hash=prefix_hash([5, 6]))
+
+
+def test_future_version_and_foreign_bytes_are_rejected():
+    enc = _encode()
+    blob = bytearray(enc.to_blob())
+    struct.pack_into("<H", blob, 8, 2)
+    with pytest.raises(SnapshotCorrupt, match="version 2"):
+        decode_blob(blob, fingerprint=FP)
+    with pytest.raises(SnapshotCorrupt, match="magic"):
+        decode_blob(b"\x80\x04\x95" + bytes(200), fingerprint=FP)  # a pickle is not a snapshot
+
+
+def test_header_with_valid_crc_but_overlapping_tensors_is_rejected():
+    enc = _encode()
+    h = enc.header
+    bad = SnapshotHeader(
+        h.num_tokens, h.prefix_hash, h.fingerprint, h.payload_len, h.checksum_alg, h.payload_checksum,
+        (h.tensors[0], type(h.tensors[1])(**{**_asdict(h.tensors[1]), "offset": 0})),
+    )
+    with pytest.raises(SnapshotCorrupt, match="offset"):
+        decode_snapshot(bad.to_bytes(), enc.payload, fingerprint=FP)
+
+
+def _asdict(info):
+    return {f: getattr(info, f) for f in info.__slots__}
+
+
+def test_encode_validates_its_input():
+    with pytest.raises(ValueError):
+        encode_snapshot({}, num_tokens=1, prefix_hash=PH, fingerprint=FP)
+    with pytest.raises(ValueError):
+        encode_snapshot(make_state(), num_tokens=1, prefix_hash=b"short", fingerprint=FP)
+    with pytest.raises(ValueError, match="dtype"):
+        encode_snapshot({"x": torch.zeros(2, dtype=torch.complex64)}, num_tokens=1, prefix_hash=PH,
+                        fingerprint=FP)
