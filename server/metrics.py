@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -194,12 +195,12 @@ class Metrics:
         """The request ended normally (`stop`, `length`) or was aborted (`abort`). Idempotent."""
         times = self._pop(request_id)
         if times is not None:
-            self._finish(times, finished_reason, num_prompt_tokens, num_generation_tokens,
-                         num_cached_tokens)
+            self._finish(self._clock() - times.queued_at, finished_reason, num_prompt_tokens,
+                         num_generation_tokens, num_cached_tokens)
 
-    def _finish(self, times: _RequestTimes, finished_reason: str, num_prompt_tokens: int,
+    def _finish(self, e2e_s: float, finished_reason: str, num_prompt_tokens: int,
                 num_generation_tokens: int, num_cached_tokens: int) -> None:
-        self.e2e_request_latency.observe(self._clock() - times.queued_at)
+        self.e2e_request_latency.observe(e2e_s)
         self.request_success.labels(finished_reason).inc()
         self.request_prompt_tokens.observe(num_prompt_tokens)
         self.request_generation_tokens.observe(num_generation_tokens)
@@ -222,7 +223,8 @@ class Metrics:
         times = self._pop(request_id)
         if times is not None:
             self.client_disconnects.inc()
-            self._finish(times, "abort", num_prompt_tokens, num_generation_tokens, num_cached_tokens)
+            self._finish(self._clock() - times.queued_at, "abort", num_prompt_tokens, num_generation_tokens,
+                         num_cached_tokens)
 
     def _pop(self, request_id: str) -> _RequestTimes | None:
         with self._lock:
@@ -287,3 +289,52 @@ def _tier(tier: str) -> str:
     if tier not in CACHE_TIERS:
         raise ValueError(f"unknown state-cache tier {tier!r}; expected one of {CACHE_TIERS}")
     return tier
+
+
+class EngineMetrics:
+    """`server.engine.EngineObserver` that feeds `Metrics` from the engine's own sequence timestamps.
+
+    Wiring is one line: `engine.observers.append(EngineMetrics(metrics, engine.stats))`. Running,
+    waiting and slot gauges are read from `stats()` (the dict /health shows) at scrape time, so they
+    are exact even between engine steps.
+    """
+
+    def __init__(self, metrics: Metrics, stats: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        self.metrics = metrics
+        self._last_token_at: dict[str, float] = {}
+        if stats is not None:
+            metrics.num_requests_running.set_function(lambda: stats()["running"])
+            metrics.num_requests_waiting.set_function(lambda: stats()["waiting"])
+            metrics.state_slots_total.set_function(lambda: stats()["max_num_seqs"])
+            metrics.state_slots_used.set_function(lambda: stats()["max_num_seqs"] - stats()["free_slots"])
+
+    def on_step(self, seqs: list[Any], num_prefill_tokens: int, now: float) -> None:
+        """`seqs` each sampled one token this step (finished ones included: the engine reports
+        `on_finish` for them just before this call)."""
+        m = self.metrics
+        for seq in seqs:
+            last = self._last_token_at.get(seq.request_id)
+            if last is None:
+                m.time_to_first_token.observe((seq.first_token_time or now) - seq.arrival_time)
+                if seq.first_scheduled_time is not None:
+                    m.request_queue_time.observe(seq.first_scheduled_time - seq.arrival_time)
+            else:
+                m.inter_token_latency.observe(now - last)
+            if seq.is_finished:
+                self._last_token_at.pop(seq.request_id, None)
+            else:
+                self._last_token_at[seq.request_id] = now
+        m.generation_tokens.inc(len(seqs))
+
+    def on_finish(self, seq: Any, now: float) -> None:
+        reason = str(seq.finish_reason)
+        if reason in ("abort", "error"):  # ended outside a step: no on_step follows for it
+            self._last_token_at.pop(seq.request_id, None)
+        if reason == "error":
+            self.metrics.request_failure.labels("error").inc()
+            return
+        if reason == "abort":
+            self.metrics.client_disconnects.inc()
+        self.metrics._finish(now - seq.arrival_time, reason,
+                             len(seq.history_token_ids) + len(seq.prompt_token_ids),
+                             len(seq.output_token_ids), seq.num_cached_tokens)

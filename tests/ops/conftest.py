@@ -18,14 +18,14 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[object], str]]:
+def serve() -> Iterator[Callable[..., str]]:
     """Serves an ASGI app with real uvicorn over HTTP; returns its base URL. Stopped at teardown."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(app: object) -> str:
+    def start(app: object, lifespan: str = "off") -> str:
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                               lifespan="off"))
+                                               lifespan=lifespan))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 10

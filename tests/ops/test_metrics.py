@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from fastapi import FastAPI, Response
@@ -167,3 +169,34 @@ def test_metrics_route_over_http_moves_after_requests(serve) -> None:
     assert after["gla:request_success_total[('finished_reason', 'stop')]"] == 2
     assert after["gla:time_to_first_token_seconds_count[]"] == 2
     assert after["process_cpu_seconds_total[]"] > 0
+
+
+def test_engine_observer_feeds_metrics_from_the_real_engine(serve) -> None:
+    from server.app import create_app
+    from server.metrics import EngineMetrics
+    from server.settings import Settings
+
+    app = create_app(Settings(max_num_seqs=4, max_num_batched_tokens=64, default_max_tokens=8))
+    base = serve(app, lifespan="on")
+    deadline = time.monotonic() + 60
+    while httpx.get(base + "/ready").status_code != 200:
+        assert time.monotonic() < deadline, httpx.get(base + "/health").text
+        time.sleep(0.05)
+    engine = app.state.server.engine
+    metrics = Metrics(process_metrics=False)
+    engine.observers.append(EngineMetrics(metrics, engine.stats))
+
+    bodies = [httpx.post(base + "/generate", json={"prompt": f"To be or not {i}", "max_tokens": 6,
+                                                   "temperature": 0}, timeout=60).json() for i in range(2)]
+    num_tokens = sum(b["num_tokens"] for b in bodies)
+    assert value(metrics, "gla:generation_tokens_total") == num_tokens
+    assert value(metrics, "gla:time_to_first_token_seconds_count") == 2
+    assert value(metrics, "gla:request_queue_time_seconds_count") == 2
+    assert value(metrics, "gla:inter_token_latency_seconds_count") == num_tokens - 2
+    assert value(metrics, "gla:e2e_request_latency_seconds_count") == 2
+    finished = sum(value(metrics, "gla:request_success_total", finished_reason=r) for r in ("stop", "length"))
+    assert finished == 2
+    assert value(metrics, "gla:prompt_tokens_total") == sum(b["usage"]["prompt_tokens"] for b in bodies)
+    assert value(metrics, "gla:num_requests_running") == 0
+    assert value(metrics, "gla:state_slots_total") == 4
+    assert value(metrics, "gla:state_slots_used") == 0
