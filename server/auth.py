@@ -98,19 +98,18 @@ class KeyStore:
                 text = path.read_text()
             except OSError as exc:
                 raise ValueError(f"cannot read API key file {path}: {exc.strerror}") from None
-            store._parse(text, source=str(path), separators=("\n",))
+            store._parse(text, source=str(path), is_file=True)
         if inline:
-            store._parse(inline, source="inline API keys", separators=(",", "\n"))
+            store._parse(inline, source="inline API keys", is_file=False)
         return store
 
-    def _parse(self, text: str, source: str, separators: tuple[str, ...]) -> None:
+    def _parse(self, text: str, source: str, is_file: bool) -> None:
         if text.lstrip().startswith("{"):
             self._parse_json(text, source)
             return
-        for sep in separators[1:]:
-            text = text.replace(sep, separators[0])
-        for number, raw in enumerate(text.split(separators[0]), start=1):
-            entry = raw.split("#", 1)[0].strip() if separators[0] == "\n" else raw.strip()
+        entries = [line.split("#", 1)[0] for line in text.splitlines()] if is_file else text.split(",")
+        for number, entry in enumerate(entries, start=1):
+            entry = entry.strip()
             if not entry:
                 continue
             key, sep, tenant = entry.rpartition(":") if ":" in entry else entry.partition(" ")
