@@ -103,7 +103,7 @@ def format_table(run: LoadRun, summary: Summary) -> str:
             f", max {cfg.max_concurrency} in flight" if cfg.max_concurrency else ""
         )
     else:
-        arrival = f"closed loop, {cfg.concurrency} users"
+        arrival = f"closed loop, {cfg.concurrency} user{'s' if cfg.concurrency != 1 else ''}"
     share = summary.cached_token_share
     cached = "-" if share is None else f"{share:.1%} of {summary.prompt_tokens} prompt tokens"
     resumed = "-"

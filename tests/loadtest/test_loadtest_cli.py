@@ -9,6 +9,8 @@ from pathlib import Path
 
 from fake_gla_server import Faults
 
+from loadtest.table import main as table_main
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,7 +27,7 @@ def test_help_documents_the_tool() -> None:
         assert flag in done.stdout
 
 
-def test_run_writes_table_and_json_report(fake_server, tmp_path: Path) -> None:
+def test_run_writes_table_and_json_report(fake_server, tmp_path: Path, capsys) -> None:
     url, _ = fake_server
     out = tmp_path / "runs" / "report.json"
     done = _cli("--base-url", url, "--api", "chat", "--turns", "2", "--num-requests", "8", "--concurrency", "2",
@@ -43,6 +45,11 @@ def test_run_writes_table_and_json_report(fake_server, tmp_path: Path) -> None:
     assert set(summary["ttft_ms"]) >= {"p50", "p90", "p99", "mean"}
     assert summary["cached_token_share"] > 0
     assert len(report["requests"]) == 8 and "text" not in report["requests"][0]
+
+    assert table_main([str(out)]) == 0
+    header, rule, row = capsys.readouterr().out.splitlines()
+    assert header.count("|") == rule.count("|") == row.count("|") == 13
+    assert row.startswith("| report | chat (history) | closed, 2 users | 2 | 4 | 8/8 |")
 
 
 def test_errors_set_the_exit_status(start_fake_server) -> None:
