@@ -399,7 +399,7 @@ class AsyncEngine:
         return RequestOutput(
             request_id=seq.request_id,
             text=text,
-            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_prompt_tokens=len(seq.history_token_ids) + len(seq.prompt_token_ids),
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=len(seq.output_token_ids),
         )

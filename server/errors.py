@@ -100,7 +100,13 @@ class GenerationFailed(APIError):
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts: list[str] = []
+    for p in loc:
+        if p in ("body", "query", "path"):
+            continue
+        if isinstance(p, str) and not p.isidentifier():
+            break  # a union member's tag (`list[int]`, `constrained-str`), not a field
+        parts.append(str(p))
     return ".".join(parts) or None
 
 

@@ -42,8 +42,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
+    num_prompt_tokens: int = 0  # the whole context: conversation history + this turn's prompt
+    num_cached_tokens: int = 0  # the part of it restored from a state instead of prefilled
     num_output_tokens: int = 0
     error: str | None = None
 

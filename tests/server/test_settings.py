@@ -1,0 +1,43 @@
+"""Settings: env GLA_<NAME> and --<name> flags agree, flags win, and --help lists every setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from server.serve import build_parser, parse_settings
+from server.settings import Settings
+
+
+def test_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLA_MAX_NUM_SEQS", "5")
+    monkeypatch.setenv("GLA_PUBLIC_PATHS", "/health,/metrics")
+    monkeypatch.setenv("GLA_CUDA_GRAPHS", "false")
+    s = parse_settings([])
+    assert s.max_num_seqs == 5 and s.public_paths == ["/health", "/metrics"] and s.cuda_graphs is False
+    s = parse_settings(["--max-num-seqs", "7", "--cuda-graphs", "--redis-url", "redis://:pw@h:6379/0"])
+    assert s.max_num_seqs == 7 and s.cuda_graphs is True
+    assert s.redis_url is not None and "pw" not in repr(s)  # secrets never show in reprs or logs
+
+
+def test_invalid_values_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        Settings(max_num_seqs=0)
+    with pytest.raises(ValueError):
+        Settings(device="tpu")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-num-seqs", "many"])
+
+
+def test_help_lists_every_setting_with_its_default() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "from server.serve import main; main(['--help'])"],
+        capture_output=True, text=True, check=False,
+    ).stdout
+    flat = " ".join(out.split())
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in out, name
+        assert f"env GLA_{name.upper()}" in flat, name
+    assert "(default: 32; env GLA_MAX_NUM_SEQS)" in flat
