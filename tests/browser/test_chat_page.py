@@ -140,6 +140,8 @@ def test_two_turns_stream_and_the_second_resumes_from_cached_state(page: Page) -
     expect(second.locator(".badge")).to_contain_text("resumed from cached state")
     assert page.locator(".msg.user").count() == 2
     assert page.locator(".msg.error").count() == 0
+    if screenshot := os.environ.get("GLA_CHAT_SCREENSHOT"):  # regenerates docs/images/chat-page.png
+        page.screenshot(path=screenshot)
 
 
 def test_a_rejected_turn_shows_the_error_and_keeps_the_text(page: Page) -> None:
