@@ -1,0 +1,153 @@
+"""`ConversationStore` (server/conversations.py) on top of `TieredStateCache`: the engine's drop-in.
+
+The engine calls `acquire`/`release`/`commit` from its step thread and `load` on the event loop.
+`commit` only schedules work on the loop and leaves a future behind; the next `load` of the same
+conversation waits for it, so a turn always sees the previous turn's commit. The Redis turn lease
+is taken in `load` (async) and released only after the commit has reached Redis, so another
+replica that wins the lease next reads the new log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+from server.conversations import ConversationKey, ConversationSnapshot
+from server.errors import ConversationBusy
+from server.state_cache.tiered import Lease, TieredStateCache
+
+log = logging.getLogger(__name__)
+
+
+class TieredConversationStore:
+    """Conversations as token logs (source of truth) plus cached states, across replicas.
+
+    Args:
+        cache: the tiered cache (host LRU + optional Redis).
+        lease_ttl_s: a turn's lease lifetime; a crashed replica blocks its conversation this long.
+        wait_for_redis: finish the Redis snapshot write before the lease is released, so the next
+            turn on another replica resumes from it instead of rebuilding from the log.
+
+    Example:
+        >>> store = TieredConversationStore(TieredStateCache(fp, host_budget_bytes=8 << 30, redis=tier))
+        >>> engine = AsyncEngine(model, tokenizer, settings, store)
+    """
+
+    def __init__(self, cache: TieredStateCache, lease_ttl_s: float = 600.0, wait_for_redis: bool = True) -> None:
+        self.cache = cache
+        self.lease_ttl_s = lease_ttl_s
+        self.wait_for_redis = wait_for_redis
+        self._lock = threading.Lock()
+        self._busy: set[ConversationKey] = set()
+        self._leases: dict[ConversationKey, Lease] = {}
+        self._pending: dict[ConversationKey, concurrent.futures.Future] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.num_loads = 0
+        self.num_resumed = 0
+        self.num_rebuilds = 0
+        self.num_new = 0
+
+    def acquire(self, key: ConversationKey) -> None:
+        with self._lock:
+            if key in self._busy:
+                raise _busy(key)
+            self._busy.add(key)
+
+    async def load(self, key: ConversationKey) -> ConversationSnapshot | None:
+        """The log and, when a state for exactly `log[:-1]` is cached, that state.
+
+        Raises ConversationBusy when another replica holds the turn lease.
+        """
+        self._loop = asyncio.get_running_loop()
+        pending = self._pending.get(key)
+        if pending is not None:
+            # The previous turn's commit and lease release; their failure is not this turn's.
+            await asyncio.wait([asyncio.wrap_future(pending)])
+        lease = await self.cache.acquire_lease(key.tenant, key.conversation_id, self.lease_ttl_s)
+        if lease is None:
+            raise _busy(key)
+        with self._lock:
+            self._leases[key] = lease
+        self.num_loads += 1
+        log = await self.cache.get_token_log(key.tenant, key.conversation_id)
+        if not log:
+            self.num_new += 1
+            return None
+        hit = await self.cache.lookup(key.tenant, key.conversation_id, log[:-1])
+        if hit is None or hit.num_tokens != len(log) - 1:
+            # Missing, evicted, corrupt, foreign or stale: the engine prefills the log instead.
+            self.num_rebuilds += 1
+            return ConversationSnapshot(log, None)
+        self.num_resumed += 1
+        return ConversationSnapshot(log, hit.tensors)
+
+    def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
+        """Schedules the write; never blocks the engine step."""
+        self._schedule(key, self._commit(key, snapshot))
+
+    def release(self, key: ConversationKey) -> None:
+        with self._lock:
+            self._busy.discard(key)
+            lease = self._leases.pop(key, None)
+            after = self._pending.get(key)
+        if lease is not None:
+            self._schedule(key, self._release(lease, after))
+
+    def _schedule(self, key: ConversationKey, coro: Coroutine[Any, Any, None]) -> None:
+        if self._loop is None:  # nothing was loaded yet, so nothing can be committed or leased
+            coro.close()
+            return
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._lock:
+            self._pending[key] = fut
+        fut.add_done_callback(lambda f: self._forget(key, f))
+
+    def _forget(self, key: ConversationKey, fut: concurrent.futures.Future) -> None:
+        with self._lock:
+            if self._pending.get(key) is fut:
+                del self._pending[key]
+
+    async def _commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
+        log_ids = snapshot.token_ids
+        try:
+            if snapshot.state is not None:
+                await self.cache.store(
+                    key.tenant, log_ids[:-1], snapshot.state, conversation_id=key.conversation_id,
+                    wait_for_redis=self.wait_for_redis,
+                )
+            await self.cache.set_token_log(key.tenant, key.conversation_id, log_ids)
+        except Exception:  # the turn already answered; a lost commit means a rebuild later
+            log.exception("committing conversation %r failed", key.conversation_id)
+
+    async def flush(self) -> None:
+        """Waits for scheduled commits and lease releases (shutdown, tests)."""
+        while pending := list(self._pending.values()):
+            await asyncio.wait([asyncio.wrap_future(f) for f in pending])
+        await self.cache.flush()
+
+    async def _release(self, lease: Lease, after: concurrent.futures.Future | None) -> None:
+        if after is not None:
+            await asyncio.wait([asyncio.wrap_future(after)])
+        await self.cache.release_lease(lease)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "conversation_loads": self.num_loads,
+            "conversation_resumed": self.num_resumed,
+            "conversation_rebuilds": self.num_rebuilds,
+            "conversation_new": self.num_new,
+            "busy": len(self._busy),
+        }
+        out.update(self.cache.stats())
+        return out
+
+
+def _busy(key: ConversationKey) -> ConversationBusy:
+    return ConversationBusy(
+        f"conversation {key.conversation_id!r} already has a turn in progress; retry when it ends",
+        param="conversation_id",
+    )
