@@ -1,0 +1,192 @@
+"""End to end through the HTTP server: a gla-1.3B-shaped model (random bf16 weights) behind the real
+engine, uvicorn and SSE, at 1 and 64 concurrent streams.
+
+The engine runs the Triton kernels (CUDA prefill/decode) and CUDA-graph decode; the client is an
+asyncio httpx load in the same process (the server runs in its own thread and event loop), each
+stream a /generate_stream request with `prompt_token_ids` and `ignore_eos`, so every stream has
+exactly the asked lengths. Reported per concurrency: aggregate output tokens/s over the wall time,
+TTFT and inter-token latency p50/p90/p99, and the engine's steps. Random weights generate noise,
+so the bundled tokenizer (vocab 4096) is used and sampling is limited to its ids.
+
+    python benchmarks/e2e_server.py --out benchmarks/results/e2e-server-h100.json
+    python benchmarks/e2e_server.py --tiny --device cpu --concurrency 1 4 --max-tokens 16   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import GLAConfig, GLAForCausalLM, load_tokenizer  # noqa: E402
+from server.app import create_app  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype) -> GLAForCausalLM:
+    if tiny:
+        cfg = GLAConfig(hidden_size=128, num_hidden_layers=2, num_heads=2, vocab_size=4096)
+    else:  # fla-hub gla-1.3B: hidden 2048, 24 layers, 4 heads, K=256, V=512
+        cfg = GLAConfig(hidden_size=2048, num_hidden_layers=24, num_heads=4, vocab_size=32000)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GLAForCausalLM(cfg).to(dtype).eval()
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def one_stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    body = {"prompt_token_ids": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    async with client.stream("POST", "/generate_stream", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data:") and '"token"' in line:
+                stamps.append(time.perf_counter())
+    return {
+        "tokens": len(stamps),
+        "ttft_s": stamps[0] - t0 if stamps else None,
+        "itl_s": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+        "e2e_s": time.perf_counter() - t0,
+    }
+
+
+async def run_level(url: str, concurrency: int, prompt_len: int, max_tokens: int, vocab: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(concurrency)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=gen).tolist() for _ in range(concurrency)]
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        steps0 = (await client.get("/health")).json()["steps"]
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one_stream(client, p, max_tokens) for p in prompts))
+        wall = time.perf_counter() - t0
+        steps = (await client.get("/health")).json()["steps"] - steps0
+    tokens = sum(r["tokens"] for r in res)
+    ttft = [r["ttft_s"] for r in res if r["ttft_s"] is not None]
+    itl = [x for r in res for x in r["itl_s"]]
+    out = {
+        "concurrency": concurrency,
+        "prompt_tokens": prompt_len,
+        "max_tokens": max_tokens,
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_per_s": tokens / wall,
+        "per_stream_tok_per_s": statistics.mean(r["tokens"] / r["e2e_s"] for r in res),
+        "engine_steps": steps,
+        "ttft_ms": {q: 1e3 * pct(ttft, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
+        "itl_ms": {q: 1e3 * pct(itl, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
+    }
+    print(f"concurrency {concurrency:3d}: {out['output_tok_per_s']:8.1f} tok/s total, "
+          f"{out['per_stream_tok_per_s']:6.1f} tok/s per stream, TTFT p50 {out['ttft_ms']['p50']:.1f} ms, "
+          f"ITL p50 {out['itl_ms']['p50']:.2f} ms p99 {out['itl_ms']['p99']:.2f} ms, {steps} steps", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 1.3B shape")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    args = ap.parse_args()
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    t0 = time.perf_counter()
+    model = build_model(args.tiny, args.device, dtype)
+    tokenizer = load_tokenizer(None)
+    max_seqs = max(args.concurrency)
+    settings = Settings(
+        device=args.device,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=8192,
+        max_waiting_requests=4 * max_seqs,
+        max_tokens_cap=max(args.max_tokens, 16),
+        cuda_graphs=not args.no_cuda_graphs,
+        served_model_name="gla-1.3B-random" if not args.tiny else "gla-tiny-random",
+        log_level="warning",
+    )
+    app = create_app(settings, model_loader=lambda s: (model, tokenizer))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if app.state.server.load_error:
+            raise SystemExit(f"load failed: {app.state.server.load_error}")
+        time.sleep(0.1)
+    startup_s = time.perf_counter() - t0
+    print(f"ready in {startup_s:.1f} s on {args.device} (weights + CUDA-graph capture + warm-up)", flush=True)
+
+    vocab = len(tokenizer)
+    # warm-up: compile/autotune every prefill shape and decode bucket the levels will use
+    for c in sorted(set(args.concurrency)):
+        asyncio.run(run_level(url, c, args.prompt_tokens, 8, vocab))
+    print("-- measured --", flush=True)
+    levels = [asyncio.run(run_level(url, c, args.prompt_tokens, args.max_tokens, vocab)) for c in args.concurrency]
+    server.should_exit = True
+    thread.join(timeout=30)
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    result = {
+        "benchmark": "e2e_server",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": "tiny random" if args.tiny else "gla-1.3B shape (hidden 2048, 24 layers, 4 heads), random bf16",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(dtype),
+        "cuda_graphs": settings.cuda_graphs,
+        "startup_s": startup_s,
+        "client": "httpx asyncio in the server's process (own thread); one SSE stream per request",
+        "levels": levels,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
