@@ -71,6 +71,17 @@ def create_app(state: FakeState) -> FastAPI:
             return n, _error(503, "injected overload")
         return n, None
 
+    async def accept(request: Request, input_field: str, input_type: type) -> tuple[dict, int, JSONResponse | None]:
+        """Validate like the real server (OpenAI-shaped 4xx), then count the request and apply 503s."""
+        body = await request.json()
+        value, max_tokens = body.get(input_field), body.get("max_tokens", 16)
+        if not isinstance(value, input_type) or not value:
+            return body, 0, _error(422, f"{input_field} must be a non-empty {input_type.__name__}", input_field)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return body, 0, _error(422, "max_tokens must be an integer >= 1", "max_tokens")
+        n, rejected = admit(request)
+        return body, n, rejected
+
     def fault(n: int, every: int) -> bool:
         return bool(every) and n % every == 0
 
@@ -84,15 +95,10 @@ def create_app(state: FakeState) -> FastAPI:
 
     @app.post("/generate_stream")
     async def generate_stream(request: Request) -> Any:
-        body = await request.json()
-        prompt, max_tokens = body.get("prompt"), body.get("max_tokens", 16)
-        if not isinstance(prompt, str) or not prompt:
-            return _error(422, "prompt must be a non-empty string", "prompt")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            return _error(422, "max_tokens must be an integer >= 1", "max_tokens")
-        n, rejected = admit(request)
+        body, n, rejected = await accept(request, "prompt", str)
         if rejected:
             return rejected
+        prompt, max_tokens = body["prompt"], body.get("max_tokens", 16)
         cid = body.get("conversation_id")
         cached = state.conversations.get(cid, 0) if cid else 0
         prompt_tokens = cached + _count_tokens(prompt)
@@ -121,15 +127,10 @@ def create_app(state: FakeState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        body = await request.json()
-        messages, max_tokens = body.get("messages"), body.get("max_tokens", 16)
-        if not isinstance(messages, list) or not messages:
-            return _error(422, "messages must be a non-empty list", "messages")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            return _error(422, "max_tokens must be an integer >= 1", "max_tokens")
-        n, rejected = admit(request)
+        body, n, rejected = await accept(request, "messages", list)
         if rejected:
             return rejected
+        messages, max_tokens = body["messages"], body.get("max_tokens", 16)
         cached = state.chat_states.get(_history_key(messages[:-1]), 0)
         prompt_tokens = sum(_count_tokens(str(m.get("content", ""))) for m in messages)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
