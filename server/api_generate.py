@@ -25,6 +25,7 @@ from server.serving import (
     collect,
     conversation_key,
     server_state,
+    tenant_of,
     until_disconnect,
 )
 from server.streaming import sse_frame, sse_response
@@ -51,7 +52,8 @@ async def _start(request: Request, body: GenerateRequest) -> tuple[ServerState, 
         params = body.sampling_params(max_tokens, body.logprobs)
     except ValueError as exc:
         raise bad_request_from(exc) from None
-    stream = await engine.add_request(ids, params, key, engine.new_request_id("gen"), first_turn_ids)
+    stream = await engine.add_request(ids, params, key, engine.new_request_id("gen"), first_turn_ids,
+                                      tenant=tenant_of(request))
     return state, engine, stream
 
 

@@ -38,6 +38,7 @@ from server.serving import (
     collect,
     conversation_key,
     server_state,
+    tenant_of,
     until_disconnect,
 )
 from server.streaming import sse_frame, sse_response
@@ -85,7 +86,8 @@ async def _submit(
     except ValueError as exc:
         raise bad_request_from(exc) from None
     key = conversation_key(request, body.conversation_id)
-    stream = await engine.add_request(ids, params, key, f"{prefix}-{uuid.uuid4().hex}", first_turn_ids)
+    stream = await engine.add_request(ids, params, key, f"{prefix}-{uuid.uuid4().hex}", first_turn_ids,
+                                      tenant=tenant_of(request))
     return engine, stream
 
 

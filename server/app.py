@@ -1,5 +1,6 @@
-"""FastAPI factory: routes, error mapping, body limit, and a lifespan that loads the model in the
-background so /health answers (and /ready says 503) while a large checkpoint loads."""
+"""FastAPI factory: routes, error mapping, body limit, operations (metrics, API keys, drain), and a
+lifespan that loads the model in the background so /health answers (and /ready says 503) while a
+large checkpoint loads."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from server.conversations import ConversationStore, LRUConversationStore
 from server.engine import AsyncEngine
 from server.errors import ErrorResponse, Unavailable, install_error_handlers
 from server.middleware import BodySizeLimit
+from server.operations import Operations
 from server.serving import ClientDisconnected, ServerState, server_state
 from server.settings import Settings
 
@@ -42,10 +44,11 @@ def model_name_of(settings: Settings) -> str:
     return Path(settings.model).resolve().name if settings.model else BUNDLED_MODEL_NAME
 
 
-async def _load(state: ServerState, loader: ModelLoader) -> None:
+async def _load(state: ServerState, loader: ModelLoader, ops: Operations) -> None:
     try:
         model, tokenizer = await asyncio.to_thread(loader, state.settings)
         engine = await asyncio.to_thread(AsyncEngine, model, tokenizer, state.settings, state.conversations)
+        ops.observe(engine, state.conversations)
         state.tokenizer = tokenizer
         state.engine = engine
         await engine.start()
@@ -74,15 +77,17 @@ def create_app(
         >>> uvicorn.run(create_app(Settings(max_num_seqs=8)), port=8000)
     """
     settings = settings or Settings()
+    ops = Operations.from_settings(settings)
     state = ServerState(
         settings=settings,
         conversations=conversations or LRUConversationStore(settings.conversation_cache_bytes),
         model_name=model_name_of(settings),
+        drainer=ops.drainer,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_load(state, model_loader or default_model_loader))
+        loading = asyncio.create_task(_load(state, model_loader or default_model_loader, ops))
         try:
             yield
         finally:
@@ -97,7 +102,8 @@ def create_app(
         responses={422: {"model": ErrorResponse}},
     )
     app.state.server = state
-    install_error_handlers(app)
+    app.state.operations = ops
+    install_error_handlers(app, on_error=ops.count_error)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, exc: ClientDisconnected) -> Response:
@@ -109,6 +115,7 @@ def create_app(
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    ops.install(app, settings)
     return app
 
 

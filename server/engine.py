@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from server.conversations import ConversationKey, ConversationSnapshot, ConversationStore
+from server.conversations import DEFAULT_TENANT, ConversationKey, ConversationSnapshot, ConversationStore
 from server.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.errors import BadRequest, Unavailable
 from server.model_runner import ModelRunner
@@ -153,6 +153,7 @@ class AsyncEngine:
         conversation: ConversationKey | None = None,
         request_id: str | None = None,
         first_turn_prompt_token_ids: list[int] | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> RequestStream:
         """Queue a request; raises BadRequest (400), ConversationBusy (409), Overloaded (429), Unavailable (503).
 
@@ -163,6 +164,7 @@ class AsyncEngine:
                 normally, never when it fails or is aborted.
             first_turn_prompt_token_ids: the prompt to use instead when `conversation` does not exist
                 yet (the same text tokenized with BOS: only a conversation's first turn gets one).
+            tenant: who asks (the API key's tenant); a conversation's own tenant takes precedence.
         """
         if self.is_stopping or not self.is_running:
             raise Unavailable("the engine is not running", headers={"Retry-After": str(self.settings.retry_after_s)})
@@ -179,6 +181,7 @@ class AsyncEngine:
             if snapshot is None and first_turn_prompt_token_ids is not None:
                 prompt_token_ids = first_turn_prompt_token_ids
             seq = self._new_sequence(request_id, prompt_token_ids, params, conversation, snapshot)
+            seq.tenant = conversation.tenant if conversation is not None else tenant
             pending_tokens = sum(s.num_input_tokens for s in self._incoming)
             self.scheduler.check_admission(seq.num_input_tokens, len(self._incoming), pending_tokens)
             if self.is_stopping:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -128,16 +129,24 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return BadRequest(f"{where}{msg}{more}", param=param, code="invalid_value")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every exception to an ErrorResponse, 4xx for the client's faults."""
+def install_error_handlers(app: FastAPI, on_error: Callable[[APIError], None] | None = None) -> None:
+    """Map every exception to an ErrorResponse, 4xx for the client's faults.
+
+    `on_error` sees every APIError answered (e.g. to count rejections in metrics).
+    """
+
+    def respond(exc: APIError) -> JSONResponse:
+        if on_error is not None:
+            on_error(exc)
+        return exc.response()
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return respond(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return respond(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -148,7 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return BadRequest(f"request body is not valid JSON: {exc.msg}", code="invalid_json").response()
+        return respond(BadRequest(f"request body is not valid JSON: {exc.msg}", code="invalid_json"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.conversations import ConversationKey
+from server.conversations import DEFAULT_TENANT, ConversationKey
 from server.sampling_params import SamplingParams
 
 
@@ -57,6 +57,7 @@ class Sequence:
     history_token_ids: list[int] = field(default_factory=list)  # the conversation log before this turn
     initial_state: dict[str, Any] | None = None  # snapshot to load into the slot before prefill
     conversation: ConversationKey | None = None
+    tenant: str = DEFAULT_TENANT
     eos_token_id: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int | None = None

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     from pydantic import ValidationError
 
     from server.app import create_app
+    from server.drain import DrainingServer
 
     try:
         settings = parse_settings(argv)
@@ -85,13 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-    )
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    DrainingServer(config, app.state.operations.drainer).run()
 
 
 if __name__ == "__main__":

@@ -34,9 +34,13 @@ class ServerState:
     tokenizer: Any = None
     model_name: str = "gla"
     is_ready: bool = False  # model loaded and a real 1-token generate ran
-    is_draining: bool = False  # set by the drain handler (issue 6): new requests get 503
+    drainer: Any = None  # server.drain.Drainer: once draining, new requests get 503
     load_error: str | None = None
     started_at: float = field(default_factory=time.time)
+
+    @property
+    def is_draining(self) -> bool:
+        return self.drainer is not None and self.drainer.is_draining
 
     def require_engine(self) -> AsyncEngine:
         retry = {"Retry-After": str(self.settings.retry_after_s)}
