@@ -24,9 +24,8 @@ def test_metrics_move_with_requests(server: RunningServer, client: httpx.Client)
     client.post("/generate", json={"prompt": ""})
     after = client.get("/metrics").text
     assert _metric(after, "gla:generation_tokens_total") - _metric(before, "gla:generation_tokens_total") == 5
-    reason = {"finished_reason": "length"}
-    assert _metric(after, "gla:request_success_total", **reason) > _metric(before, "gla:request_success_total", **reason)
-    bad = {"reason": "invalid_request"}
+    ok, bad = {"finished_reason": "length"}, {"reason": "invalid_request"}
+    assert _metric(after, "gla:request_success_total", **ok) > _metric(before, "gla:request_success_total", **ok)
     assert _metric(after, "gla:request_failure_total", **bad) > _metric(before, "gla:request_failure_total", **bad)
     assert _metric(after, "gla:state_slots_total") == server.settings.max_num_seqs
 
