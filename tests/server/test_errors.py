@@ -4,6 +4,7 @@ and the server keeps answering."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from server.app import default_model_loader
 from server.settings import Settings
-from tests.server.conftest import RunningServer, start_server
+from tests.server.conftest import RunningServer, sse_events, start_server
 
 OK_BODY = {"prompt": "Hark", "temperature": 0, "max_tokens": 2}
 
@@ -138,4 +139,34 @@ def test_failed_load_is_reported(server: RunningServer) -> None:
         assert httpx.get(srv.url + "/health").json()["status"] == "error"
         assert "no such model" in assert_error(httpx.get(srv.url + "/ready"), 503)["message"]
     finally:
+        srv.stop()
+
+
+def test_engine_failure_mid_stream_is_an_error_event_and_the_server_recovers() -> None:
+    srv = start_server()
+    runner = srv.state.engine.runner
+    real_run, calls = runner.run, []
+
+    def failing_run(batch: Any) -> Any:  # fault injection: the 4th step raises
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("CUDA error: an illegal memory access (at 0xdeadbeef)")
+        return real_run(batch)
+
+    runner.run = failing_run
+    try:
+        body = {"prompt": "Hark", "temperature": 0, "max_tokens": 50, "ignore_eos": True}
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            with c.stream("POST", "/generate_stream", json=body) as r:
+                assert r.status_code == 200
+                events = sse_events(r.iter_lines())
+            assert events[-1] == ("message", "[DONE]")
+            name, data = events[-2]
+            err = json.loads(data)["error"]
+            assert name == "error" and err["type"] == "server_error" and "0xdeadbeef" not in err["message"]
+            assert 1 <= len(events) - 2 < 50
+            srv.wait_idle()
+            assert c.post("/generate", json=body).json()["num_tokens"] == 50  # still serving
+    finally:
+        runner.run = real_run
         srv.stop()
