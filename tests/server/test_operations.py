@@ -60,3 +60,13 @@ def test_draining_refuses_new_work_but_stays_alive() -> None:
         assert health.status_code == 200 and health.json()["status"] == "draining"
     finally:
         srv.stop()
+
+
+def test_docs_and_index(client: httpx.Client) -> None:
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/health", "/ready"}
+    assert expected <= set(paths)
+    index = client.get("/")
+    assert index.status_code == 200
+    assert index.headers["content-type"].startswith(("text/html", "application/json"))
