@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from server.app import create_app
     from server.drain import DrainingServer
+    from server.state_cache.factory import build_conversation_store
 
     try:
         settings = parse_settings(argv)
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    # The tiered store (host LRU + optional Redis, issue 5) replaces create_app's in-process LRU.
+    app = create_app(settings, conversations=build_conversation_store(settings))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     DrainingServer(config, app.state.operations.drainer).run()
 
