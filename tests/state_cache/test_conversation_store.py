@@ -123,7 +123,7 @@ FINGERPRINT = fingerprint_from_model_dir(None)
 @pytest.mark.slow
 def test_conversation_moves_between_servers_and_survives_a_redis_outage(own_redis):
     settings = Settings(**BASE_SETTINGS, redis_url=own_redis.url, redis_key_prefix=ns().rstrip(":"),
-                        redis_breaker_reset_s=0.1, redis_breaker_failures=1)
+                        redis_breaker_reset_s=0.1, redis_breaker_failures=1, redis_timeout_s=5)
     a, b = start_with_store(settings), start_with_store(settings)
     try:
         ca, cb = httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)

@@ -34,7 +34,7 @@ def test_chunked_snapshot_round_trip_with_ttl(redis_proc):
     enc = encoded(1 << 20)
 
     async def main():
-        tier = RedisTier(redis_proc.url, chunk_bytes=64 << 10, ttl_s=60)
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=64 << 10, ttl_s=60)
         try:
             assert await tier.put_snapshot(key, enc)
             header, payload = await tier.get_snapshot(key)
@@ -57,7 +57,7 @@ def test_overwrite_unlinks_previous_chunks_and_missing_chunk_is_a_miss(redis_pro
     key = ns() + "snap"
 
     async def main():
-        tier = RedisTier(redis_proc.url, chunk_bytes=256 << 10)
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=256 << 10)
         try:
             await tier.put_snapshot(key, encoded())
             old_gen = parse_manifest(sync_client(redis_proc).get(key))[0]
@@ -78,7 +78,7 @@ def test_corrupted_chunk_fails_the_checksum(redis_proc):
     key = ns() + "snap"
 
     async def main():
-        tier = RedisTier(redis_proc.url, chunk_bytes=128 << 10)
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=128 << 10)
         try:
             await tier.put_snapshot(key, encoded())
             r = sync_client(redis_proc)
@@ -96,7 +96,7 @@ def test_token_log_append_detects_a_missed_append(redis_proc):
     key = ns() + "log"
 
     async def main():
-        tier = RedisTier(redis_proc.url, ttl_s=30)
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, ttl_s=30)
         try:
             assert await tier.get_token_log(key) is None
             assert await tier.set_token_log(key, [1, 2, 3])
@@ -114,7 +114,7 @@ def test_lease_is_exclusive_released_only_by_its_holder_and_expires(redis_proc):
     key = ns() + "lease"
 
     async def main():
-        a, b = RedisTier(redis_proc.url), RedisTier(redis_proc.url)
+        a, b = RedisTier(redis_proc.url, op_timeout_s=5), RedisTier(redis_proc.url, op_timeout_s=5)
         try:
             assert await a.acquire_lease(key, "tok-a", ttl_s=5) is True
             assert await b.acquire_lease(key, "tok-b", ttl_s=5) is False
@@ -151,7 +151,7 @@ def test_killed_redis_is_a_miss_and_the_breaker_recovers_after_restart(own_redis
     key = ns() + "k"
 
     async def main():
-        tier = RedisTier(own_redis.url, failure_threshold=2, base_backoff_s=0.05, max_backoff_s=0.2)
+        tier = RedisTier(own_redis.url, op_timeout_s=5, failure_threshold=2, base_backoff_s=0.05, max_backoff_s=0.2)
         try:
             assert await tier.set_bytes(key, b"v")
             own_redis.stop()

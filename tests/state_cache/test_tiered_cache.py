@@ -19,7 +19,9 @@ def tokens(n: int, start: int = 100) -> list[int]:
 
 
 def new_cache(url: str | None, prefix: str, fingerprint: bytes = FP, **kw) -> TieredStateCache:
-    tier = RedisTier(url, chunk_bytes=256, base_backoff_s=0.05, max_backoff_s=0.2, failure_threshold=1) if url else None
+    # Generous op timeout: the CI box is shared, and outages here are refused connections anyway.
+    tier = RedisTier(url, chunk_bytes=256, op_timeout_s=5, base_backoff_s=0.05, max_backoff_s=0.2,
+                     failure_threshold=1) if url else None
     return TieredStateCache(fingerprint, host_budget_bytes=kw.pop("host_budget_bytes", 1 << 20), redis=tier,
                             key_prefix=prefix, pin_memory=False, **kw)
 
