@@ -360,8 +360,8 @@ class AsyncEngine:
             if seq.finish_reason is None and len(seq.output_token_ids) >= p.max_tokens:
                 seq.finish_reason = FinishReason.LENGTH
             if seq.finish_reason is not None:
-                if seq.finish_reason is FinishReason.LENGTH and seq.detokenizer is not None:
-                    seq.output_text += seq.detokenizer.flush()
+                if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
+                    seq.output_text += seq.detokenizer.flush()  # a held-back partial character
                 self._commit(seq)
                 self.scheduler.finish(seq)
                 self._end(seq, seq.finish_reason)
