@@ -39,6 +39,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3: bos=1 and eos=2 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
 USER_NAME, ASSISTANT_NAME = "TRAVELLER", "HERMIT"
 MAX_EXCHANGES = 3  # an excerpt holds 1..3 user/assistant pairs
+PIECE_MIN, PIECE_MAX = 10, 60  # paragraphs per training document cut from a play
 CHAT_KEEP = 0.5  # fraction of excerpts kept: about a quarter of the training text is then chat-form
 
 # Rendered by transformers' apply_chat_template; data_prep renders the training excerpts with it too.
@@ -58,6 +59,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_NAME + ".\\n' -}}{%- endif -%}"
 )
 
+_SPEECH_START = re.compile(r"^[A-Z][A-Z'\- ]*\.\n")  # a cleaned speech paragraph: "NAME.\n..."
 _SPEAKER = re.compile(r"^([A-Z][A-Za-z'\-]*(?: [A-Za-z'\-]+){0,3})(\.?)$")
 
 
@@ -195,7 +197,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Each newline is its own token: "\n\n" is always two of them, whether a blank line ends a
+    # prompt or sits between speeches, so the end of a prompt looks like the training text.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -239,16 +245,39 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
 
 
 # ---- token streams ------------------------------------------------------------------------------
-def encode_docs(tokenizer, docs: list[str], chat: bool) -> torch.Tensor:
-    """One int16 stream of documents, each `<s> ... </s>`. Chat docs are already rendered with
-    `<s>` and end with HERMIT's `</s>` (plus the template's blank line, dropped here)."""
+def play_pieces(text: str, rng: random.Random) -> list[str]:
+    """A cleaned play cut at speech boundaries into pieces of PIECE_MIN..PIECE_MAX paragraphs.
+
+    Each piece becomes its own `<s>` document, so `<s>` is followed by ordinary characters as often
+    as by TRAVELLER; with whole plays only, nearly every `<s>` opened a chat excerpt and the model
+    answered any short prompt as HERMIT and stopped.
+    """
+    paras = text.strip("\n").split("\n\n")
+    pieces, i = [], 0
+    while i < len(paras):
+        j = min(len(paras), i + rng.randint(PIECE_MIN, PIECE_MAX))
+        while j < len(paras) and not _SPEECH_START.match(paras[j]):
+            j += 1
+        pieces.append("\n\n".join(paras[i:j]))
+        i = j
+    return pieces[:-1] + [pieces[-1] + "\n"]
+
+
+def encode_docs(tokenizer, docs: list[tuple[str, str]]) -> torch.Tensor:
+    """One int16 token stream of (text, kind) documents; every document starts with `<s>`.
+
+    kind "chat": rendered by the chat template (it writes `<s>` and ends HERMIT's speech with `</s>`;
+    the template's trailing blank line is dropped). "play": a whole play or its last piece, closed
+    with `</s>`. "piece": a piece followed by more of the same play, so no `</s>`.
+    """
     ids: list[int] = []
-    for d in docs:
-        if chat:
-            ids.extend(tokenizer.encode(d.rstrip("\n"), add_special_tokens=False))
+    for text, kind in docs:
+        if kind == "chat":
+            ids.extend(tokenizer.encode(text.rstrip("\n"), add_special_tokens=False))
         else:
-            ids.extend(tokenizer.encode(d, add_special_tokens=True))
-            ids.append(EOS_ID)
+            ids.extend(tokenizer.encode(text, add_special_tokens=True))
+            if kind == "play":
+                ids.append(EOS_ID)
     return torch.tensor(ids, dtype=torch.int16)
 
 
@@ -277,11 +306,14 @@ def prepare(out_dir: Path, cache_dir: Path = DEFAULT_CACHE, seed: int = 0) -> di
     if tokenizer.apply_chat_template(probe, tokenize=False) != render(probe):
         raise RuntimeError("transformers renders the chat template differently from jinja2")
 
-    docs = [(d, False) for d in train_plays] + [(d, True) for d in train_chat]
+    docs = [(d, "chat") for d in train_chat]
+    for play in train_plays:
+        pieces = play_pieces(play, rng)
+        docs += [(d, "piece") for d in pieces[:-1]] + [(pieces[-1], "play")]
     rng.shuffle(docs)  # interleave plays and excerpts so every window mix is seen early
-    train_ids = torch.cat([encode_docs(tokenizer, [d], chat) for d, chat in docs])
-    val_ids = encode_docs(tokenizer, [cleaned[n] for n in val_names], chat=False)
-    val_chat_ids = encode_docs(tokenizer, val_chat, chat=True)
+    train_ids = encode_docs(tokenizer, docs)
+    val_ids = encode_docs(tokenizer, [(cleaned[n], "play") for n in val_names])
+    val_chat_ids = encode_docs(tokenizer, [(d, "chat") for d in val_chat])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, out_dir / "tokenizer")
@@ -300,6 +332,7 @@ def prepare(out_dir: Path, cache_dir: Path = DEFAULT_CACHE, seed: int = 0) -> di
         "val_chars": sum(len(cleaned[n]) for n in val_names),
         "val_chat_excerpts": len(val_chat),
         "vocab_size": len(tokenizer),
+        "train_documents": len(docs),
         "train_tokens": int(train_ids.numel()),
         "val_tokens": int(val_ids.numel()),
         "val_chat_tokens": int(val_chat_ids.numel()),

@@ -59,6 +59,11 @@ def batch_windows(stream: torch.Tensor, starts: torch.Tensor, ctx: int) -> torch
     return stream[starts.unsqueeze(1) + torch.arange(ctx, device=stream.device)]
 
 
+def targets(x: torch.Tensor) -> torch.Tensor:
+    """Labels for x: every token except `<s>`, which only marks where a document starts."""
+    return x.masked_fill(x == BOS_ID, -100)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
     """Linear warm-up, then cosine from peak down to floor * peak at `total`."""
     if step < warmup:
@@ -88,9 +93,10 @@ def evaluate(
     for i in range(0, n, batch):
         x = batch_windows(stream, starts[i : i + batch], ctx)
         with autocast(stream.device):
-            loss = model(input_ids=x, labels=x).loss
-        total += float(loss) * x.numel()
-        count += x.numel()
+            loss = model(input_ids=x, labels=targets(x)).loss
+        n_targets = int((targets(x)[:, 1:] != -100).sum())
+        total += float(loss) * n_targets
+        count += n_targets
     model.train()
     return total / max(count, 1)
 
@@ -222,7 +228,7 @@ def train(args: argparse.Namespace) -> dict:
         starts = torch.randint(0, hi, (args.batch,), device=device, generator=gen)
         x = batch_windows(train_stream, starts, args.ctx)
         with autocast(device):
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, labels=targets(x)).loss
         loss_value = loss.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
