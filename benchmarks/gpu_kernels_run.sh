@@ -11,11 +11,11 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 STAGES=${STAGES:-tests,check,bench}
 if [[ $STAGES == *tests* ]]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/kernels -q -p no:cacheprovider --maxfail=15 \
-    --durations=5 -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/kernels -q -p no:cacheprovider --maxfail=40 \
+    --durations=5 -o addopts="" -k "${TEST_K:-not nothing}" 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25
 fi
 if [[ $STAGES == *check* ]]; then
-  timeout 120 python3 benchmarks/gpu_kernels_check.py --out "$OUT/kernels-fla-check.json" 2>&1 | tail -25
+  timeout "${CHECK_TIMEOUT:-120}" python3 benchmarks/gpu_kernels_check.py --out "$OUT/kernels-fla-check.json" 2>&1 | tail -25
 fi
 if [[ $STAGES == *bench* ]]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_kernels.py --out "$OUT/kernels-bench.json" "$@" \

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import Launcher, aligned
+
 BT = 64  # chunk length
 BC = 16  # diagonal sub-block length
 LOG2E = 1.4426950408889634
@@ -69,7 +71,7 @@ def _seq_of_token(cu, p, N):
     return cnt
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
                  H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
                  BC: tl.constexpr):
@@ -108,37 +110,26 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
         b_A += tl.dot(b_qa, tl.trans(b_ka))
     o_j = tl.arange(0, BT)
     p_A = A + ((o_t * H + i_h) * BT)[:, None] + o_j[None, :]
-    m_off = m_t[:, None] & ((o_i // BC)[:, None] > (o_j // BC)[None, :])
-    tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=m_off)
 
-    # Diagonal blocks, exactly: pairwise exp2(G_i - G_j) per key channel, j <= i inside the block.
-    o_r = tl.arange(0, BC)
-    for a in tl.static_range(0, BT // BC):
-        o_ta = t0 + a * BC + o_r
-        m_ta = o_ta < eos
-        p_ta = ((o_ta * H + i_h) * K)[:, None] + o_k[None, :]
-        m_tak = m_ta[:, None] & m_k[None, :]
-        b_qb = tl.load(q + p_ta, mask=m_tak, other=0.).to(tl.float32)
-        b_gb = tl.load(g + p_ta, mask=m_tak, other=0.).to(tl.float32) * 1.4426950408889634
-        b_carry = tl.sum(tl.where((o_i < a * BC)[:, None], b_g, 0.), axis=0)  # G before block a
-        b_gcb = b_carry[None, :] + tl.cumsum(b_gb, axis=0)  # [BC, BK]
-        b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
-        for jj in range(BC):
-            t_j = t0 + a * BC + jj
-            p_j = (t_j * H + i_h) * K + o_k
-            m_j = m_k & (t_j + 0 * o_k < eos)
-            b_kj = tl.load(k + p_j, mask=m_j, other=0.).to(tl.float32)
-            b_gj = tl.sum(tl.where((o_r == jj)[:, None], b_gcb, 0.), axis=0)
-            # rows above the diagonal get min(., 0) -> garbage that the causal store mask drops
-            b_e = tl.exp2(tl.minimum(b_gcb - b_gj[None, :], 0.))
-            b_col = tl.sum(b_qb * b_kj[None, :] * b_e, axis=1)  # [BC]
-            b_Ad += tl.where((o_r == jj)[None, :], b_col[:, None], 0.)
-        p_Ad = A + ((o_ta * H + i_h) * BT)[:, None] + a * BC + o_r[None, :]
-        m_Ad = m_ta[:, None] & (o_r[None, :] <= o_r[:, None])
-        tl.store(p_Ad, (b_Ad * scale).to(A.dtype.element_ty), mask=m_Ad)
+    # Diagonal blocks, exactly: pairwise exp2(G_i - G_j) per key channel for j <= i in one 16-row
+    # block. Step jj handles column jj of every block at once: row i pairs with j = (i//BC)*BC + jj.
+    b_gw = tl.reshape(tl.cumsum(tl.reshape(b_g, [BT // BC, BC, BK]), axis=1), [BT, BK])
+    b_gj = b_gc - b_gw  # G just before row i's block; grows into G_j below
+    o_jb = (o_i // BC) * BC
+    for jj in range(BC):
+        t_j = t0 + o_jb + jj
+        m_j = (t_j < eos)[:, None] & m_k[None, :]
+        p_j = ((t_j * H + i_h) * K)[:, None] + o_k[None, :]
+        b_kj = tl.load(k + p_j, mask=m_j, other=0.).to(tl.float32)
+        b_gj += tl.load(g + p_j, mask=m_j, other=0.).to(tl.float32) * 1.4426950408889634
+        # j > i within the block gives min(., 0) = 0: garbage that the causal store mask drops
+        b_col = tl.sum(b_q * b_kj * tl.exp2(tl.minimum(b_gc - b_gj, 0.)), axis=1)  # [BT]
+        b_A += tl.where(o_j[None, :] == (o_jb + jj)[:, None], b_col[:, None], 0.)
+    m_A = m_t[:, None] & (o_j[None, :] <= o_i[:, None])
+    tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=m_A)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SEG"])
 def _state_kernel(k, v, g, kd, gl, pool, slots, h0_mask, W, Wd, out, pos, cu, N, SEG,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, BT: tl.constexpr, IS_CKPT: tl.constexpr, HAS_MASK: tl.constexpr):
@@ -202,7 +193,7 @@ def _state_kernel(k, v, g, kd, gl, pool, slots, h0_mask, W, Wd, out, pos, cu, N,
             tl.store(Wd + (i_s.to(tl.int64) * H + i_h) * K + o_k, b_d, mask=m_k)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SEG"])
 def _scan_kernel(pool, slots, h0_mask, W, Wd, cu, SEG,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_MASK: tl.constexpr):
@@ -231,7 +222,7 @@ def _scan_kernel(pool, slots, h0_mask, W, Wd, cu, SEG,
         b_h = b_h * tl.exp2(b_d) + b_loc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SEG"])
 def _output_kernel(qg, kd, v, gl, A, o, pool, slots, h0_mask, W, cu, N, SEG, scale,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, BT: tl.constexpr, MULTI_SEG: tl.constexpr,
@@ -295,6 +286,20 @@ def _segment_len(T: int, H: int, NV: int, waves: int, device: torch.device) -> i
     return min(max(seg, MIN_SEG), MAX_SEG)
 
 
+def config(K: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tunables for head_k_dim K and the input dtype (fp32 tiles need twice the shared memory)."""
+    cfg = CONFIGS.get(K) or CONFIGS[256 if K > 128 else 64]
+    if dtype == torch.float32:
+        cfg = {**cfg, "BV": min(cfg["BV"], 32), "num_stages": 1}
+    return cfg
+
+
+_prep = Launcher(_prep_kernel)
+_state = Launcher(_state_kernel)
+_scan = Launcher(_scan_kernel)
+_output = Launcher(_output_kernel)
+
+
 def chunk_gla_prefill_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -327,7 +332,8 @@ def chunk_gla_prefill_triton(
         raise ValueError("q, k, v, g and state_pool must be contiguous")
     if scale is None:
         scale = K**-0.5
-    cfg = CONFIGS.get(K) or CONFIGS[256 if K > 128 else 64]
+    dt = q.dtype
+    cfg = config(K, dt)
     BK = max(16, triton.next_power_of_2(K))
     BV = min(cfg["BV"], max(16, triton.next_power_of_2(V)))
     NV = triton.cdiv(V, BV)
@@ -335,37 +341,39 @@ def chunk_gla_prefill_triton(
     multi = T > seg
     has_mask = initial_state_mask is not None
     h0_mask = initial_state_mask if has_mask else state_slots
-    dot_dtype = q.dtype
+    dev = q.device
     n_chunks = T // BT + N
-    A = torch.empty(T, H, BT, dtype=dot_dtype, device=q.device)
-    qg = torch.empty(T, H, K, dtype=dot_dtype, device=q.device)
-    kd = torch.empty(T, H, K, dtype=dot_dtype, device=q.device)
-    gl = torch.empty(n_chunks, H, K, dtype=torch.float32, device=q.device)
-    o = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
-    _prep_kernel[(n_chunks, H)](q, k, g, A, qg, kd, gl, cu_seqlens, N, scale,
-                                H=H, K=K, BK=BK, BT=BT, BC=BC, num_warps=4)
+    A = torch.empty(T, H, BT, dtype=dt, device=dev)
+    qg = torch.empty(T, H, K, dtype=dt, device=dev)
+    kd = torch.empty(T, H, K, dtype=dt, device=dev)
+    gl = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
+    o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
+    ok = aligned(q, k, v, g, cu_seqlens, state_pool, state_slots, h0_mask)
+    # everything but the sizes that are runtime arguments selects the compiled code
+    key = (dev.index, dt, v.dtype, g.dtype, H, K, V, BV, multi, has_mask, cu_seqlens.dtype,
+           state_slots.dtype, h0_mask.dtype, cfg["num_warps"], cfg["num_stages"]) if ok else None
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    _prep((n_chunks, H), key, (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, BK, BT, BC),
+          num_warps=8 if BK >= 128 else 4)
     n_segs = T // seg + N
     W = Wd = state_pool
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if multi:
-        W = torch.empty(n_segs, H, V, K, dtype=torch.float32, device=q.device)
-        Wd = torch.empty(n_segs, H, K, dtype=torch.float32, device=q.device)
-        _state_kernel[(NV, H, n_segs)](k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, W,
-                                       cu_seqlens, cu_seqlens, N, seg, H=H, K=K, V=V, BK=BK, BV=BV,
-                                       BT=BT, IS_CKPT=False, HAS_MASK=has_mask, **launch)
+        W = torch.empty(n_segs, H, V, K, dtype=torch.float32, device=dev)
+        Wd = torch.empty(n_segs, H, K, dtype=torch.float32, device=dev)
+        _state((NV, H, n_segs), key, (k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, W,
+                                      cu_seqlens, cu_seqlens, N, seg, H, K, V, BK, BV, BT, False,
+                                      has_mask), **opts)
         block = 2048
-        _scan_kernel[(triton.cdiv(V * K, block), N * H)](state_pool, state_slots, h0_mask, W, Wd,
-                                                         cu_seqlens, seg, H=H, K=K, V=V, BLOCK=block,
-                                                         HAS_MASK=has_mask, num_warps=8)
+        _scan((triton.cdiv(V * K, block), N * H), key, (state_pool, state_slots, h0_mask, W, Wd, cu_seqlens,
+                                                        seg, H, K, V, block, has_mask), num_warps=8)
     states = None
     if checkpoint_positions is not None:
         M = checkpoint_positions.shape[0]
-        states = torch.empty(M, H, V, K, dtype=torch.float32, device=q.device)
-        if M > 0:
+        states = torch.empty(M, H, V, K, dtype=torch.float32, device=dev)
+        if M > 0:  # rare (state-cache snapshots): the normal launch path is fine here
             _state_kernel[(NV, H, M)](k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, states,
                                       checkpoint_positions, cu_seqlens, N, seg, H=H, K=K, V=V, BK=BK,
-                                      BV=BV, BT=BT, IS_CKPT=True, HAS_MASK=has_mask, **launch)
-    _output_kernel[(NV, H, n_segs)](qg, kd, v, gl, A, o, state_pool, state_slots, h0_mask, W,
-                                    cu_seqlens, N, seg, scale, H=H, K=K, V=V, BK=BK, BV=BV, BT=BT,
-                                    MULTI_SEG=multi, HAS_MASK=has_mask, **launch)
+                                      BV=BV, BT=BT, IS_CKPT=True, HAS_MASK=has_mask, **opts)
+    _output((NV, H, n_segs), key, (qg, kd, v, gl, A, o, state_pool, state_slots, h0_mask, W, cu_seqlens, N,
+                                   seg, scale, H, K, V, BK, BV, BT, multi, has_mask), **opts)
     return o if states is None else (o, states)

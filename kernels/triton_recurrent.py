@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import Launcher, aligned
+
 # state elements per program: 8K fp32 = 32 KB of state read and written by each program
 TILE_ELEMS = 8192
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -65,6 +67,9 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, sca
             tl.store(o + row * V + o_f, b_y.to(o.dtype.element_ty), mask=m_f)
 
 
+_decode = Launcher(_decode_kernel)
+
+
 def _counters(device: torch.device, nv: int, rows: int) -> torch.Tensor:
     """Per-(device, NV) ticket counters; allocate on an eager warm-up call, before graph capture."""
     buf = _COUNTERS.get((device, nv))
@@ -100,14 +105,20 @@ def fused_recurrent_gla_decode_triton(
     NV = triton.next_power_of_2(triton.cdiv(V, BV))
     o = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
     if gate is None:
-        _decode_kernel[(NV, B * H)](q, k, v, g, state_pool, state_slots, o, o, o, o, o, scale, norm_eps,
-                                    H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, BVF=16, HAS_GATE=False,
-                                    HAS_WEIGHT=False, num_warps=4)
+        key = (v.device.index, q.dtype, v.dtype, g.dtype, state_slots.dtype, H, K, V, BV)
+        if not aligned(q, k, v, g, state_pool, state_slots):
+            key = None
+        _decode((NV, B * H), key, (q, k, v, g, state_pool, state_slots, o, o, o, o, o, scale, norm_eps,
+                                   H, K, V, BK, BV, NV, 16, False, False), num_warps=4)
         return o
     o_raw = torch.empty(B, H, V, dtype=torch.float32, device=v.device)
     counter = _counters(v.device, NV, B * H)
-    _decode_kernel[(NV, B * H)](q, k, v, g, state_pool, state_slots, o, o_raw, gate,
-                                o if norm_weight is None else norm_weight, counter, scale, norm_eps,
-                                H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, BVF=triton.next_power_of_2(V),
-                                HAS_GATE=True, HAS_WEIGHT=norm_weight is not None, num_warps=4)
+    weight = o if norm_weight is None else norm_weight
+    key = (v.device.index, q.dtype, v.dtype, g.dtype, state_slots.dtype, gate.dtype, weight.dtype, H, K, V, BV,
+           norm_weight is None)
+    if not aligned(q, k, v, g, state_pool, state_slots, gate, weight):
+        key = None
+    _decode((NV, B * H), key, (q, k, v, g, state_pool, state_slots, o, o_raw, gate, weight, counter, scale,
+                               norm_eps, H, K, V, BK, BV, NV, triton.next_power_of_2(V), True,
+                               norm_weight is not None), num_warps=4)
     return o

@@ -1,0 +1,52 @@
+"""Low-overhead Triton launches for the serving hot path.
+
+Triton's `kernel[grid](...)` binds and specialises every argument and looks the kernel up in its cache
+on every call: tens of microseconds of Python per launch. After the first launch of a specialisation
+(we key it ourselves: dtypes, constexprs, 16-byte alignment of the pointers) we call the compiled
+kernel's launcher directly. Integer runtime arguments are marked do_not_specialize in the kernels so
+their values never change the compiled code. If the installed Triton's launcher has another calling
+convention, the first direct call raises and we fall back to the normal path for good.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class Launcher:
+    """`Launcher(kernel)(grid, key, args, num_warps=.., num_stages=..)`; args = every kernel parameter
+    in declaration order, constexprs included. key must capture everything that selects the compiled
+    code (None disables the cache for this call, e.g. for misaligned inputs)."""
+
+    fast_ok = not _INTERPRET
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.compiled: dict[tuple, Any] = {}
+
+    def __call__(self, grid: tuple[int, ...], key: tuple | None, args: tuple, **opts: int) -> None:
+        kernel = self.compiled.get(key) if key is not None else None
+        if kernel is not None and Launcher.fast_ok:
+            g = (*grid, 1, 1)
+            try:
+                kernel.run(g[0], g[1], g[2], torch.cuda.current_stream().cuda_stream, kernel.function,
+                           kernel.packed_metadata, None, None, None, *args)
+                return
+            except (TypeError, AttributeError, ValueError):
+                Launcher.fast_ok = False  # another Triton calling convention: launch normally below
+        kernel = self.fn[grid](*args, **opts)
+        if key is not None and Launcher.fast_ok and kernel is not None and hasattr(kernel, "function"):
+            self.compiled[key] = kernel
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """All data pointers 16-byte aligned, as Triton assumes when it specialises pointer arguments."""
+    acc = 0
+    for t in tensors:
+        acc |= t.data_ptr()
+    return acc % 16 == 0
