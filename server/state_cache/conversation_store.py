@@ -140,6 +140,7 @@ class TieredConversationStore:
             "conversation_resumed": self.num_resumed,
             "conversation_rebuilds": self.num_rebuilds,
             "conversation_new": self.num_new,
+            "conversations": self.cache.num_local_conversations,
             "busy": len(self._busy),
         }
         out.update(self.cache.stats())

@@ -446,6 +446,11 @@ class TieredStateCache:
             await self.redis.release_lease(lease.key, lease.token)
 
     # -- metrics ----------------------------------------------------------------------------------
+    @property
+    def num_local_conversations(self) -> int:
+        """Conversations whose token log this process holds."""
+        return len(self._logs)
+
     def stats(self) -> dict[str, int | str]:
         """Flat counters for /metrics: cache events, host tier, Redis tier, pending writes."""
         out: dict[str, int | str] = dict(self.counters)
