@@ -7,6 +7,10 @@ Importing this package never needs Triton or a GPU.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from kernels.chunk_torch import chunk_gla_prefill_torch, chunk_gla_torch
@@ -22,10 +26,35 @@ __all__ = [
 ]
 
 
-def _load_triton() -> tuple[object | None, object | None]:
-    """The Triton entry points, or (None, None) without CUDA or Triton (then CUDA uses PyTorch too).
+class _Guarded:
+    """Triton first, once per variant; if a variant's first call raises (a kernel that does not compile
+    on this GPU/Triton), warn and serve that variant from the PyTorch path from then on. Compilation
+    fails before any launch, so the state pool is untouched when we fall back."""
 
-    Resolved once at import so the per-call dispatch costs one attribute test, not an import.
+    def __init__(self, name: str, fast: Callable[..., Any], slow: Callable[..., Any],
+                 errors: tuple[type[BaseException], ...]) -> None:
+        self.name, self.fast, self.slow, self.errors = name, fast, slow, errors
+        self.chosen: dict[tuple[bool, ...], Callable[..., Any]] = {}
+
+    def __call__(self, variant: tuple[bool, ...], *args: Any) -> Any:
+        fn = self.chosen.get(variant)
+        if fn is not None:
+            return fn(*args)
+        try:
+            out = self.fast(*args)
+        except self.errors as exc:  # bad input (ValueError) propagates; a kernel that fails falls back
+            warnings.warn(f"{self.name}{variant}: Triton path failed ({exc!r}); using PyTorch on CUDA",
+                          RuntimeWarning, stacklevel=3)
+            self.chosen[variant] = self.slow
+            return self.slow(*args)
+        self.chosen[variant] = self.fast
+        return out
+
+
+def _load_triton() -> tuple[_Guarded | None, _Guarded | None]:
+    """The guarded Triton entry points, or (None, None) without CUDA or Triton (CUDA then uses PyTorch).
+
+    Resolved once at import so the per-call dispatch costs an attribute test, not an import.
     """
     if not torch.cuda.is_available():
         return None, None
@@ -34,7 +63,15 @@ def _load_triton() -> tuple[object | None, object | None]:
         from kernels.triton_recurrent import fused_recurrent_gla_decode_triton
     except ImportError:
         return None, None
-    return chunk_gla_prefill_triton, fused_recurrent_gla_decode_triton
+    try:
+        from triton.errors import TritonError  # compile errors, OutOfResources, PTXAS failures
+
+        errors: tuple[type[BaseException], ...] = (TritonError, RuntimeError)
+    except ImportError:
+        errors = (RuntimeError,)
+    return (_Guarded("chunk_gla_prefill", chunk_gla_prefill_triton, chunk_gla_prefill_torch, errors),
+            _Guarded("fused_recurrent_gla_decode", fused_recurrent_gla_decode_triton,
+                     fused_recurrent_gla_decode_torch, errors))
 
 
 _TRITON_PREFILL, _TRITON_DECODE = _load_triton()
@@ -70,8 +107,9 @@ def chunk_gla_prefill(
         >>> o = chunk_gla_prefill(q, k, v, g, cu, pool, slots)  # pool[slots] now holds final states
     """
     if q.is_cuda and _TRITON_PREFILL is not None:
-        return _TRITON_PREFILL(q, k, v, g, cu_seqlens, state_pool, state_slots, scale,
-                                        initial_state_mask, checkpoint_positions)
+        return _TRITON_PREFILL((initial_state_mask is None, checkpoint_positions is None), q, k, v, g,
+                               cu_seqlens, state_pool, state_slots, scale, initial_state_mask,
+                               checkpoint_positions)
     return chunk_gla_prefill_torch(q, k, v, g, cu_seqlens, state_pool, state_slots, scale,
                                    initial_state_mask, checkpoint_positions)
 
@@ -104,7 +142,7 @@ def fused_recurrent_gla_decode(
         >>> o = fused_recurrent_gla_decode(q, k, v, g, pool, slots)
     """
     if q.is_cuda and _TRITON_DECODE is not None:
-        return _TRITON_DECODE(q, k, v, g, state_pool, state_slots, scale,
-                                                 gate, norm_weight, norm_eps)
+        return _TRITON_DECODE((gate is None, norm_weight is None), q, k, v, g, state_pool, state_slots,
+                              scale, gate, norm_weight, norm_eps)
     return fused_recurrent_gla_decode_torch(q, k, v, g, state_pool, state_slots, scale,
                                             gate, norm_weight, norm_eps)

@@ -33,11 +33,12 @@ BC = 16  # diagonal sub-block length
 LOG2E = 1.4426950408889634
 
 # Tunables, keyed by head_k_dim: V tile of the sequential kernels, warps, pipeline depth, and the
-# number of programs per SM that the segment length is chosen for. The benchmark may override.
+# number of programs per SM that the segment length is chosen for. Values: the best of a sweep on an
+# H100 (benchmarks/results/kernels-h100.json, "chosen"); the benchmark may override them.
 CONFIGS: dict[int, dict[str, int]] = {
     64: {"BV": 64, "num_warps": 4, "num_stages": 2, "waves": 2},
     128: {"BV": 64, "num_warps": 4, "num_stages": 2, "waves": 2},
-    256: {"BV": 32, "num_warps": 4, "num_stages": 2, "waves": 2},
+    256: {"BV": 64, "num_warps": 4, "num_stages": 1, "waves": 2},
 }
 MIN_SEG = 128
 MAX_SEG = 8192
