@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint gpu-test clean
+.PHONY: install serve test lint gpu-test clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,7 +20,13 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/gla-serve serve --host $(HOST) --port $(PORT)
 
-test: install
+# The chat-page test drives Debian's chromium headless (no browser download); install it when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian chromium for tests/browser"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install chromium
 	$(PY) -m ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -m "not gpu" -q
 
