@@ -127,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--model", default=None)
     i.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.cmd == "generate":
-        if args.max_tokens < 1:
-            parser.error("--max-tokens must be >= 1")
-        return cmd_generate(args)
-    return cmd_info(args)
+    if args.cmd == "generate" and args.max_tokens < 1:
+        parser.error("--max-tokens must be >= 1")
+    try:
+        return cmd_generate(args) if args.cmd == "generate" else cmd_info(args)
+    except (FileNotFoundError, ValueError) as e:  # a bad model dir or checkpoint: say so, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
