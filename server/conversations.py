@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from server.errors import ConversationBusy
+from server.state_cache.keys import ANCHOR_BLOCK, PrefixHasher
 
 DEFAULT_TENANT = "default"
 _BYTES_PER_TOKEN = 8  # a Python int in a list, roughly, for the budget
@@ -50,6 +51,33 @@ class ConversationSnapshot:
         return self.num_state_bytes + _BYTES_PER_TOKEN * len(self.token_ids)
 
 
+@dataclass(slots=True)
+class PrefixHit:
+    """A cached state for the first `num_tokens` of a prompt (tensors shared: copy, never mutate)."""
+
+    num_tokens: int
+    state: dict[str, Any]
+
+
+@runtime_checkable
+class PrefixStore(Protocol):
+    """Optional side of a store: states indexed by the exact token prefix they summarise.
+
+    This is what lets a client without a conversation id (an OpenAI chat client resending its
+    whole history) skip prefilling what an earlier request already consumed. Entries are a pure
+    cache: losing one only costs a longer prefill.
+    """
+
+    async def lookup_prefix(self, tenant: str, token_ids: list[int]) -> PrefixHit | None:
+        """The state of the longest cached prefix of `token_ids` (1 <= length <= len), or None."""
+        ...
+
+    def store_prefix(self, tenant: str, token_ids: list[int], state: dict[str, Any]) -> None:
+        """Keep `state` (after consuming exactly `token_ids`). Called from the engine's step
+        thread: must not block on I/O."""
+        ...
+
+
 @runtime_checkable
 class ConversationStore(Protocol):
     """What the engine needs from a conversation cache.
@@ -72,12 +100,21 @@ class ConversationStore(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+@dataclass(slots=True)
+class _PrefixEntry:
+    anchor: tuple[str, bytes]  # (tenant, anchor) it is indexed under
+    num_tokens: int
+    state: dict[str, Any]
+    nbytes: int
+
+
 class LRUConversationStore:
     """In-process conversations within a byte budget, least recently used evicted first.
 
-    Over budget it first drops the state of the least recently used conversation but keeps its
-    token log (a later turn rebuilds the state by prefill), and drops whole conversations only
-    when the logs alone exceed the budget.
+    It also keeps prefix states (`PrefixStore`) in the same budget. Over budget it first drops
+    the least recently used prefix state, then the state of the least recently used conversation
+    but keeps its token log (a later turn rebuilds the state by prefill), and drops whole
+    conversations only when the logs alone exceed the budget.
 
     Args:
         budget_bytes: bound on states plus logs.
@@ -93,6 +130,15 @@ class LRUConversationStore:
         self.num_misses = 0
         self.num_state_evictions = 0
         self.num_evictions = 0
+        # prefix states: (tenant, prefix hash) -> entry; (tenant, anchor) -> lengths stored under it,
+        # so a lookup hashes only the lengths that can match instead of every prefix of the prompt
+        self._prefixes: OrderedDict[tuple[str, bytes], _PrefixEntry] = OrderedDict()
+        self._prefix_lengths: dict[tuple[str, bytes], Counter[int]] = {}
+        self.num_prefix_bytes = 0
+        self.num_prefix_hits = 0
+        self.num_prefix_misses = 0
+        self.num_prefix_cached_tokens = 0
+        self.num_prefix_evictions = 0
 
     def acquire(self, key: ConversationKey) -> None:
         with self._lock:
@@ -127,8 +173,62 @@ class LRUConversationStore:
             self.num_bytes += snapshot.nbytes
             self._evict()
 
+    async def lookup_prefix(self, tenant: str, token_ids: list[int]) -> PrefixHit | None:
+        hasher = PrefixHasher(token_ids)
+        total = len(token_ids)
+        with self._lock:
+            lengths = {
+                n
+                for k, anchor in enumerate(hasher.anchors)
+                for n in self._prefix_lengths.get((tenant, anchor), ())
+                if n // ANCHOR_BLOCK == k and n <= total
+            }
+            for n in sorted(lengths, reverse=True):
+                key = (tenant, hasher.prefix_hash(n))
+                entry = self._prefixes.get(key)
+                if entry is not None:
+                    self._prefixes.move_to_end(key)
+                    self.num_prefix_hits += 1
+                    self.num_prefix_cached_tokens += n
+                    return PrefixHit(n, entry.state)
+            self.num_prefix_misses += 1
+            return None
+
+    def store_prefix(self, tenant: str, token_ids: list[int], state: dict[str, Any]) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        if not token_ids or nbytes > self.budget_bytes:
+            return
+        hasher = PrefixHasher(token_ids)
+        n = len(token_ids)
+        key = (tenant, hasher.prefix_hash(n))
+        anchor = (tenant, hasher.anchor_for(n))
+        with self._lock:
+            if key in self._prefixes:
+                self._prefixes.move_to_end(key)
+                return
+            self._prefixes[key] = _PrefixEntry(anchor, n, state, nbytes)
+            self._prefix_lengths.setdefault(anchor, Counter())[n] += 1
+            self.num_bytes += nbytes
+            self.num_prefix_bytes += nbytes
+            self._evict()
+
+    def _evict_prefix(self) -> None:
+        _, entry = self._prefixes.popitem(last=False)
+        lengths = self._prefix_lengths[entry.anchor]
+        lengths[entry.num_tokens] -= 1
+        if lengths[entry.num_tokens] <= 0:
+            del lengths[entry.num_tokens]
+            if not lengths:
+                del self._prefix_lengths[entry.anchor]
+        self.num_bytes -= entry.nbytes
+        self.num_prefix_bytes -= entry.nbytes
+        self.num_prefix_evictions += 1
+
     def _evict(self) -> None:
         while self.num_bytes > self.budget_bytes:
+            if self._prefixes:
+                self._evict_prefix()
+                continue
             victim = next((k for k, s in self._entries.items() if s.state is not None), None)
             if victim is not None:
                 snap = self._entries[victim]
@@ -160,4 +260,10 @@ class LRUConversationStore:
                 "state_evictions": self.num_state_evictions,
                 "evictions": self.num_evictions,
                 "busy": len(self._busy),
+                "prefix_states": len(self._prefixes),
+                "prefix_bytes": self.num_prefix_bytes,
+                "prefix_hits": self.num_prefix_hits,
+                "prefix_misses": self.num_prefix_misses,
+                "prefix_cached_tokens": self.num_prefix_cached_tokens,
+                "prefix_evictions": self.num_prefix_evictions,
             }

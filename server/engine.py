@@ -16,7 +16,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from server.conversations import DEFAULT_TENANT, ConversationKey, ConversationSnapshot, ConversationStore
+from server.conversations import (
+    DEFAULT_TENANT,
+    ConversationKey,
+    ConversationSnapshot,
+    ConversationStore,
+    PrefixStore,
+)
 from server.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.errors import BadRequest, Unavailable
 from server.model_runner import ModelRunner
@@ -81,6 +87,8 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.settings = settings
         self.conversations = conversations
+        # States indexed by token prefix, so clients that resend their history skip re-prefilling it.
+        self.prefixes: PrefixStore | None = conversations if isinstance(conversations, PrefixStore) else None
         num_valid = len(tokenizer) if tokenizer is not None else None
         self.runner = ModelRunner(
             model, settings.max_num_seqs, seed=settings.seed, use_cuda_graphs=settings.cuda_graphs,
@@ -182,6 +190,8 @@ class AsyncEngine:
                 prompt_token_ids = first_turn_prompt_token_ids
             seq = self._new_sequence(request_id, prompt_token_ids, params, conversation, snapshot)
             seq.tenant = conversation.tenant if conversation is not None else tenant
+            if seq.initial_state is None:
+                await self._restore_prefix(seq)
             pending_tokens = sum(s.num_input_tokens for s in self._incoming)
             self.scheduler.check_admission(seq.num_input_tokens, len(self._incoming), pending_tokens)
             if self.is_stopping:
@@ -250,6 +260,31 @@ class AsyncEngine:
                 param="max_tokens", code="max_tokens_too_large",
             )
 
+    async def _restore_prefix(self, seq: Sequence) -> None:
+        """Start `seq` from the longest cached state of its inputs, keeping >= 1 token to prefill
+        (the last one's logits give the first sample). A failing cache is only a miss."""
+        if self.prefixes is None or seq.num_input_tokens < 2:
+            return
+        try:
+            hit = await self.prefixes.lookup_prefix(seq.tenant, seq.input_token_ids[:-1])
+        except Exception:
+            log.exception("prefix lookup failed; prefilling the whole prompt")
+            return
+        if hit is None or not 0 < hit.num_tokens < seq.num_input_tokens:
+            return
+        seq.initial_state = hit.state
+        seq.num_restored_tokens = hit.num_tokens
+        seq.input_token_ids = seq.input_token_ids[hit.num_tokens :]
+
+    def _store_prefix(self, seq: Sequence, token_ids: list[int]) -> None:
+        """Snapshot the slot, which has consumed exactly `token_ids`, for later prefix reuse."""
+        if self.prefixes is None or seq.slot is None:
+            return
+        try:
+            self.prefixes.store_prefix(seq.tenant, token_ids, self.runner.read_state(seq.slot))
+        except Exception:  # a lost snapshot only costs a longer prefill later
+            log.exception("storing a prefix state failed")
+
     def _new_sequence(
         self,
         request_id: str,
@@ -269,6 +304,7 @@ class AsyncEngine:
             input_token_ids=inputs,
             history_token_ids=history,
             initial_state=state,
+            num_restored_tokens=max(0, len(history) - 1) if state is not None else 0,
             conversation=conversation,
             eos_token_id=None if params.ignore_eos else self.eos_token_id,
         )
@@ -329,6 +365,9 @@ class AsyncEngine:
             seq.first_scheduled_time = now
         seqs, samples = self.runner.run(batch)
         self.num_steps += 1
+        for chunk in batch.prefill:
+            if chunk.is_last:  # the end of a prompt, before any decode: the state of the whole context
+                self._store_prefix(chunk.seq, chunk.seq.context_token_ids)
         outputs = self._postprocess(seqs, samples)
         now = time.monotonic()
         for obs in self.observers:
@@ -383,7 +422,13 @@ class AsyncEngine:
         return text
 
     def _commit(self, seq: Sequence) -> None:
-        if seq.conversation is None or seq.slot is None:
+        if seq.conversation is None:
+            # The slot has consumed every token but the last sampled one; one output token means
+            # the state is still the prompt's, stored already.
+            if len(seq.output_token_ids) > 1:
+                self._store_prefix(seq, seq.token_log()[:-1])
+            return
+        if seq.slot is None:
             return
         snapshot = ConversationSnapshot(seq.token_log(), self.runner.read_state(seq.slot))
         self.conversations.commit(seq.conversation, snapshot)

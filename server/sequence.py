@@ -2,8 +2,9 @@
 
 Token bookkeeping of a turn: `input_token_ids` is what the model must consume before sampling
 (the conversation's pending token plus this turn's prompt, or the whole log when its state must be
-rebuilt); `num_prefilled` of them are consumed. After that each sampled token is fed by the next
-decode step, so the last sampled token is never consumed: it is the conversation's pending token.
+rebuilt, or only what follows the longest cached prefix of that); `num_prefilled` of them are
+consumed. After that each sampled token is fed by the next decode step, so the last sampled token
+is never consumed: it is the conversation's pending token.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Sequence:
     input_token_ids: list[int]  # tokens to prefill (see module docstring)
     history_token_ids: list[int] = field(default_factory=list)  # the conversation log before this turn
     initial_state: dict[str, Any] | None = None  # snapshot to load into the slot before prefill
+    num_restored_tokens: int = 0  # context tokens `initial_state` stands for (not fed again)
     conversation: ConversationKey | None = None
     tenant: str = DEFAULT_TENANT
     eos_token_id: int | None = None
@@ -90,9 +92,7 @@ class Sequence:
     @property
     def num_cached_tokens(self) -> int:
         """Context tokens this turn did not have to prefill (restored from a snapshot)."""
-        if self.initial_state is None:
-            return 0
-        return max(0, len(self.history_token_ids) - 1)
+        return self.num_restored_tokens if self.initial_state is not None else 0
 
     @property
     def context_token_ids(self) -> list[int]:

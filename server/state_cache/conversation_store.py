@@ -16,7 +16,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from server.conversations import ConversationKey, ConversationSnapshot
+from server.conversations import ConversationKey, ConversationSnapshot, PrefixHit
 from server.errors import ConversationBusy
 from server.state_cache.tiered import Lease, TieredStateCache
 
@@ -46,6 +46,7 @@ class TieredConversationStore:
         self._leases: dict[ConversationKey, Lease] = {}
         self._pending: dict[ConversationKey, concurrent.futures.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._prefix_writes: set[concurrent.futures.Future] = set()
         self.num_loads = 0
         self.num_resumed = 0
         self.num_rebuilds = 0
@@ -84,6 +85,31 @@ class TieredConversationStore:
             return ConversationSnapshot(log, None)
         self.num_resumed += 1
         return ConversationSnapshot(log, hit.tensors)
+
+    async def lookup_prefix(self, tenant: str, token_ids: list[int]) -> PrefixHit | None:
+        """The longest cached prefix state of `token_ids`: prompt ends, turn ends, any replica."""
+        self._loop = asyncio.get_running_loop()
+        hit = await self.cache.lookup_prefix(tenant, token_ids)
+        return PrefixHit(hit.num_tokens, hit.tensors) if hit is not None else None
+
+    def store_prefix(self, tenant: str, token_ids: list[int], state: dict[str, Any]) -> None:
+        """Schedules the store on the loop; never blocks the engine step."""
+        if self._loop is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._store_prefix(tenant, token_ids, state), self._loop)
+        with self._lock:
+            self._prefix_writes.add(fut)
+        fut.add_done_callback(self._prefix_written)
+
+    def _prefix_written(self, fut: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._prefix_writes.discard(fut)
+
+    async def _store_prefix(self, tenant: str, token_ids: list[int], state: dict[str, Any]) -> None:
+        try:
+            await self.cache.store(tenant, token_ids, state)
+        except Exception:  # a lost prefix state only means a longer prefill later
+            log.exception("storing a prefix state failed")
 
     def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
         """Schedules the write; never blocks the engine step."""
@@ -125,9 +151,13 @@ class TieredConversationStore:
 
     async def flush(self) -> None:
         """Waits for scheduled commits and lease releases (shutdown, tests)."""
-        while pending := list(self._pending.values()):
+        while pending := self._unfinished():
             await asyncio.wait([asyncio.wrap_future(f) for f in pending])
         await self.cache.flush()
+
+    def _unfinished(self) -> list[concurrent.futures.Future]:
+        with self._lock:
+            return [*self._pending.values(), *self._prefix_writes]
 
     async def _release(self, lease: Lease, after: concurrent.futures.Future | None) -> None:
         if after is not None:
