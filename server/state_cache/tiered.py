@@ -113,8 +113,9 @@ class TieredStateCache:
         self.on_event = on_event
         self.counters: Counter[str] = Counter()
         self.flights: SingleFlight[Any] = SingleFlight()
-        # host prefix index: anchor key -> cached lengths; snapshot key -> (anchor key, length)
-        self._host_anchors: dict[str, set[int]] = {}
+        # host prefix index: anchor key -> cached lengths (counted: prompts of one length that
+        # differ after the anchor share it); snapshot key -> (anchor key, length)
+        self._host_anchors: dict[str, Counter[int]] = {}
         self._host_index: dict[str, tuple[str, int]] = {}
         self._pointers: OrderedDict[str, bytes] = OrderedDict()
         self._logs: OrderedDict[str, list[int]] = OrderedDict()
@@ -141,16 +142,21 @@ class TieredStateCache:
             table.popitem(last=False)
 
     def _on_host_evict(self, key: str, _entry: HostEntry) -> None:
-        anchor_key, n = self._host_index.pop(key, ("", 0))
+        if key not in self._host_index:
+            return
+        anchor_key, n = self._host_index.pop(key)
         lengths = self._host_anchors.get(anchor_key)
         if lengths is not None:
-            lengths.discard(n)
+            lengths[n] -= 1
+            if lengths[n] <= 0:
+                del lengths[n]
             if not lengths:
                 del self._host_anchors[anchor_key]
 
     def _host_put(self, snap_key: str, anchor_key: str, entry: HostEntry) -> None:
+        self._on_host_evict(snap_key, entry)  # a replaced (or rejected) entry leaves the index first
         if self.host.put(snap_key, entry):
-            self._host_anchors.setdefault(anchor_key, set()).add(entry.num_tokens)
+            self._host_anchors.setdefault(anchor_key, Counter())[entry.num_tokens] += 1
             self._host_index[snap_key] = (anchor_key, entry.num_tokens)
 
     # -- store ------------------------------------------------------------------------------------

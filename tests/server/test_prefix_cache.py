@@ -4,15 +4,21 @@ resumes from the longest cached prefix state and gets exactly the reply of a ful
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 import torch
+import uvicorn
 
+from server.app import create_app
 from server.conversations import LRUConversationStore
-from tests.server.conftest import RunningServer, start_server
+from server.settings import Settings
+from server.state_cache.factory import build_conversation_store
+from server.state_cache.tiered import TieredStateCache
+from tests.server.conftest import BASE_SETTINGS, RunningServer, start_server
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
 QUESTIONS = ["Who goes there?", "What news from the north?", "Then let us go."]
@@ -52,6 +58,37 @@ def test_chat_resending_history_resumes_from_cache_with_the_same_replies(
     for k in (1, 2):
         assert got[k - 1].usage.prompt_tokens <= cached[k] < got[k].usage.prompt_tokens, cached
     assert [r.usage.prompt_tokens_details.cached_tokens for r in want] == [0, 0, 0]
+
+
+def test_tiered_store_of_gla_serve_serve_resumes_resent_history(uncached: RunningServer) -> None:
+    """`gla-serve serve`'s store (host tier, no Redis here) gives the same replies from its cache."""
+    srv = RunningServer(Settings(**BASE_SETTINGS))
+    srv.app = create_app(srv.settings, conversations=build_conversation_store(srv.settings))
+    config = uvicorn.Config(srv.app, host="127.0.0.1", port=srv.port, log_level="warning", lifespan="on")
+    srv.server = uvicorn.Server(config)
+    srv.thread = threading.Thread(target=srv.server.run, daemon=True)
+    srv.start()
+    try:
+        got = _chat(srv, 2)
+        cache = srv.health()["cache"]
+    finally:
+        srv.stop()
+    want = _chat(uncached, 2)
+    assert [r.choices[0].message.content for r in got] == [r.choices[0].message.content for r in want]
+    assert got[1].usage.prompt_tokens_details.cached_tokens >= got[0].usage.prompt_tokens
+    assert cache["lookup_hits_host"] >= 1 and cache["stores"] >= 2
+
+
+def test_tiered_host_index_keeps_prompts_of_one_length_apart() -> None:
+    async def run() -> None:
+        cache = TieredStateCache(bytes(32), host_budget_bytes=8000)
+        await cache.store("t", [1, 2, 3], _state(1))
+        await cache.store("t", [1, 2, 4], _state(2))  # same anchor, same length, other tokens
+        await cache.store("t", [5, 6], _state(3))  # evicts [1, 2, 3]
+        hit = await cache.lookup_prefix("t", [1, 2, 4, 9])
+        assert hit is not None and hit.num_tokens == 3 and float(hit.tensors["s"][0]) == 2
+
+    asyncio.run(run())
 
 
 def test_generate_reports_cached_tokens_and_matches_a_full_prefill(
