@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from server.conversations import (
@@ -46,11 +46,19 @@ class EngineObserver(Protocol):
 class RequestStream:
     """The outputs of one request, in order; iteration ends after the finished one."""
 
-    def __init__(self, request_id: str, seq: Sequence) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        seq: Sequence,
+        wait_committed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.seq = seq
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.is_finished = False
+        # A conversation turn is acknowledged only once its commit is durable: a client that saw
+        # the final output must find the turn after any crash (issue 7's SIGKILL test).
+        self._wait_committed = wait_committed
 
     def put(self, out: RequestOutput) -> None:
         self._queue.put_nowait(out)
@@ -63,6 +71,8 @@ class RequestStream:
             out = await self._queue.get()
             if out.finished:
                 self.is_finished = True
+                if self._wait_committed is not None and out.error is None:
+                    await self._wait_committed()
             yield out
 
 
@@ -200,7 +210,10 @@ class AsyncEngine:
             if conversation is not None:
                 self.conversations.release(conversation)
             raise
-        stream = RequestStream(request_id, seq)
+        waiter = getattr(self.conversations, "wait_committed", None)
+        stream = RequestStream(
+            request_id, seq, (lambda: waiter(conversation)) if conversation is not None and waiter else None
+        )
         self._streams[request_id] = stream
         self._incoming.append(seq)
         self._wakeup.set()

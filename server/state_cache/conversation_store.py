@@ -149,6 +149,17 @@ class TieredConversationStore:
         except Exception:  # the turn already answered; a lost commit means a rebuild later
             log.exception("committing conversation %r failed", key.conversation_id)
 
+    async def wait_committed(self, key: ConversationKey, timeout_s: float = 30.0) -> None:
+        """Waits until the turn committed for `key` is written (or failed: Redis trouble is a miss).
+
+        The engine awaits this before a turn's final output reaches the client, so an acknowledged
+        turn survives a crash of this replica. Bounded: Redis calls have their own timeouts.
+        """
+        with self._lock:
+            fut = self._pending.get(key)
+        if fut is not None:
+            await asyncio.wait([asyncio.wrap_future(fut)], timeout=timeout_s)
+
     async def flush(self) -> None:
         """Waits for scheduled commits and lease releases (shutdown, tests)."""
         while pending := self._unfinished():
