@@ -45,9 +45,8 @@ async def _load_then_kill(srv: ServeProcess, convs: list[LoadedConversation]) ->
 def test_sigkill_mid_load_loses_no_committed_turn(own_redis: RedisProcess) -> None:  # noqa: F811
     """Hard: every conversation resumes from one of its own turn boundaries and equals its replay.
 
-    Known gap (xfail until fixed): TieredConversationStore.commit only schedules the Redis write, so a
-    reply reaches the client before its turn is in Redis, and a SIGKILL in between loses acknowledged
-    turns (about half of 16 busy conversations lose their last turn here).
+    No acknowledged turn may be lost: the engine sends a turn's final output only after its commit
+    is durable (before that fix, about half of 16 busy conversations lost their last turn here).
     """
     convs = [LoadedConversation(f"kill-{i}", index=i) for i in range(NUM_CONVERSATIONS)]
     first = serve(own_redis)
@@ -68,5 +67,4 @@ def test_sigkill_mid_load_loses_no_committed_turn(own_redis: RedisProcess) -> No
     finally:
         second.stop()
     lost = {cid: n for cid, n in lost.items() if n}
-    if lost:
-        pytest.xfail(f"acknowledged turns lost by the SIGKILL (write-behind Redis commit): {lost}")
+    assert not lost, f"acknowledged turns lost by the SIGKILL: {lost}"
