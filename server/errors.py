@@ -120,7 +120,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return BadRequest(f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}",
                           code="invalid_json")
     loc = tuple(first.get("loc", ()))
-    if loc == ("body",):
+    if loc == ("body",) and first.get("type") in ("model_type", "dict_type", "model_attributes_type", "missing"):
         return BadRequest("the request body must be a JSON object", code="invalid_body")
     param = _loc_to_param(loc)
     msg = first.get("msg", "invalid value")
