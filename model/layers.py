@@ -191,13 +191,17 @@ class GatedLinearAttention(nn.Module):
         conv: torch.Tensor | None,
         slots: torch.Tensor,
         initial_state_mask: torch.Tensor | None,
-        mask_cpu: list[bool],
+        conv_meta: tuple[list[int], list[bool]] | None,
     ) -> torch.Tensor:
-        """Packed x [T, d]; states read from / written to `recurrent` [S, H, V, K] at `slots` [N]."""
+        """Packed x [T, d]; states read from / written to `recurrent` [S, H, V, K] at `slots` [N].
+
+        `conv_meta` is (slots, initial_state_mask) as host lists, given when the short-conv tails
+        are used, so the per-sequence conv loop never reads device tensors.
+        """
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
-            assert conv is not None
-            q, k, v = self._conv_varlen(q, k, v, cu_seqlens_cpu, conv, slots, mask_cpu)
+            assert conv is not None and conv_meta is not None
+            q, k, v = self._conv_varlen(q, k, v, cu_seqlens_cpu, conv, *conv_meta)
         q, k, v, gk = self._heads(q, k, v, x)
         o = kernels.chunk_gla_prefill(
             q, k, v, gk, cu_seqlens, recurrent, slots, scale=self.scale, initial_state_mask=initial_state_mask
@@ -211,14 +215,14 @@ class GatedLinearAttention(nn.Module):
         v: torch.Tensor,
         cu: list[int],
         conv: torch.Tensor,
-        slots: torch.Tensor,
-        mask_cpu: list[bool],
+        slots: list[int],
+        mask: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         splits = self._conv_splits()
         outs: list[list[torch.Tensor]] = [[], [], []]
         for n in range(len(cu) - 1):
             s, e, slot = cu[n], cu[n + 1], slots[n]
-            tails = conv[slot].split(splits, dim=0) if mask_cpu[n] else (None, None, None)
+            tails = conv[slot].split(splits, dim=0) if mask[n] else (None, None, None)
             new_tails = []
             for j, (mod, t) in enumerate(((self.q_conv1d, q), (self.k_conv1d, k), (self.v_conv1d, v))):
                 y, tail = mod(t[s:e], tails[j])

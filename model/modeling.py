@@ -133,9 +133,12 @@ class GLAForCausalLM(GLAPreTrainedModel):
             initial_state_mask: [N] bool; True continues from the slot's state (a resumed
                 conversation or the next piece of a split prompt), False starts from zeros.
                 None means all False.
+            cu_seqlens, slots and initial_state_mask may be CPU tensors (the engine passes them so):
+            the host needs their values anyway, so that costs no device sync.
         Returns:
             logits [N, vocab] float32.
         """
+        dev = input_ids.device
         cu_cpu = cu_seqlens.tolist()
         n = len(cu_cpu) - 1
         if n < 1 or cu_cpu[0] != 0 or cu_cpu[-1] != input_ids.shape[0] or any(
@@ -143,8 +146,11 @@ class GLAForCausalLM(GLAPreTrainedModel):
         ):
             raise ValueError(f"cu_seqlens {cu_cpu} must start at 0, increase strictly and end at {input_ids.shape[0]}")
         if initial_state_mask is None:
-            initial_state_mask = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
-        mask_cpu = initial_state_mask.tolist()
+            initial_state_mask = torch.zeros(n, dtype=torch.bool)
+        conv_meta = (slots.tolist(), initial_state_mask.tolist()) if pool.conv is not None else None
+        cu_seqlens = cu_seqlens.to(dev, non_blocking=True)
+        slots = slots.to(dev, non_blocking=True)
+        initial_state_mask = initial_state_mask.to(dev, non_blocking=True)
         h = self.model.embeddings(input_ids)
         for i, layer in enumerate(self.model.layers):
             a = layer.attn.prefill(
@@ -155,7 +161,7 @@ class GLAForCausalLM(GLAPreTrainedModel):
                 pool.conv[i] if pool.conv is not None else None,
                 slots,
                 initial_state_mask,
-                mask_cpu,
+                conv_meta,
             )
             h = layer.residual_mlp(a, h)
         last = cu_seqlens[1:].long() - 1

@@ -85,12 +85,12 @@ class ModelRunner:
                 cu.append(len(ids))
                 slots.append(c.seq.slot)
                 mask.append(c.start > 0 or c.seq.initial_state is not None)
-            out = self.model.prefill(
+            out = self.model.prefill(  # metadata stays on the host: the model needs its values there
                 torch.tensor(ids, dtype=torch.long).to(self.device),
-                torch.tensor(cu, dtype=torch.int32).to(self.device),
+                torch.tensor(cu, dtype=torch.int32),
                 self.pool,
-                torch.tensor(slots, dtype=torch.int32).to(self.device),
-                torch.tensor(mask, dtype=torch.bool).to(self.device),
+                torch.tensor(slots, dtype=torch.int32),
+                torch.tensor(mask, dtype=torch.bool),
             )  # [N, vocab]
             done = [i for i, c in enumerate(batch.prefill) if c.is_last]
             if done:
