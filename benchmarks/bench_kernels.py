@@ -251,7 +251,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="skip 128K and the second shape")
     ap.add_argument("--sweep", action="store_true", help="also time segment lengths / V tiles")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--parts", default="prefill,decode,profile", help="comma list: prefill, decode, profile")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     with_fla = not args.no_fla
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -273,21 +276,30 @@ def main() -> None:
         meta["chosen"] = sweep(rows)
     meta["chosen_config_check"] = check_config()
     print("config check (rel-RMS vs float64, bf16 in):", meta["chosen_config_check"], flush=True)
-    shapes = ["gla-1.3B"] if args.quick else list(SHAPES)
+    shapes = ["gla-1.3B"] if args.quick else args.shapes.split(",")
     for name in shapes:
         for lens in ([512], [2048], [8192], [32768], [131072], [2048] * 8):
+            if "prefill" not in parts:
+                break
             if args.quick and lens == [131072]:
                 continue
             rows.append(bench_prefill(name, lens, with_fla))
             print(fmt(rows[-1]), flush=True)
             save()
         for B in (1, 8, 64, 256):
+            if "decode" not in parts:
+                break
             rows.append(bench_decode(name, B, with_fla))
             print(fmt(rows[-1]), flush=True)
             save()
         for B in (1, 64):
+            if "decode" not in parts:
+                break
             rows.append(bench_decode(name, B, False, gated=True))
             print(fmt(rows[-1]), flush=True)
+        save()
+    if "profile" not in parts:
+        return
     meta["profile_us"] = {f"{who}-T32768": profile("gla-1.3B", [32768], who) for who in
                           (["ours", "fla"] if with_fla else ["ours"])}
     print(json.dumps(meta["profile_us"]), flush=True)
