@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -65,13 +66,13 @@ def main() -> None:
             pool = torch.randn(1, H, V, K, device="cuda") * 0.1
             slots = torch.zeros(1, dtype=torch.int32, device="cuda")
             res[f"prefill-ours-{name}-T{T}"] = kernel_profile(
-                lambda: chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots))
+                partial(chunk_gla_prefill_triton, q, k, v, g, cu, pool, slots))
             if not args.no_fla:
                 from fla.ops.gla import chunk_gla
 
                 res[f"prefill-fla-{name}-T{T}"] = kernel_profile(
-                    lambda: chunk_gla(q[None], k[None], v[None], g[None], initial_state=pool,
-                                      output_final_state=True, state_v_first=True))
+                    partial(chunk_gla, q[None], k[None], v[None], g[None], initial_state=pool,
+                            output_final_state=True, state_v_first=True))
             print(name, T, {kk: vv["gpu_us_per_call"] for kk, vv in res.items() if kk != "meta"}, flush=True)
             save()
 
@@ -84,7 +85,7 @@ def main() -> None:
         tok = torch.randint(0, 32000, (B,), device="cuda")
         slots = torch.arange(B, dtype=torch.int32, device="cuda")
         with torch.no_grad():
-            res[f"decode-step-B{B}"] = kernel_profile(lambda: model.decode(tok, pool, slots))
+            res[f"decode-step-B{B}"] = kernel_profile(partial(model.decode, tok, pool, slots))
         print("decode", B, res[f"decode-step-B{B}"]["gpu_us_per_call"], res[f"decode-step-B{B}"]["kernels_per_call"],
               flush=True)
         save()
@@ -92,7 +93,7 @@ def main() -> None:
     cu = torch.tensor([0, 8192], dtype=torch.int32, device="cuda")
     sl = torch.zeros(1, dtype=torch.int32, device="cuda")
     with torch.no_grad():
-        res["model-prefill-T8192"] = kernel_profile(lambda: model.prefill(x, cu, pool, sl), reps=2)
+        res["model-prefill-T8192"] = kernel_profile(partial(model.prefill, x, cu, pool, sl), reps=2)
     save()
     for kk, vv in res.items():
         if kk != "meta":
