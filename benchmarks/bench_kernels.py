@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import triton_chunk
+from kernels import triton_chunk, triton_recurrent
 from kernels.triton_chunk import chunk_gla_prefill_triton
 from kernels.triton_recurrent import fused_recurrent_gla_decode_triton
 
@@ -115,7 +115,7 @@ def bench_prefill(name: str, lens: list[int], with_fla: bool, seg: int | None = 
     return row
 
 
-def bench_decode(name: str, B: int, with_fla: bool, gated: bool = False) -> dict:
+def bench_decode(name: str, B: int, with_fla: bool, gated: bool = False, timing_eager: bool = True) -> dict:
     H, K, V = SHAPES[name]
     q, k = (torch.randn(B, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(B, H, V, device="cuda", dtype=torch.bfloat16)
@@ -128,7 +128,7 @@ def bench_decode(name: str, B: int, with_fla: bool, gated: bool = False) -> dict
     ours = lambda: fused_recurrent_gla_decode_triton(q, k, v, g, pool, slots, gate=gate, norm_weight=w)
     nbytes = 2 * B * H * V * K * 4 + (3 * B * H * K + 2 * B * H * V) * 2
     ms, how = graph_ms(ours, reps=50)
-    wall, host = eager(ours, n=100)
+    wall, host = eager(ours, n=100) if timing_eager else (float("nan"), float("nan"))
     row = {"kernel": "decode" + ("+gate" if gated else ""), "shape": name, "B": B, "H": H, "K": K, "V": V,
            "ours_ms": ms, "ours_timing": how, "ours_gbps": nbytes / ms / 1e6, "ours_eager_ms": wall,
            "ours_host_us": host}
@@ -158,7 +158,8 @@ def ceilings() -> dict:
 def sweep(rows: list[dict]) -> dict:
     """Time a few tile/warp/stage/wave settings per head dim at T=2K and 32K; keep the best."""
     chosen = {}
-    grid = {256: [(32, 4, 2, 2), (64, 8, 1, 1), (64, 4, 1, 2)], 128: [(64, 4, 2, 2), (64, 8, 1, 1)]}
+    grid = {256: [(32, 4, 2, 2), (64, 8, 1, 1), (64, 4, 1, 2), (64, 8, 1, 2), (32, 4, 1, 4)],
+            128: [(64, 4, 2, 2), (64, 8, 1, 1), (32, 4, 2, 4)]}
     for name, (_, K, _) in SHAPES.items():
         best = None
         for bv, nw, ns, waves in grid[K]:
@@ -181,6 +182,51 @@ def sweep(rows: list[dict]) -> dict:
             chosen[name] = best[1]
     print("chosen:", chosen, flush=True)
     return chosen
+
+
+def sweep_prep(rows: list[dict]) -> dict:
+    """The prep kernel's key block and warps, scored on both shapes at T=2K and 32K (fla-relative)."""
+    best = None
+    for bkc, nw in ((32, 4), (32, 8), (64, 4), (64, 8), (16, 4)):
+        triton_chunk.PREP.update(BKC=bkc, num_warps=nw)
+        try:
+            ms = [bench_prefill(name, lens, False, timing_eager=False) for name in SHAPES
+                  for lens in ([2048], [32768])]
+        except Exception as exc:
+            print(f"sweep prep BKC={bkc} nw={nw}: {type(exc).__name__}", flush=True)
+            continue
+        for r in ms:
+            r.update(sweep="prep", BKC=bkc, prep_warps=nw)
+            rows.append(r)
+        score = sum(r["ours_ms"] / ref for r, ref in zip(ms, (0.1, 1.6, 0.05, 0.8), strict=True))
+        print(f"sweep prep BKC={bkc} nw={nw}: " + ", ".join(f"{r['shape']} T={r['T']} {r['ours_ms'] * 1e3:.1f} us"
+                                                            for r in ms), flush=True)
+        if best is None or score < best[0]:
+            best = (score, {"BKC": bkc, "num_warps": nw})
+    assert best is not None
+    triton_chunk.PREP.update(best[1])
+    print("chosen prep:", best[1], flush=True)
+    return best[1]
+
+
+def sweep_decode(rows: list[dict]) -> dict:
+    """Decode tile size and warps, scored on the 1.3B shape at B=1, 64 and 256."""
+    best = None
+    for tile, nw in ((8192, 4), (4096, 4), (8192, 8), (16384, 8), (2048, 4), (4096, 2)):
+        triton_recurrent.DECODE.update(TILE_ELEMS=tile, num_warps=nw)
+        ms = [bench_decode("gla-1.3B", B, False, timing_eager=False) for B in (1, 64, 256)]
+        for r in ms:
+            r.update(sweep="decode", TILE_ELEMS=tile, decode_warps=nw)
+            rows.append(r)
+        score = sum(r["ours_ms"] / ref for r, ref in zip(ms, (0.008, 0.075, 0.27), strict=True))
+        print(f"sweep decode tile={tile} nw={nw}: " + ", ".join(f"B={r['B']} {r['ours_ms'] * 1e3:.1f} us "
+                                                              f"{r['ours_gbps']:.0f} GB/s" for r in ms), flush=True)
+        if best is None or score < best[0]:
+            best = (score, {"TILE_ELEMS": tile, "num_warps": nw})
+    assert best is not None
+    triton_recurrent.DECODE.update(best[1])
+    print("chosen decode:", best[1], flush=True)
+    return best[1]
 
 
 def check_config() -> dict:
@@ -250,6 +296,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="skip 128K and the second shape")
     ap.add_argument("--sweep", action="store_true", help="also time segment lengths / V tiles")
+    ap.add_argument("--sweep-prep", action="store_true", help="also time the prep kernel's key block / warps")
+    ap.add_argument("--sweep-decode", action="store_true", help="also time decode tile sizes / warps")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--parts", default="prefill,decode,profile", help="comma list: prefill, decode, profile")
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -272,10 +320,22 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
+    if args.sweep_prep:
+        meta["chosen_prep"] = sweep_prep(rows)
+        save()
     if args.sweep:
         meta["chosen"] = sweep(rows)
+        save()
+    if args.sweep_decode:
+        meta["chosen_decode"] = sweep_decode(rows)
+        save()
     meta["chosen_config_check"] = check_config()
     print("config check (rel-RMS vs float64, bf16 in):", meta["chosen_config_check"], flush=True)
+    from kernels._launch import Launcher
+
+    meta["configs"] = {"prefill": triton_chunk.CONFIGS, "prep": triton_chunk.PREP, "decode": triton_recurrent.DECODE,
+                       "fast_launch_ok": Launcher.fast_ok}
+    print("configs:", meta["configs"], flush=True)
     shapes = ["gla-1.3B"] if args.quick else args.shapes.split(",")
     for name in shapes:
         for lens in ([512], [2048], [8192], [32768], [131072], [2048] * 8):

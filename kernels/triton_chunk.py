@@ -40,6 +40,9 @@ CONFIGS: dict[int, dict[str, int]] = {
     128: {"BV": 64, "num_warps": 4, "num_stages": 2, "waves": 2},
     256: {"BV": 64, "num_warps": 4, "num_stages": 1, "waves": 2},
 }
+# The prep kernel's key-channel block and warps (one setting for every head dim: its tiles are
+# [BT, BKC] whatever K is).
+PREP: dict[str, int] = {"BKC": 32, "num_warps": 4}
 MIN_SEG = 128
 MAX_SEG = 8192
 
@@ -74,8 +77,15 @@ def _seq_of_token(cu, p, N):
 
 @triton.jit(do_not_specialize=["N"])
 def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
-                 H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                 H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, BT: tl.constexpr,
                  BC: tl.constexpr):
+    """Per (chunk, head), walking the key channels in blocks of BKC so every tile is [BT, BKC].
+
+    Everything here is per key channel except the sum over channels that forms A, so the channel
+    blocks only meet in two accumulators: the off-diagonal scores b_A [BT, BT] and the diagonal
+    16-block columns b_D [BT, BC]. (Holding whole [BT, K] fp32 tiles spilled registers: at K=256
+    this kernel took 78% of the prefill.)
+    """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = _owner(cu, i_c, N, BT)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -86,46 +96,52 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i
     m_t = o_t < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_tk = ((o_t * H + i_h) * K)[:, None] + o_k[None, :]  # [BT, BK]
-    b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
-    b_g = tl.load(g + p_tk, mask=m_tk, other=0.).to(tl.float32) * 1.4426950408889634
-    b_gc = tl.cumsum(b_g, axis=0)  # rows past the end add 0, so row BT-1 is the chunk total
-    b_gl = tl.sum(tl.where((o_i == BT - 1)[:, None], b_gc, 0.), axis=0)  # [BK]
-    tl.store(qg + p_tk, (b_q * tl.exp2(b_gc)).to(qg.dtype.element_ty), mask=m_tk)
-    tl.store(kd + p_tk, (b_k * tl.exp2(b_gl[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_tk)
-    tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
-
-    # Off-diagonal blocks: rows of block a against all earlier columns, around r = G[a*BC]:
-    # q factor exp2(G_i - r) <= 1 for i in a, k factor exp2(r - G_j) <= 1 for j before a.
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for a in tl.static_range(1, BT // BC):
-        in_a = (o_i >= a * BC) & (o_i < (a + 1) * BC)
-        before = o_i < a * BC
-        b_r = tl.sum(tl.where((o_i == a * BC)[:, None], b_gc, 0.), axis=0)
-        b_qa = tl.where(in_a[:, None], b_q * tl.exp2(tl.where(in_a[:, None], b_gc - b_r[None, :], 0.)), 0.)
-        b_ka = tl.where(before[:, None], b_k * tl.exp2(tl.where(before[:, None], b_r[None, :] - b_gc, 0.)), 0.)
-        b_A += tl.dot(b_qa, tl.trans(b_ka))
-    o_j = tl.arange(0, BT)
-    p_A = A + ((o_t * H + i_h) * BT)[:, None] + o_j[None, :]
-
-    # Diagonal blocks, exactly: pairwise exp2(G_i - G_j) per key channel for j <= i in one 16-row
-    # block. Step jj handles column jj of every block at once: row i pairs with j = (i//BC)*BC + jj.
-    b_gw = tl.reshape(tl.cumsum(tl.reshape(b_g, [BT // BC, BC, BK]), axis=1), [BT, BK])
-    b_gj = b_gc - b_gw  # G just before row i's block; grows into G_j below
+    o_c = tl.arange(0, BC)
     o_jb = (o_i // BC) * BC
-    for jj in range(BC):
-        t_j = t0 + o_jb + jj
-        m_j = (t_j < eos)[:, None] & m_k[None, :]
-        p_j = ((t_j * H + i_h) * K)[:, None] + o_k[None, :]
-        b_kj = tl.load(k + p_j, mask=m_j, other=0.).to(tl.float32)
-        b_gj += tl.load(g + p_j, mask=m_j, other=0.).to(tl.float32) * 1.4426950408889634
-        # j > i within the block gives min(., 0) = 0: garbage that the causal store mask drops
-        b_col = tl.sum(b_q * b_kj * tl.exp2(tl.minimum(b_gc - b_gj, 0.)), axis=1)  # [BT]
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_D = tl.zeros([BT, BC], dtype=tl.float32)  # b_D[i, jj] = A[i, o_jb[i] + jj]
+    for kb in range(0, K, BKC):
+        o_k = kb + tl.arange(0, BKC)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_tk = ((o_t * H + i_h) * K)[:, None] + o_k[None, :]  # [BT, BKC]
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_g = tl.load(g + p_tk, mask=m_tk, other=0.).to(tl.float32) * 1.4426950408889634
+        b_gc = tl.cumsum(b_g, axis=0)  # rows past the end add 0, so row BT-1 is the chunk total
+        b_gl = tl.sum(tl.where((o_i == BT - 1)[:, None], b_gc, 0.), axis=0)  # [BKC]
+        tl.store(qg + p_tk, (b_q * tl.exp2(b_gc)).to(qg.dtype.element_ty), mask=m_tk)
+        tl.store(kd + p_tk, (b_k * tl.exp2(b_gl[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_tk)
+        tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
+
+        # Off-diagonal blocks: rows of block a against all earlier columns, around r = G[a*BC]:
+        # q factor exp2(G_i - r) <= 1 for i in a, k factor exp2(r - G_j) <= 1 for j before a.
+        for a in tl.static_range(1, BT // BC):
+            in_a = (o_i >= a * BC) & (o_i < (a + 1) * BC)
+            before = o_i < a * BC
+            b_r = tl.sum(tl.where((o_i == a * BC)[:, None], b_gc, 0.), axis=0)
+            b_qa = tl.where(in_a[:, None], b_q * tl.exp2(tl.where(in_a[:, None], b_gc - b_r[None, :], 0.)), 0.)
+            b_ka = tl.where(before[:, None], b_k * tl.exp2(tl.where(before[:, None], b_r[None, :] - b_gc, 0.)), 0.)
+            b_A += tl.dot(b_qa, tl.trans(b_ka))
+
+        # Diagonal blocks, exactly: pairwise exp2(G_i - G_j) per key channel for j <= i in one
+        # 16-row block. Step jj handles column jj of every block: row i pairs with j = o_jb[i] + jj.
+        b_gw = tl.reshape(tl.cumsum(tl.reshape(b_g, [BT // BC, BC, BKC]), axis=1), [BT, BKC])
+        b_gj = b_gc - b_gw  # G just before row i's block; grows into G_j below
+        for jj in range(BC):
+            t_j = t0 + o_jb + jj
+            m_j = (t_j < eos)[:, None] & m_k[None, :]
+            p_j = ((t_j * H + i_h) * K)[:, None] + o_k[None, :]
+            b_kj = tl.load(k + p_j, mask=m_j, other=0.).to(tl.float32)
+            b_gj += tl.load(g + p_j, mask=m_j, other=0.).to(tl.float32) * 1.4426950408889634
+            # j > i within the block gives min(., 0) = 0: garbage that the causal store mask drops
+            b_col = tl.sum(b_q * b_kj * tl.exp2(tl.minimum(b_gc - b_gj, 0.)), axis=1)  # [BT]
+            b_D += tl.where(o_c[None, :] == jj, b_col[:, None], 0.)
+    o_j = tl.arange(0, BT)
+    for jj in tl.static_range(BC):
+        b_col = tl.sum(tl.where(o_c[None, :] == jj, b_D, 0.), axis=1)
         b_A += tl.where(o_j[None, :] == (o_jb + jj)[:, None], b_col[:, None], 0.)
+    p_A = A + ((o_t * H + i_h) * BT)[:, None] + o_j[None, :]
     m_A = m_t[:, None] & (o_j[None, :] <= o_i[:, None])
     tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=m_A)
 
@@ -354,8 +370,9 @@ def chunk_gla_prefill_triton(
     key = (dev.index, dt, v.dtype, g.dtype, H, K, V, BV, multi, has_mask, cu_seqlens.dtype,
            state_slots.dtype, h0_mask.dtype, cfg["num_warps"], cfg["num_stages"]) if ok else None
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    _prep((n_chunks, H), key, (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, BK, BT, BC),
-          num_warps=8 if BK >= 128 else 4)
+    bkc = min(PREP["BKC"], BK)
+    _prep((n_chunks, H), key + (bkc, PREP["num_warps"]) if key else None,
+          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC), num_warps=PREP["num_warps"])
     n_segs = T // seg + N
     W = Wd = state_pool
     if multi:

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from kernels._launch import Launcher, aligned
 
-# state elements per program: 8K fp32 = 32 KB of state read and written by each program
-TILE_ELEMS = 8192
+# State elements per program (8K fp32 = 32 KB read and written) and warps; the benchmark sweeps them.
+DECODE: dict[str, int] = {"TILE_ELEMS": 8192, "num_warps": 4}
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -37,14 +37,14 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, sca
     slot = tl.load(slots + i_b).to(tl.int64)
     p_h = pool + (slot * H + i_h) * V * K + o_v[:, None] * K + o_k[None, :]
     m_h = m_v[:, None] & m_k[None, :]
-    b_h = tl.load(p_h, mask=m_h, other=0.)
+    b_h = tl.load(p_h, mask=m_h, other=0., eviction_policy="evict_first")
     row = i_bh.to(tl.int64)
     b_q = tl.load(q + row * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
     b_k = tl.load(k + row * K + o_k, mask=m_k, other=0.).to(tl.float32)
     b_g = tl.load(g + row * K + o_k, mask=m_k, other=0.).to(tl.float32)
     b_v = tl.load(v + row * V + o_v, mask=m_v, other=0.).to(tl.float32)
     b_h = b_h * tl.exp(b_g)[None, :] + b_v[:, None] * b_k[None, :]
-    tl.store(p_h, b_h, mask=m_h)
+    tl.store(p_h, b_h, mask=m_h, eviction_policy="evict_first")
     b_o = tl.sum(b_h * b_q[None, :], axis=1)  # [BV]
     if not HAS_GATE:
         tl.store(o + row * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
@@ -101,24 +101,25 @@ def fused_recurrent_gla_decode_triton(
     if scale is None:
         scale = K**-0.5
     BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), max(16, TILE_ELEMS // BK))
+    BV = min(triton.next_power_of_2(V), max(16, DECODE["TILE_ELEMS"] // BK))
+    nw = DECODE["num_warps"]
     NV = triton.next_power_of_2(triton.cdiv(V, BV))
     o = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
     if gate is None:
-        key = (v.device.index, q.dtype, v.dtype, g.dtype, state_slots.dtype, H, K, V, BV)
+        key = (v.device.index, q.dtype, v.dtype, g.dtype, state_slots.dtype, H, K, V, BV, nw)
         if not aligned(q, k, v, g, state_pool, state_slots):
             key = None
         _decode((NV, B * H), key, (q, k, v, g, state_pool, state_slots, o, o, o, o, o, scale, norm_eps,
-                                   H, K, V, BK, BV, NV, 16, False, False), num_warps=4)
+                                   H, K, V, BK, BV, NV, 16, False, False), num_warps=nw)
         return o
     o_raw = torch.empty(B, H, V, dtype=torch.float32, device=v.device)
     counter = _counters(v.device, NV, B * H)
     weight = o if norm_weight is None else norm_weight
     key = (v.device.index, q.dtype, v.dtype, g.dtype, state_slots.dtype, gate.dtype, weight.dtype, H, K, V, BV,
-           norm_weight is None)
+           norm_weight is None, nw)
     if not aligned(q, k, v, g, state_pool, state_slots, gate, weight):
         key = None
     _decode((NV, B * H), key, (q, k, v, g, state_pool, state_slots, o, o_raw, gate, weight, counter, scale,
                                norm_eps, H, K, V, BK, BV, NV, triton.next_power_of_2(V), True,
-                               norm_weight is not None), num_warps=4)
+                               norm_weight is not None), num_warps=nw)
     return o
