@@ -15,14 +15,19 @@ import torch
 
 from kernels.chunk_torch import chunk_gla_prefill_torch, chunk_gla_torch
 from kernels.decode_torch import fused_recurrent_gla_decode_torch, rms_norm_swish_gate
+from kernels.fused_torch import add_rms_norm_torch, gla_prep_torch, rms_norm_gate_torch, swiglu_torch
 from kernels.naive import naive_recurrent_gla
 
 __all__ = [
+    "add_rms_norm",
     "chunk_gla_prefill",
     "chunk_gla_torch",
     "fused_recurrent_gla_decode",
+    "gla_prep",
     "naive_recurrent_gla",
+    "rms_norm_gate",
     "rms_norm_swish_gate",
+    "swiglu",
 ]
 
 
@@ -146,3 +151,86 @@ def fused_recurrent_gla_decode(
                               scale, gate, norm_weight, norm_eps)
     return fused_recurrent_gla_decode_torch(q, k, v, g, state_pool, state_slots, scale,
                                             gate, norm_weight, norm_eps)
+
+
+# ---- fused layer ops (kernels/triton_fused.py; PyTorch forms in kernels/fused_torch.py) -----------
+
+def _triton_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from triton.errors import TritonError
+
+        return (TritonError, RuntimeError)
+    except ImportError:
+        return (RuntimeError,)
+
+
+def _load_triton_fused() -> dict[str, _Guarded] | None:
+    """Guarded Triton forms of the fused layer ops, or None without CUDA or Triton."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from kernels import triton_fused as tf
+    except ImportError:
+        return None
+    errors = _triton_errors()
+    return {
+        "add_rms_norm": _Guarded("add_rms_norm", tf.add_rms_norm_triton, add_rms_norm_torch, errors),
+        "rms_norm_gate": _Guarded("rms_norm_gate", tf.rms_norm_gate_triton, rms_norm_gate_torch, errors),
+        "swiglu": _Guarded("swiglu", tf.swiglu_triton, swiglu_torch, errors),
+        "gla_prep": _Guarded("gla_prep", tf.gla_prep_triton, gla_prep_torch, errors),
+    }
+
+
+_TRITON_FUSED = _load_triton_fused()
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, round_sum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm in one pass: (norm(x + residual) * weight in x.dtype, sum in residual.dtype).
+
+    round_sum rounds the sum to residual.dtype before the norm (a plain residual add, then a norm);
+    without it the norm reads the fp32 sum (fla's fused prenorm). See kernels/fused_torch.py.
+    """
+    if x.is_cuda and _TRITON_FUSED is not None:
+        return _TRITON_FUSED["add_rms_norm"]((round_sum, weight is None), x, residual, weight, eps, round_sum)
+    return add_rms_norm_torch(x, residual, weight, eps, round_sum)
+
+
+def rms_norm_gate(
+    x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """RMSNorm over the last dim [x weight] [x swish(gate)], fp32 math, stored in x.dtype."""
+    if x.is_cuda and _TRITON_FUSED is not None:
+        return _TRITON_FUSED["rms_norm_gate"]((gate is None, weight is None), x, gate, weight, eps)
+    return rms_norm_gate_torch(x, gate, weight, eps)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] = gate | up (one fused GEMM) -> swish(gate) * up in fp32, stored in x.dtype."""
+    if x.is_cuda and _TRITON_FUSED is not None:
+        return _TRITON_FUSED["swiglu"]((), x)
+    return swiglu_torch(x)
+
+
+def gla_prep(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    lowrank: torch.Tensor,
+    gk_weight: torch.Tensor,
+    gk_bias: torch.Tensor | None,
+    num_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    normalizer: float,
+    clamp_min: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fused-projection slices [M, C] -> contiguous q, k, gk [M, H, K], v, gate [M, H, V] (kv heads
+    repeated) with gk = clamp(logsigmoid(lowrank @ gk_weight^T + gk_bias) / normalizer). One kernel on CUDA.
+    """
+    args = (q, k, v, gate, lowrank, gk_weight, gk_bias, num_heads, head_k_dim, head_v_dim, normalizer, clamp_min)
+    if q.is_cuda and _TRITON_FUSED is not None:
+        return _TRITON_FUSED["gla_prep"]((gate is None, gk_bias is None, clamp_min is None), *args)
+    return gla_prep_torch(*args)
