@@ -48,7 +48,8 @@ class GraphedDecoder:
         dev = model.lm_head.weight.device
         if dev.type != "cuda":
             raise ValueError("GraphedDecoder needs a CUDA model")
-        self.model, self.pool = model, pool
+        # fuse before capture: the graphs bake in whichever weights (fused or not) the layers use now
+        self.model, self.pool = model.fuse_for_inference(), pool
         self.buckets = sorted(buckets or default_buckets(max_batch))
         self.max_batch = self.buckets[-1]
         self.input_ids = torch.zeros(self.max_batch, dtype=torch.long, device=dev)

@@ -6,9 +6,17 @@ swish output gate in fp32. The recurrence itself runs in `kernels/` (PyTorch on 
 CUDA); this file only shapes tensors for it. Each attention layer has three entry points that share
 projections and the output gate: `forward` (padded batch, used for training and full forwards),
 `prefill` (packed varlen batch with pool state) and `decode` (one token per sequence).
+
+Serving (`prefill`/`decode`) is bound by kernel launches at small batches, so after
+`fuse()` (model.fuse_for_inference) the q/k/v/g/gk input projections run as one GEMM and the MLP's
+gate/up as another (model/fusion.py keeps the checkpoint's parameters as views of the fused
+weights), the split + log-gate + GQA repeat is one kernel (`kernels.gla_prep`), and the norms,
+SwiGLU and output gate are fused kernels too. Unfused layers run the same code from separate GEMMs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +24,7 @@ from torch import nn
 
 import kernels
 from model.config import GATE_LOGIT_NORMALIZER, GATE_LOW_RANK_DIM, GLAConfig
+from model.fusion import FusedWeight, fuse
 
 ACT2FN = {
     "swish": F.silu,
@@ -64,10 +73,23 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=False)
         self.down_proj = nn.Linear(i, d, bias=False)
         self.act = activation(config.hidden_act)
+        self.fused: FusedWeight | None = None
+
+    def fuse(self) -> None:
+        """gate/up weights become halves of one [2I, d] tensor (one GEMM when gradients are off)."""
+        self.fused = fuse(self.fused, [self.gate_proj.weight, self.up_proj.weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fla's fused swiglu: act(gate) * up in fp32, stored in the input dtype, then down_proj
-        h = self.act(self.gate_proj(x).float()) * self.up_proj(x).float()
+        f = self.fused
+        if f is not None and not torch.is_grad_enabled() and f.valid():  # the GEMM bypasses the params
+            gu = F.linear(x, f.weight)
+            if self.act is F.silu:
+                return self.down_proj(kernels.swiglu(gu))
+            gate, up = gu.chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        h = self.act(gate.float()) * up.float()
         return self.down_proj(h.to(x.dtype))
 
 
@@ -80,20 +102,30 @@ class ShortConvolution(nn.Module):
         nn.init.kaiming_uniform_(self.weight)
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, C] one sequence, tail [C, W-1] (or None = zeros) -> (y [T, C], new tail [C, W-1])."""
-        W = self.weight.shape[-1]
-        if tail is None:
-            tail = x.new_zeros(x.shape[1], W - 1, dtype=torch.float32)
-        full = torch.cat([tail.float(), x.float().t()], dim=1)  # [C, W-1+T]
-        y = F.conv1d(full.unsqueeze(0), self.weight.float(), groups=x.shape[1])[0]  # [C, T]
-        return F.silu(y).t().to(x.dtype), full[:, full.shape[1] - (W - 1) :]
+        return causal_conv(x, tail, self.weight)
 
     def step(self, x: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: x [B, C], tail [B, C, W-1] updated in place -> y [B, C]."""
-        window = torch.cat([tail.float(), x.float().unsqueeze(-1)], dim=-1)  # [B, C, W]
-        y = (window * self.weight[:, 0, :].float()).sum(-1)
-        tail.copy_(window[..., 1:])
-        return F.silu(y).to(x.dtype)
+        return conv_step(x, tail, self.weight)
+
+
+def causal_conv(
+    x: torch.Tensor, tail: torch.Tensor | None, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, C] one sequence, tail [C, W-1] (or None = zeros), weight [C, 1, W] -> (y [T, C], new tail)."""
+    W = weight.shape[-1]
+    if tail is None:
+        tail = x.new_zeros(x.shape[1], W - 1, dtype=torch.float32)
+    full = torch.cat([tail.float(), x.float().t()], dim=1)  # [C, W-1+T]
+    y = F.conv1d(full.unsqueeze(0), weight.float(), groups=x.shape[1])[0]  # [C, T]
+    return F.silu(y).t().to(x.dtype), full[:, full.shape[1] - (W - 1) :]
+
+
+def conv_step(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One token per sequence: x [B, C], tail [B, C, W-1] updated in place -> y [B, C]."""
+    window = torch.cat([tail.float(), x.float().unsqueeze(-1)], dim=-1)  # [B, C, W]
+    y = (window * weight[:, 0, :].float()).sum(-1)
+    tail.copy_(window[..., 1:])
+    return F.silu(y).to(x.dtype)
 
 
 class GatedLinearAttention(nn.Module):
@@ -135,6 +167,21 @@ class GatedLinearAttention(nn.Module):
             self.g_norm_swish_gate = norm
         else:
             self.g_norm = norm
+        self.fused_in: FusedWeight | None = None  # q|k|v|(g)|gk_proj.0, set by fuse()
+        self.fused_conv: FusedWeight | None = None  # q|k|v conv weights (use_short_conv)
+
+    def _in_params(self) -> list[nn.Parameter]:
+        gate = [self.g_proj.weight] if self.use_output_gate else []
+        return [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, *gate, self.gk_proj[0].weight]
+
+    def _conv_params(self) -> list[nn.Parameter]:
+        return [self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]
+
+    def fuse(self) -> None:
+        """One [kd + kd/G + vd/G (+ vd) + 16, d] input weight (and one conv weight); idempotent."""
+        self.fused_in = fuse(self.fused_in, self._in_params())
+        if self.use_short_conv:
+            self.fused_conv = fuse(self.fused_conv, self._conv_params())
 
     # ---- shared pieces --------------------------------------------------------------------------
     def _conv_splits(self) -> list[int]:
@@ -182,6 +229,51 @@ class GatedLinearAttention(nn.Module):
         o, _ = kernels.chunk_gla_torch(q, k, v, gk, scale=self.scale)
         return self._output(o, x)
 
+    # ---- serving: packed prefill and one-token decode ----------------------------------------------
+    def _in_proj(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """([q, k, v, (g), lowrank], q|k|v [M, C]) from one fused GEMM (strided column slices, no copy)
+        or from separate GEMMs (then q|k|v is concatenated, and only needed with use_short_conv)."""
+        f = self.fused_in
+        if f is not None and f.valid():
+            y = F.linear(x, f.weight)
+            return list(y.split(f.splits, dim=-1)), y[..., : sum(self._conv_splits())]
+        parts = [F.linear(x, w) for w in self._in_params()]
+        return parts, torch.cat(parts[:3], dim=-1) if self.use_short_conv else parts[0]
+
+    def _conv_weight(self) -> torch.Tensor:
+        f = self.fused_conv
+        if f is not None and f.valid():
+            return f.weight
+        return torch.cat([w.detach() for w in self._conv_params()], dim=0)
+
+    def _project(
+        self, x: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [M, d] -> kernel-ready q, k, gk [M, H, K], v, gate [M, H, V] (gate None without g_proj).
+
+        `conv` maps the q|k|v columns [M, C] through the short convolutions (use_short_conv).
+        """
+        parts, qkv = self._in_proj(x)
+        q, k, v, lowrank = parts[0], parts[1], parts[2], parts[-1]
+        gate = parts[3] if self.use_output_gate else None
+        if conv is not None:
+            q, k, v = conv(qkv).split(self._conv_splits(), dim=-1)
+        lin = self.gk_proj[1]
+        q, k, v, gk, gate = kernels.gla_prep(
+            q, k, v, gate, lowrank, lin.weight, lin.bias, self.num_heads, self.head_k_dim, self.head_v_dim,
+            GATE_LOGIT_NORMALIZER, self.clamp_min,
+        )
+        if self.feature_map is not None:  # elementwise, so applying it after the kv repeat is the same
+            q, k = self.feature_map(q), self.feature_map(k)
+        return q, k, v, gk, gate
+
+    def _gate_norm(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """o [M, H, V] -> per-head RMSNorm (x act(gate)) in o.dtype: `_output` without o_proj."""
+        norm = self.g_norm_swish_gate if self.fused_gate_norm else self.g_norm
+        if gate is None or self.gate_act is F.silu:
+            return kernels.rms_norm_gate(o, gate, norm.weight, norm.eps)
+        return (norm(o.float()) * self.gate_act(gate.float())).to(o.dtype)
+
     def prefill(
         self,
         x: torch.Tensor,
@@ -198,54 +290,59 @@ class GatedLinearAttention(nn.Module):
         `conv_meta` is (slots, initial_state_mask) as host lists, given when the short-conv tails
         are used, so the per-sequence conv loop never reads device tensors.
         """
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv_fn = None
         if self.use_short_conv:
             assert conv is not None and conv_meta is not None
-            q, k, v = self._conv_varlen(q, k, v, cu_seqlens_cpu, conv, *conv_meta)
-        q, k, v, gk = self._heads(q, k, v, x)
+            weight = self._conv_weight()
+
+            def conv_fn(qkv: torch.Tensor) -> torch.Tensor:
+                return _conv_varlen(qkv, weight, cu_seqlens_cpu, conv, *conv_meta)
+
+        q, k, v, gk, gate = self._project(x, conv_fn)
         o = kernels.chunk_gla_prefill(
             q, k, v, gk, cu_seqlens, recurrent, slots, scale=self.scale, initial_state_mask=initial_state_mask
         )
-        return self._output(o, x)
-
-    def _conv_varlen(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu: list[int],
-        conv: torch.Tensor,
-        slots: list[int],
-        mask: list[bool],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        splits = self._conv_splits()
-        outs: list[list[torch.Tensor]] = [[], [], []]
-        for n in range(len(cu) - 1):
-            s, e, slot = cu[n], cu[n + 1], slots[n]
-            tails = conv[slot].split(splits, dim=0) if mask[n] else (None, None, None)
-            new_tails = []
-            for j, (mod, t) in enumerate(((self.q_conv1d, q), (self.k_conv1d, k), (self.v_conv1d, v))):
-                y, tail = mod(t[s:e], tails[j])
-                outs[j].append(y)
-                new_tails.append(tail)
-            conv[slot].copy_(torch.cat(new_tails, dim=0))
-        return torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2])
+        return self.o_proj(self._gate_norm(o, gate).flatten(-2))
 
     def decode(
         self, x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor | None, slots: torch.Tensor
     ) -> torch.Tensor:
         """One token per sequence: x [B, d]; states at `slots` [B] updated in place."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv_fn = None
         if self.use_short_conv:
             assert conv is not None
-            tails = conv[slots]  # [B, C, W-1] gathered copy
-            tq, tk, tv = tails.split(self._conv_splits(), dim=1)
-            tq, tk, tv = tq.contiguous(), tk.contiguous(), tv.contiguous()
-            q, k, v = self.q_conv1d.step(q, tq), self.k_conv1d.step(k, tk), self.v_conv1d.step(v, tv)
-            conv[slots] = torch.cat([tq, tk, tv], dim=1)
-        q, k, v, gk = self._heads(q, k, v, x)
-        o = kernels.fused_recurrent_gla_decode(q, k, v, gk, recurrent, slots, scale=self.scale)
-        return self._output(o, x)
+            weight = self._conv_weight()
+
+            def conv_fn(qkv: torch.Tensor) -> torch.Tensor:
+                tails = conv[slots]  # [B, C, W-1] gathered copy, advanced in place, scattered back
+                y = conv_step(qkv, tails, weight)
+                conv[slots] = tails
+                return y
+
+        q, k, v, gk, gate = self._project(x, conv_fn)
+        if self.fused_gate_norm:  # the norm x swish gate runs inside the decode kernel
+            norm = self.g_norm_swish_gate
+            o = kernels.fused_recurrent_gla_decode(
+                q, k, v, gk, recurrent, slots, scale=self.scale, gate=gate, norm_weight=norm.weight,
+                norm_eps=norm.eps,
+            )
+        else:
+            o = self._gate_norm(kernels.fused_recurrent_gla_decode(q, k, v, gk, recurrent, slots, scale=self.scale),
+                                gate)
+        return self.o_proj(o.flatten(-2))
+
+
+def _conv_varlen(
+    qkv: torch.Tensor, weight: torch.Tensor, cu: list[int], conv: torch.Tensor, slots: list[int], mask: list[bool]
+) -> torch.Tensor:
+    """Short conv of packed sequences [T, C], each continuing from its slot's tail when mask[n]."""
+    outs = []
+    for n in range(len(cu) - 1):
+        s, e, slot = cu[n], cu[n + 1], slots[n]
+        y, tail = causal_conv(qkv[s:e], conv[slot] if mask[n] else None, weight)
+        outs.append(y)
+        conv[slot].copy_(tail)
+    return torch.cat(outs)
 
 
 class GLABlock(nn.Module):

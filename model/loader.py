@@ -121,7 +121,7 @@ def load_checkpoint(
         model.lm_head.weight = model.model.embeddings.weight
     model = model.to(device=device, dtype=dtype)
     model.eval()
-    return model
+    return model.fuse_for_inference()  # after the move: one GEMM per layer for q|k|v|g|gk, one for gate|up
 
 
 def load_tokenizer(path: str | Path | None):

@@ -7,12 +7,15 @@ live in a `StatePool`, independent of HF `generate()`. See docs/architecture.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+import kernels
 from model.config import GLAConfig
 from model.layers import GatedLinearAttention, GLABlock, RMSNorm, ShortConvolution
 from model.state import StatePool
@@ -58,6 +61,34 @@ class GLAModel(GLAPreTrainedModel):
         for layer in self.layers:
             h = layer.residual_mlp(layer.attn(layer.attn_norm(h)), h)
         return self.norm(h)
+
+    def serve_layers(
+        self, h: torch.Tensor, attn: Callable[[int, GatedLinearAttention, torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer stack of prefill/decode: embeddings h [M, d] -> (residual, last MLP output).
+
+        Same numerics as `forward`'s blocks, but each norm is one kernel together with the residual
+        add before it: the post-MLP add (`h = residual + mlp`, rounded to the activation dtype)
+        happens inside the next layer's `attn_norm` (round_sum), and the caller finishes the last one
+        with the final norm via `final_norm`. `attn(i, layer.attn, x)` runs layer i's attention.
+        """
+        m: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            n = layer.attn_norm
+            if m is None:
+                x = kernels.rms_norm_gate(h, None, n.weight, n.eps)
+            else:
+                x, h = kernels.add_rms_norm(m, h, n.weight, n.eps, round_sum=True)
+            a = attn(i, layer.attn, x)
+            x, h = kernels.add_rms_norm(a, h, layer.mlp_norm.weight, layer.mlp_norm.eps)
+            m = layer.mlp(x)
+        return h, m
+
+    def final_norm(self, h: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        """norm(h + m): the last layer's residual add fused into the final RMSNorm."""
+        if m is None:
+            return kernels.rms_norm_gate(h, None, self.norm.weight, self.norm.eps)
+        return kernels.add_rms_norm(m, h, self.norm.weight, self.norm.eps, round_sum=True)[0]
 
 
 class GLAForCausalLM(GLAPreTrainedModel):
@@ -110,6 +141,19 @@ class GLAForCausalLM(GLAPreTrainedModel):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # ---- serving interface ----------------------------------------------------------------------
+    def fuse_for_inference(self) -> GLAForCausalLM:
+        """Fuse each layer's input projections (q|k|v|g|gk_proj.0) and MLP gate|up into one weight each.
+
+        Call after the weights are loaded and moved (dtype/device): the original parameters become
+        views of the fused tensors, so names, shapes and state_dict() are unchanged and no memory is
+        duplicated. Idempotent. A later `.to()` silently unfuses (the layers fall back to separate
+        GEMMs); call this again afterwards. Training (`forward` with gradients) never uses the fusion.
+        """
+        for layer in self.model.layers:
+            layer.attn.fuse()
+            layer.mlp.fuse()
+        return self
+
     def new_state_pool(self, num_slots: int) -> StatePool:
         return StatePool(self.config, num_slots, device=self.lm_head.weight.device)
 
@@ -151,21 +195,15 @@ class GLAForCausalLM(GLAPreTrainedModel):
         cu_seqlens = cu_seqlens.to(dev, non_blocking=True)
         slots = slots.to(dev, non_blocking=True)
         initial_state_mask = initial_state_mask.to(dev, non_blocking=True)
-        h = self.model.embeddings(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            a = layer.attn.prefill(
-                layer.attn_norm(h),
-                cu_seqlens,
-                cu_cpu,
-                pool.recurrent[i],
-                pool.conv[i] if pool.conv is not None else None,
-                slots,
-                initial_state_mask,
-                conv_meta,
-            )
-            h = layer.residual_mlp(a, h)
+        conv = pool.conv
+
+        def attn(i: int, layer: GatedLinearAttention, x: torch.Tensor) -> torch.Tensor:
+            return layer.prefill(x, cu_seqlens, cu_cpu, pool.recurrent[i], conv[i] if conv is not None else None,
+                                 slots, initial_state_mask, conv_meta)
+
+        h, m = self.model.serve_layers(self.model.embeddings(input_ids), attn)
         last = cu_seqlens[1:].long() - 1
-        return self.lm_head(self.model.norm(h[last])).float()
+        return self.lm_head(self.model.final_norm(h[last], m[last] if m is not None else None)).float()
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, pool: StatePool, slots: torch.Tensor) -> torch.Tensor:
@@ -173,13 +211,13 @@ class GLAForCausalLM(GLAPreTrainedModel):
 
         Returns logits [B, vocab] float32.
         """
-        h = self.model.embeddings(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            a = layer.attn.decode(
-                layer.attn_norm(h), pool.recurrent[i], pool.conv[i] if pool.conv is not None else None, slots
-            )
-            h = layer.residual_mlp(a, h)
-        return self.lm_head(self.model.norm(h)).float()
+        conv = pool.conv
+
+        def attn(i: int, layer: GatedLinearAttention, x: torch.Tensor) -> torch.Tensor:
+            return layer.decode(x, pool.recurrent[i], conv[i] if conv is not None else None, slots)
+
+        h, m = self.model.serve_layers(self.model.embeddings(input_ids), attn)
+        return self.lm_head(self.model.final_norm(h, m)).float()
 
 
 __all__ = ["GLAForCausalLM", "GLAModel", "GLAPreTrainedModel", "GatedLinearAttention"]

@@ -39,7 +39,7 @@ class ModelRunner:
         use_cuda_graphs: bool = True,
         num_valid_tokens: int | None = None,
     ) -> None:
-        self.model = model
+        self.model = model.fuse_for_inference()  # idempotent; a model built or moved by the caller gets it too
         self.device = model.lm_head.weight.device
         self.vocab_size = model.config.vocab_size
         # Checkpoints pad the vocabulary past the tokenizer's; those ids must never be sampled.

@@ -1,0 +1,143 @@
+"""fuse_for_inference: same logits and states as the unfused model, same checkpoint, no extra memory.
+
+CPU fp32 runs the PyTorch forms of the fused ops, which repeat the unfused arithmetic; the only
+difference is one wide GEMM instead of several narrow ones, so prefill/decode agree to 1e-5 (rel).
+One test swaps in the Triton kernels (under the interpreter on the CPU) for the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from model import GLAForCausalLM, StatePool, load_checkpoint
+from tests.model.conftest import VOCAB, tiny_model
+
+TOL = 1e-5
+VARIANTS = {
+    "plain": {},
+    "shortconv-gqa": {"use_short_conv": True, "num_kv_heads": 2},
+    "no-gate-featuremap-clamp": {"use_output_gate": False, "feature_map": "relu", "clamp_min": -0.05},
+    "tied-no-affine": {"tie_word_embeddings": True, "elementwise_affine": False},
+    "gelu-unfused-norm": {"hidden_act": "gelu", "fuse_norm": False},
+}
+
+
+def i32(*xs: int) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.int32)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def run_serving(model: GLAForCausalLM, ids: torch.Tensor) -> tuple[list[torch.Tensor], StatePool]:
+    """Two packed sequences (one resumed from a state), then four decode steps of both."""
+    pool = StatePool(model.config, num_slots=3)
+    outs = [model.prefill(ids[:20], i32(0, 20), pool, i32(2))]
+    outs.append(model.prefill(ids[20:50], i32(0, 9, 30), pool, i32(0, 2), torch.tensor([False, True])))
+    for t in range(50, 54):
+        outs.append(model.decode(ids[t : t + 2], pool, i32(0, 2)))
+    return outs, pool
+
+
+def assert_same(a: tuple[list[torch.Tensor], StatePool], b: tuple[list[torch.Tensor], StatePool],
+                tol: float) -> None:
+    for i, (x, y) in enumerate(zip(a[0], b[0], strict=True)):
+        assert rel(x, y) < tol, f"step {i}: {rel(x, y):.2e}"
+    for (name, x), (_, y) in zip(a[1]._tensors(), b[1]._tensors(), strict=True):
+        assert rel(x, y) < tol, name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_fused_model_matches_unfused(variant: str) -> None:
+    model = tiny_model(**VARIANTS[variant])
+    ids = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(5))
+    ref = run_serving(model, ids)
+    fused = copy.deepcopy(model).fuse_for_inference()
+    assert all(layer.attn.fused_in.valid() and layer.mlp.fused.valid() for layer in fused.model.layers)
+    assert_same(run_serving(fused, ids), ref, TOL)
+    full = model(ids[None, :20]).logits[0, -1].detach()  # forward (no fusion) agrees with serving
+    assert rel(ref[0][0][0], full) < 2e-4
+
+
+def test_fusing_keeps_the_checkpoint_and_shares_memory(tmp_path: Path) -> None:
+    model = tiny_model(use_short_conv=True, num_kv_heads=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_for_inference()
+    attn, mlp = model.model.layers[0].attn, model.model.layers[0].mlp
+    first = (attn.fused_in, attn.fused_conv, mlp.fused)
+    model.fuse_for_inference()  # idempotent: the same fused tensors, nothing re-concatenated
+    assert (attn.fused_in, attn.fused_conv, mlp.fused) == first
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert after[k].shape == v.shape and torch.equal(after[k], v), k
+    storage = attn.fused_in.weight.untyped_storage().data_ptr()
+    for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.g_proj.weight, attn.gk_proj[0].weight):
+        assert p.untyped_storage().data_ptr() == storage and p.is_contiguous()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.fused.weight.untyped_storage().data_ptr()
+    # an in-place update of a parameter reaches the fused weight (load_state_dict does this)
+    model.load_state_dict({k: v + 1 if k.endswith("attn.k_proj.weight") else v for k, v in before.items()})
+    assert torch.equal(attn.fused_in.weight[attn.fused_in.splits[0]:][: attn.k_proj.out_features], before[
+        "model.layers.0.attn.k_proj.weight"] + 1)
+    model.save_pretrained(str(tmp_path))
+    loaded = load_checkpoint(tmp_path)  # the loader returns a fused model
+    assert loaded.model.layers[1].attn.fused_in is not None and loaded.model.layers[1].attn.fused_in.valid()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_dtype_move_unfuses_safely_and_training_still_works() -> None:
+    model = tiny_model(use_short_conv=True).fuse_for_inference()
+    ids = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(6))
+    ref = run_serving(model, ids)
+    model = model.double()
+    assert not model.model.layers[0].attn.fused_in.valid()  # falls back to separate GEMMs
+    moved = run_serving(model, ids)
+    assert_same(moved, ref, 1e-5)
+    model.fuse_for_inference()
+    assert model.model.layers[0].attn.fused_in.valid() and model.model.layers[0].attn.fused_in.weight.dtype == \
+        torch.float64
+    assert_same(run_serving(model, ids), moved, 1e-6)  # the unfused MLP computes swish in fp32, fused in fp64
+    model.train()
+    loss = model(ids[None], labels=ids[None]).loss
+    loss.backward()  # gradients reach the parameters (views of the fused tensors)
+    assert model.model.layers[0].attn.q_proj.weight.grad is not None
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", ["plain", "shortconv-gqa", "no-gate-featuremap-clamp"])
+def test_fused_model_on_the_triton_kernels(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole serving path with every Triton kernel swapped in (interpreted on the CPU)."""
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from kernels import triton_fused as tf
+    from kernels.triton_chunk import chunk_gla_prefill_triton
+    from kernels.triton_recurrent import fused_recurrent_gla_decode_triton
+
+    model = tiny_model(**VARIANTS[variant])
+    ids = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(7))
+    ref = run_serving(model, ids)
+    for name, fn in {"add_rms_norm": tf.add_rms_norm_triton, "rms_norm_gate": tf.rms_norm_gate_triton,
+                     "swiglu": tf.swiglu_triton, "gla_prep": tf.gla_prep_triton,
+                     "chunk_gla_prefill": chunk_gla_prefill_triton,
+                     "fused_recurrent_gla_decode": fused_recurrent_gla_decode_triton}.items():
+        monkeypatch.setattr(kernels, name, fn)
+    fused = copy.deepcopy(model).fuse_for_inference()
+    assert_same(run_serving(fused, ids), ref, 1e-4 if torch.cuda.is_available() else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_fused_cuda_model_matches_cpu(variant: str) -> None:
+    """CUDA (Triton kernels, fused) vs the CPU PyTorch model, fp32: TF32 GEMMs/dots bound it to ~1e-3."""
+    model = tiny_model(**VARIANTS[variant], hidden_size=512, num_hidden_layers=4)
+    ids = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(8))
+    ref = run_serving(model, ids)
+    gpu = copy.deepcopy(model).cuda().fuse_for_inference()
+    out, pool = run_serving(gpu, ids.cuda())
+    for i, (x, y) in enumerate(zip(out, ref[0], strict=True)):
+        assert rel(x.cpu(), y) < 5e-3, f"step {i}"
