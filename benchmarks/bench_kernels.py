@@ -75,9 +75,10 @@ def eager(fn: Callable[[], object], n: int = 30) -> tuple[float, float]:
 
 def prefill_inputs(lens: list[int], H: int, K: int, V: int):  # type: ignore[no-untyped-def]
     T = sum(lens)
-    q, k = (torch.randn(T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(T, H, V, device="cuda", dtype=torch.bfloat16)
-    g = (F.logsigmoid(torch.randn(T, H, K, device="cuda")) / 16).to(torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    q, k = (torch.randn(T, H, K, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    v = torch.randn(T, H, V, device="cuda", dtype=torch.bfloat16, generator=gen)
+    g = (F.logsigmoid(torch.randn(T, H, K, device="cuda", generator=gen)) / 16).to(torch.bfloat16)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     return q, k, v, g, cu
 
@@ -87,7 +88,7 @@ def bench_prefill(name: str, lens: list[int], with_fla: bool, seg: int | None = 
     H, K, V = SHAPES[name]
     T, N = sum(lens), len(lens)
     q, k, v, g, cu = prefill_inputs(lens, H, K, V)
-    pool = torch.randn(N, H, V, K, device="cuda") * 0.1
+    pool = torch.randn(N, H, V, K, device="cuda", generator=torch.Generator(device="cuda").manual_seed(N)) * 0.1
     slots = torch.arange(N, dtype=torch.int32, device="cuda")
     ours = lambda: chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots, seg_len=seg)
     flops = T * H * (4 * K * V + 64 * (K + V))
@@ -117,14 +118,16 @@ def bench_prefill(name: str, lens: list[int], with_fla: bool, seg: int | None = 
 
 def bench_decode(name: str, B: int, with_fla: bool, gated: bool = False, timing_eager: bool = True) -> dict:
     H, K, V = SHAPES[name]
-    q, k = (torch.randn(B, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(B, H, V, device="cuda", dtype=torch.bfloat16)
-    g = (F.logsigmoid(torch.randn(B, H, K, device="cuda")) / 16).to(torch.bfloat16)
+    # a private generator: a failed graph capture (fla's varlen path) leaves the default one unusable
+    gen = torch.Generator(device="cuda").manual_seed(B)
+    q, k = (torch.randn(B, H, K, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    v = torch.randn(B, H, V, device="cuda", dtype=torch.bfloat16, generator=gen)
+    g = (F.logsigmoid(torch.randn(B, H, K, device="cuda", generator=gen)) / 16).to(torch.bfloat16)
     S = 2 * B
-    pool = torch.randn(S, H, V, K, device="cuda") * 0.1
-    slots = torch.randperm(S, device="cuda")[:B].to(torch.int32)
-    gate = torch.randn(B, H, V, device="cuda", dtype=torch.bfloat16) if gated else None
-    w = torch.rand(V, device="cuda", dtype=torch.bfloat16) if gated else None
+    pool = torch.randn(S, H, V, K, device="cuda", generator=gen) * 0.1
+    slots = torch.randperm(S, device="cuda", generator=gen)[:B].to(torch.int32)
+    gate = torch.randn(B, H, V, device="cuda", dtype=torch.bfloat16, generator=gen) if gated else None
+    w = torch.rand(V, device="cuda", dtype=torch.bfloat16, generator=gen) if gated else None
     ours = lambda: fused_recurrent_gla_decode_triton(q, k, v, g, pool, slots, gate=gate, norm_weight=w)
     nbytes = 2 * B * H * V * K * 4 + (3 * B * H * K + 2 * B * H * V) * 2
     ms, how = graph_ms(ours, reps=50)

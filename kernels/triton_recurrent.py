@@ -17,8 +17,9 @@ import triton.language as tl
 
 from kernels._launch import Launcher, aligned
 
-# State elements per program (8K fp32 = 32 KB read and written) and warps; the benchmark sweeps them.
-DECODE: dict[str, int] = {"TILE_ELEMS": 8192, "num_warps": 4}
+# State elements per program (4K fp32 = 16 KB read and written) and warps; the benchmark sweeps them.
+# H200 sweep (benchmarks/results/kernels-h200-run1.json): 4096 elements on 2 warps was best at B=1, 64, 256.
+DECODE: dict[str, int] = {"TILE_ELEMS": 4096, "num_warps": 2}
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
