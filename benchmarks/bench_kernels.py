@@ -190,22 +190,22 @@ def sweep(rows: list[dict]) -> dict:
 def sweep_prep(rows: list[dict]) -> dict:
     """The prep kernel's key block and warps, scored on both shapes at T=2K and 32K (fla-relative)."""
     best = None
-    for bkc, nw in ((32, 4), (32, 8), (64, 4), (64, 8), (16, 4)):
-        triton_chunk.PREP.update(BKC=bkc, num_warps=nw)
+    for bkc, nw, bkd in ((32, 4, 0), (32, 4, 4), (32, 4, 8), (64, 4, 8), (32, 8, 8), (64, 8, 8), (32, 8, 4)):
+        triton_chunk.PREP.update(BKC=bkc, num_warps=nw, BKD=bkd)
         try:
             ms = [bench_prefill(name, lens, False, timing_eager=False) for name in SHAPES
                   for lens in ([2048], [32768])]
         except Exception as exc:
-            print(f"sweep prep BKC={bkc} nw={nw}: {type(exc).__name__}", flush=True)
+            print(f"sweep prep BKC={bkc} nw={nw} BKD={bkd}: {type(exc).__name__}", flush=True)
             continue
         for r in ms:
-            r.update(sweep="prep", BKC=bkc, prep_warps=nw)
+            r.update(sweep="prep", BKC=bkc, prep_warps=nw, BKD=bkd)
             rows.append(r)
         score = sum(r["ours_ms"] / ref for r, ref in zip(ms, (0.1, 1.6, 0.05, 0.8), strict=True))
-        print(f"sweep prep BKC={bkc} nw={nw}: " + ", ".join(f"{r['shape']} T={r['T']} {r['ours_ms'] * 1e3:.1f} us"
-                                                            for r in ms), flush=True)
+        times = ", ".join(f"{r['shape']} T={r['T']} {r['ours_ms'] * 1e3:.1f} us" for r in ms)
+        print(f"sweep prep BKC={bkc} nw={nw} BKD={bkd}: {times}", flush=True)
         if best is None or score < best[0]:
-            best = (score, {"BKC": bkc, "num_warps": nw})
+            best = (score, {"BKC": bkc, "num_warps": nw, "BKD": bkd})
     assert best is not None
     triton_chunk.PREP.update(best[1])
     print("chosen prep:", best[1], flush=True)

@@ -42,7 +42,7 @@ CONFIGS: dict[int, dict[str, int]] = {
 }
 # The prep kernel's key-channel block and warps (one setting for every head dim: its tiles are
 # [BT, BKC] whatever K is).
-PREP: dict[str, int] = {"BKC": 32, "num_warps": 4}
+PREP: dict[str, int] = {"BKC": 32, "num_warps": 4, "BKD": 0}
 MIN_SEG = 128
 MAX_SEG = 8192
 
@@ -78,13 +78,14 @@ def _seq_of_token(cu, p, N):
 @triton.jit(do_not_specialize=["N"])
 def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
                  H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr):
+                 BC: tl.constexpr, BKD: tl.constexpr):
     """Per (chunk, head), walking the key channels in blocks of BKC so every tile is [BT, BKC].
 
     Everything here is per key channel except the sum over channels that forms A, so the channel
     blocks only meet in two accumulators: the off-diagonal scores b_A [BT, BT] and the diagonal
     16-block columns b_D [BT, BC]. (Holding whole [BT, K] fp32 tiles spilled registers: at K=256
-    this kernel took 78% of the prefill.)
+    this kernel took 78% of the prefill.) BKD > 0 computes the diagonal blocks as one broadcast
+    [BT/BC, BC, BC, BKD] product per BKD channels instead of BC dependent gathered-row steps.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = _owner(cu, i_c, N, BT)
@@ -124,19 +125,34 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
             b_ka = tl.where(before[:, None], b_k * tl.exp2(tl.where(before[:, None], b_r[None, :] - b_gc, 0.)), 0.)
             b_A += tl.dot(b_qa, tl.trans(b_ka))
 
-        # Diagonal blocks, exactly: pairwise exp2(G_i - G_j) per key channel for j <= i in one
-        # 16-row block. Step jj handles column jj of every block: row i pairs with j = o_jb[i] + jj.
-        b_gw = tl.reshape(tl.cumsum(tl.reshape(b_g, [BT // BC, BC, BKC]), axis=1), [BT, BKC])
-        b_gj = b_gc - b_gw  # G just before row i's block; grows into G_j below
-        for jj in range(BC):
-            t_j = t0 + o_jb + jj
-            m_j = (t_j < eos)[:, None] & m_k[None, :]
-            p_j = ((t_j * H + i_h) * K)[:, None] + o_k[None, :]
-            b_kj = tl.load(k + p_j, mask=m_j, other=0.).to(tl.float32)
-            b_gj += tl.load(g + p_j, mask=m_j, other=0.).to(tl.float32) * 1.4426950408889634
-            # j > i within the block gives min(., 0) = 0: garbage that the causal store mask drops
-            b_col = tl.sum(b_q * b_kj * tl.exp2(tl.minimum(b_gc - b_gj, 0.)), axis=1)  # [BT]
-            b_D += tl.where(o_c[None, :] == jj, b_col[:, None], 0.)
+        if BKD == 0:
+            # Diagonal blocks, exactly: pairwise exp2(G_i - G_j) per key channel for j <= i in one
+            # 16-row block. Step jj handles column jj of every block: row i pairs with j = o_jb[i] + jj.
+            b_gw = tl.reshape(tl.cumsum(tl.reshape(b_g, [BT // BC, BC, BKC]), axis=1), [BT, BKC])
+            b_gj = b_gc - b_gw  # G just before row i's block; grows into G_j below
+            for jj in range(BC):
+                t_j = t0 + o_jb + jj
+                m_j = (t_j < eos)[:, None] & m_k[None, :]
+                p_j = ((t_j * H + i_h) * K)[:, None] + o_k[None, :]
+                b_kj = tl.load(k + p_j, mask=m_j, other=0.).to(tl.float32)
+                b_gj += tl.load(g + p_j, mask=m_j, other=0.).to(tl.float32) * 1.4426950408889634
+                # j > i within the block gives min(., 0) = 0: garbage that the causal store mask drops
+                b_col = tl.sum(b_q * b_kj * tl.exp2(tl.minimum(b_gc - b_gj, 0.)), axis=1)  # [BT]
+                b_D += tl.where(o_c[None, :] == jj, b_col[:, None], 0.)
+    if BKD > 0:
+        # Diagonal blocks as a broadcast: [blocks, i, j, channels] with the block-local cumsum,
+        # pairwise exp2(min(G_i - G_j, 0)); j > i is garbage the causal store mask drops.
+        for kb in range(0, K, BKD):
+            o_k = kb + tl.arange(0, BKD)
+            m_tk = m_t[:, None] & (o_k < K)[None, :]
+            p_tk = ((o_t * H + i_h) * K)[:, None] + o_k[None, :]
+            b_q4 = tl.reshape(tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32), [BT // BC, BC, BKD])
+            b_k4 = tl.reshape(tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32), [BT // BC, BC, BKD])
+            b_g4 = tl.reshape(tl.load(g + p_tk, mask=m_tk, other=0.).to(tl.float32) * 1.4426950408889634,
+                              [BT // BC, BC, BKD])
+            b_w4 = tl.cumsum(b_g4, axis=1)
+            b_e = tl.exp2(tl.minimum(b_w4[:, :, None, :] - b_w4[:, None, :, :], 0.))  # [BT/BC, BC, BC, BKD]
+            b_D += tl.reshape(tl.sum(b_q4[:, :, None, :] * b_k4[:, None, :, :] * b_e, axis=3), [BT, BC])
     o_j = tl.arange(0, BT)
     for jj in tl.static_range(BC):
         b_col = tl.sum(tl.where(o_c[None, :] == jj, b_D, 0.), axis=1)
@@ -371,8 +387,9 @@ def chunk_gla_prefill_triton(
            state_slots.dtype, h0_mask.dtype, cfg["num_warps"], cfg["num_stages"]) if ok else None
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     bkc = min(PREP["BKC"], BK)
-    _prep((n_chunks, H), key + (bkc, PREP["num_warps"]) if key else None,
-          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC), num_warps=PREP["num_warps"])
+    bkd = PREP["BKD"]
+    _prep((n_chunks, H), key + (bkc, bkd, PREP["num_warps"]) if key else None,
+          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd), num_warps=PREP["num_warps"])
     n_segs = T // seg + N
     W = Wd = state_pool
     if multi:

@@ -186,3 +186,33 @@ def test_prefill_256k_tokens_strong_gates_stable() -> None:
     assert torch.isfinite(o).all() and torch.isfinite(pool).all()
     assert_close(o, ref_o[0], 5e-3, "o")
     assert_close(pool, ref_s, 5e-3, "state")
+
+
+PREP_VARIANTS = [(32, 0), (16, 4), (32, 8), (64, 8)]
+
+
+@pytest.mark.parametrize("bkc,bkd", PREP_VARIANTS, ids=[f"BKC{c}-BKD{d}" for c, d in PREP_VARIANTS])
+def test_prefill_prep_variants_match_naive(bkc: int, bkd: int, nan_poison: None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every prep setting the benchmark may choose (key block BKC; diagonal blocks by gathered-row
+    steps, BKD=0, or by a broadcast over BKD channels) computes the spec: varlen with a chunk
+    boundary inside and a 1-token sequence, K not a multiple of the blocks, strong gates (n=1)."""
+    from kernels import triton_chunk
+
+    monkeypatch.setitem(triton_chunk.PREP, "BKC", bkc)
+    monkeypatch.setitem(triton_chunk.PREP, "BKD", bkd)
+    lens, H, K, V = [130, 1, 65], 2, 60, 40
+    T = sum(lens)
+    q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, 1, dtype=torch.float32, device=DEV))
+    pool = random_state(3, H, V, K, dtype=torch.float32, device=DEV)
+    h0 = pool.clone()
+    cu = torch.tensor([0, 130, 131, 196], dtype=torch.int32, device=DEV)
+    slots = torch.tensor([2, 0, 1], dtype=torch.int32, device=DEV)
+    o = chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots, initial_state_mask=torch.ones(3, dtype=torch.bool,
+                                                                                           device=DEV))
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        s = slots[i].item()
+        ref_o, ref_s = naive_recurrent_gla(*(x[None, a:b].double() for x in (q, k, v, g)),
+                                           initial_state=h0[s:s + 1].double(), output_final_state=True)
+        assert_close(o[a:b], ref_o[0], prefill_bound(torch.float32), f"o[{i}]")
+        assert_close(pool[s:s + 1], ref_s, prefill_bound(torch.float32), f"state[{i}]")
