@@ -18,10 +18,23 @@ import torch
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _stream_getter() -> Any:
+    """The raw current-stream handle getter (what Triton's own launch path uses): a C call, where
+    `torch.cuda.current_stream().cuda_stream` builds a Python Stream object every time."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return lambda device: torch.cuda.current_stream(device).cuda_stream
+    return raw
+
+
+_current_stream = _stream_getter()
+
+
 class Launcher:
     """`Launcher(kernel)(grid, key, args, num_warps=.., num_stages=..)`; args = every kernel parameter
     in declaration order, constexprs included. key must capture everything that selects the compiled
-    code (None disables the cache for this call, e.g. for misaligned inputs)."""
+    code and start with the CUDA device index (None disables the cache for this call, e.g. for
+    misaligned inputs)."""
 
     fast_ok = not _INTERPRET
 
@@ -34,7 +47,7 @@ class Launcher:
         if kernel is not None and Launcher.fast_ok:
             g = (*grid, 1, 1)
             try:
-                kernel.run(g[0], g[1], g[2], torch.cuda.current_stream().cuda_stream, kernel.function,
+                kernel.run(g[0], g[1], g[2], _current_stream(key[0]), kernel.function,
                            kernel.packed_metadata, None, None, None, *args)
                 return
             except (TypeError, AttributeError, ValueError):

@@ -1,0 +1,80 @@
+"""Host time per eager call of our kernels, split into its parts (CUDA GPU needed).
+
+The kernel issue bounds host overhead per call (prefill <= 50 us, decode <= 30 us) because the engine
+calls each kernel once per layer per step outside CUDA graphs. This times, with the GPU kept busy
+so launches never wait: the whole call; the launch alone (`Launcher` with prebuilt arguments); a
+bare `torch.empty`; and the stream lookup, so a closing note can say where the time goes.
+
+    python benchmarks/host_overhead.py --out host.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+
+def per_call_us(fn: Callable[[], object], n: int = 300) -> float:
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="host.json")
+    args = ap.parse_args()
+    from kernels import _launch, triton_recurrent
+    from kernels.triton_chunk import chunk_gla_prefill_triton
+    from kernels.triton_recurrent import fused_recurrent_gla_decode_triton
+
+    H, K, V = 4, 256, 512
+    res: dict[str, float] = {}
+    B = 8
+    q, k = (torch.randn(B, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, V, device="cuda", dtype=torch.bfloat16)
+    g = (F.logsigmoid(torch.randn(B, H, K, device="cuda")) / 16).to(torch.bfloat16)
+    pool = torch.randn(2 * B, H, V, K, device="cuda")
+    slots = torch.arange(B, dtype=torch.int32, device="cuda")
+    res["decode_call_us"] = per_call_us(lambda: fused_recurrent_gla_decode_triton(q, k, v, g, pool, slots))
+    o = torch.empty_like(v)
+    nw = triton_recurrent.DECODE["num_warps"]
+    BV = min(V, triton_recurrent.DECODE["TILE_ELEMS"] // K)
+    NV = V // BV
+    key = (v.device.index, q.dtype, v.dtype, g.dtype, slots.dtype, H, K, V, BV, nw)
+    kargs = (q, k, v, g, pool, slots, o, o, o, o, o, K**-0.5, 1e-6, H, K, V, K, BV, NV, 16, False, False)
+    res["decode_launch_only_us"] = per_call_us(lambda: triton_recurrent._decode((NV, B * H), key, kargs,
+                                                                                num_warps=nw))
+    res["torch_empty_us"] = per_call_us(lambda: torch.empty(B, H, V, dtype=torch.bfloat16, device="cuda"))
+    res["raw_stream_us"] = per_call_us(lambda: _launch._current_stream(0))
+    res["stream_object_us"] = per_call_us(lambda: torch.cuda.current_stream().cuda_stream)
+    res["fast_launch_ok"] = float(_launch.Launcher.fast_ok)
+    for T in (2048, 32768):
+        qq, kk = (torch.randn(T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        vv = torch.randn(T, H, V, device="cuda", dtype=torch.bfloat16)
+        gg = (F.logsigmoid(torch.randn(T, H, K, device="cuda")) / 16).to(torch.bfloat16)
+        cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+        pp = torch.randn(1, H, V, K, device="cuda")
+        sl = torch.zeros(1, dtype=torch.int32, device="cuda")
+        res[f"prefill_T{T}_call_us"] = per_call_us(partial(chunk_gla_prefill_triton, qq, kk, vv, gg, cu, pp, sl),
+                                                   n=50)
+    print(json.dumps(res, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
