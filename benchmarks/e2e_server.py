@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,55 @@ async def run_level(url: str, concurrency: int, prompt_len: int, max_tokens: int
     return out
 
 
+async def ttft(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Time to the first streamed token of one /generate_stream request, and its final event."""
+    t0 = time.perf_counter()
+    first = None
+    last: dict[str, Any] = {}
+    async with client.stream("POST", "/generate_stream", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data:") and line[5:].strip() not in ("", "[DONE]"):
+                if first is None and '"token"' in line:
+                    first = time.perf_counter() - t0
+                last = json.loads(line[5:])
+    assert first is not None, "no token streamed"
+    return first, last
+
+
+async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int) -> list[dict[str, Any]]:
+    """Turn k+1 of a conversation whose state is cached vs re-prefilling its whole history.
+
+    For each history length: (1) TTFT of one request carrying history + new tokens with no
+    conversation id (fresh random ids, so no prefix-cache hit); (2) a conversation's first turn
+    with the history (commits its state), then its second turn with only the new tokens: TTFT of
+    the resumed turn. Every request asks for one greedy token.
+    """
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for n in histories:
+            hist = partial(lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist(), n)
+            new = torch.randint(3, vocab, (new_tokens,), generator=gen).tolist()
+            base = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+            await ttft(client, {**base, "prompt_token_ids": hist() + new})  # warm-up of this length
+            full = [(await ttft(client, {**base, "prompt_token_ids": hist() + new}))[0] for _ in range(3)]
+            resumed = []
+            for i in range(3):
+                cid = f"resume-{n}-{i}"
+                await ttft(client, {**base, "prompt_token_ids": hist(), "conversation_id": cid})
+                t, last = await ttft(client, {**base, "prompt_token_ids": new, "conversation_id": cid})
+                resumed.append(t)
+            row = {"history_tokens": n, "new_tokens": new_tokens,
+                   "reprefill_ttft_ms": 1e3 * statistics.median(full),
+                   "resumed_ttft_ms": 1e3 * statistics.median(resumed), "last_event": last}
+            row["speedup"] = row["reprefill_ttft_ms"] / row["resumed_ttft_ms"]
+            print(f"history {n:6d}: re-prefill TTFT {row['reprefill_ttft_ms']:8.1f} ms, resumed "
+                  f"{row['resumed_ttft_ms']:7.1f} ms, x{row['speedup']:.1f}", flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -120,6 +170,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--resume", type=int, nargs="*", default=None,
+                    help="also time resumed turns after histories of these lengths (e.g. 1024 32768)")
     args = ap.parse_args()
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -161,6 +213,7 @@ def main() -> None:
         asyncio.run(run_level(url, c, args.prompt_tokens, 8, vocab))
     print("-- measured --", flush=True)
     levels = [asyncio.run(run_level(url, c, args.prompt_tokens, args.max_tokens, vocab)) for c in args.concurrency]
+    resume = asyncio.run(run_resume(url, args.resume, 16, vocab)) if args.resume else None
     server.should_exit = True
     thread.join(timeout=30)
 
@@ -181,6 +234,7 @@ def main() -> None:
         "startup_s": startup_s,
         "client": "httpx asyncio in the server's process (own thread); one SSE stream per request",
         "levels": levels,
+        "resume": resume,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

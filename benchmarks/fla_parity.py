@@ -82,6 +82,8 @@ def main() -> None:
                     step = r(nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1].float()
                 mine = o.decode(nxt.flatten(), pool, slots)
                 row[f"{tag}_T{T}_decode_step"] = rel_rms(mine, step)
+                print(f"{name} {tag} T={T}: forward {row[f'{tag}_T{T}_forward']:.2e} decode step "
+                      f"{row[f'{tag}_T{T}_decode_step']:.2e}", flush=True)
             ref = r.float()
         results.append(row)
         print(json.dumps(row))
