@@ -2,7 +2,9 @@
 
 Recurrence S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t * scale (scale = K ** -0.5 by default),
 state V-first [.., H, V, K] float32. CPU tensors run PyTorch; CUDA tensors run Triton when it imports.
-Importing this package never needs Triton or a GPU.
+Importing this package never needs Triton or a GPU. Besides the recurrence, the fused layer ops that
+cut a serving layer to ~9 kernels live here too: add_rms_norm, rms_norm_gate, swiglu and gla_prep
+(kernels/triton_fused.py on CUDA, kernels/fused_torch.py elsewhere).
 """
 
 from __future__ import annotations

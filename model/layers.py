@@ -183,7 +183,7 @@ class GatedLinearAttention(nn.Module):
         if self.use_short_conv:
             self.fused_conv = fuse(self.fused_conv, self._conv_params())
 
-    # ---- shared pieces --------------------------------------------------------------------------
+    # ---- forward (training) pieces: separate projections, autograd through plain PyTorch ---------
     def _conv_splits(self) -> list[int]:
         return [self.q_proj.out_features, self.key_dim_kv, self.value_dim_kv]
 
