@@ -169,7 +169,7 @@ def _cuda_kernels(fn) -> int:  # type: ignore[no-untyped-def]
 
 @pytest.mark.gpu
 def test_decode_launches_few_kernels_per_layer() -> None:
-    """The point of the fusion: ~9 kernels per layer in a decode step (was ~45). Prints the counts."""
+    """The point of the fusion: 9 ops per layer in a decode step (was ~45). Prints the counts (-s)."""
     counts = {}
     ids, slots = torch.tensor([5], device="cuda"), torch.tensor([0], dtype=torch.int32, device="cuda")
     for layers in (1, 3):
@@ -178,7 +178,7 @@ def test_decode_launches_few_kernels_per_layer() -> None:
         counts[layers] = _cuda_kernels(lambda m=model, p=pool: m.decode(ids, p, slots))
     per_layer = (counts[3] - counts[1]) / 2
     print(f"decode kernels: 1 layer {counts[1]}, 3 layers {counts[3]}, per layer {per_layer}")
-    assert per_layer <= 12, counts
+    assert per_layer <= 13, counts  # 9 ops; cuBLAS may add a split-K reduce to some of the 4 GEMMs
 
 
 @pytest.mark.gpu
