@@ -80,6 +80,7 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = GLAForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.fuse_for_inference()
     pool = model.new_state_pool(65)
     for B in (1, 64):
         tok = torch.randint(0, 32000, (B,), device="cuda")
