@@ -158,9 +158,6 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
             print(f"history {n:6d}: re-prefill TTFT {row['reprefill_ttft_ms']:8.1f} ms, resumed "
                   f"{row['resumed_ttft_ms']:7.1f} ms, x{row['speedup']:.1f}", flush=True)
             rows.append(row)
-        metrics = (await client.get("/metrics")).text
-    lines = [ln for ln in metrics.splitlines() if not ln.startswith("#") and ("cache" in ln or "state" in ln)]
-    rows.append({"metrics": lines[:200]})
     return rows
 
 

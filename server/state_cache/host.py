@@ -86,10 +86,7 @@ class HostLRU:
         for name, t in tensors.items():
             t = t.detach()
             if self.pin_memory:
-                if t.device.type != "cpu" or not t.is_pinned():
-                    t = t.to("cpu").pin_memory()
-                elif t.untyped_storage().nbytes() != t.nbytes:  # a view: own exactly its bytes
-                    t = t.clone().pin_memory()
+                t = t.to("cpu").pin_memory()
             elif t.device.type != "cpu":
                 t = t.to("cpu")
             out[name] = t
