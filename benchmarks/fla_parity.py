@@ -28,7 +28,14 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="fla-parity.json")
+    ap.add_argument("--first-config", action="store_true",
+                    help="fla's autotuned kernels use their first config: same math, minutes less compiling")
     args = ap.parse_args()
+    if args.first_config:
+        import triton
+
+        autotune = triton.autotune
+        triton.autotune = lambda configs, key, **kw: autotune(configs[:1], key, **kw)
     import fla  # registers fla's "gla" classes first; ours re-register with exist_ok
     from fla.models import GLAConfig as FlaConfig
     from fla.models import GLAForCausalLM as FlaModel
@@ -95,6 +102,7 @@ def main() -> None:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/fla_parity.py",
         "TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT"),
+        "fla_first_config": args.first_config,
         "bounds": {"fp32": 1e-4, "bf16": 5e-3},
     }
     with open(args.out, "w") as f:
