@@ -78,7 +78,7 @@ def _seq_of_token(cu, p, N):
 @triton.jit(do_not_specialize=["N"])
 def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
                  H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr, BKD: tl.constexpr):
+                 BC: tl.constexpr, BKD: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, head), walking the key channels in blocks of BKC so every tile is [BT, BKC].
 
     Everything here is per key channel except the sum over channels that forms A, so the channel
@@ -123,7 +123,7 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
             b_r = tl.sum(tl.where((o_i == a * BC)[:, None], b_gc, 0.), axis=0)
             b_qa = tl.where(in_a[:, None], b_q * tl.exp2(tl.where(in_a[:, None], b_gc - b_r[None, :], 0.)), 0.)
             b_ka = tl.where(before[:, None], b_k * tl.exp2(tl.where(before[:, None], b_r[None, :] - b_gc, 0.)), 0.)
-            b_A += tl.dot(b_qa, tl.trans(b_ka))
+            b_A += tl.dot(b_qa, tl.trans(b_ka), input_precision=PREC)
 
         if BKD == 0:
             # Diagonal blocks, exactly: pairwise exp2(G_i - G_j) per key channel for j <= i in one
@@ -165,7 +165,8 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
 @triton.jit(do_not_specialize=["N", "SEG"])
 def _state_kernel(k, v, g, kd, gl, pool, slots, h0_mask, W, Wd, out, pos, cu, N, SEG,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, BT: tl.constexpr, IS_CKPT: tl.constexpr, HAS_MASK: tl.constexpr):
+                  BV: tl.constexpr, BT: tl.constexpr, IS_CKPT: tl.constexpr, HAS_MASK: tl.constexpr,
+                  PREC: tl.constexpr):
     """Segment-local final states (IS_CKPT=False) or the state after checkpoint token pos[i]."""
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = tl.arange(0, BK)
@@ -219,7 +220,7 @@ def _state_kernel(k, v, g, kd, gl, pool, slots, h0_mask, W, Wd, out, pos, cu, N,
             b_kd = tl.load(kd + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.)
             b_gl = tl.load(gl + ((c_slot0 + c) * H + i_h) * K + o_k, mask=m_k, other=0.)
             b_d += b_gl
-        b_h = b_h * tl.exp2(b_gl)[None, :] + tl.dot(tl.trans(b_v.to(b_kd.dtype)), b_kd)
+        b_h = b_h * tl.exp2(b_gl)[None, :] + tl.dot(tl.trans(b_v.to(b_kd.dtype)), b_kd, input_precision=PREC)
     tl.store(p_out, b_h, mask=m_vk)
     if not IS_CKPT:
         if i_v == 0:
@@ -259,7 +260,7 @@ def _scan_kernel(pool, slots, h0_mask, W, Wd, cu, SEG,
 def _output_kernel(qg, kd, v, gl, A, o, pool, slots, h0_mask, W, cu, N, SEG, scale,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, BT: tl.constexpr, MULTI_SEG: tl.constexpr,
-                   HAS_MASK: tl.constexpr):
+                   HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = _owner(cu, i_s, N, SEG)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -298,10 +299,10 @@ def _output_kernel(qg, kd, v, gl, A, o, pool, slots, h0_mask, W, cu, N, SEG, sca
         b_A = tl.load(A + ((o_t * H + i_h) * BT)[:, None] + o_i[None, :],
                       mask=m_t[:, None] & (o_i[None, :] <= o_i[:, None]), other=0.)
         b_gl = tl.load(gl + ((c_slot0 + c) * H + i_h) * K + o_k, mask=m_k, other=0.)
-        b_o = tl.dot(b_qg, tl.trans(b_h.to(b_qg.dtype))) * scale
-        b_o += tl.dot(b_A.to(b_v.dtype), b_v)
+        b_o = tl.dot(b_qg, tl.trans(b_h.to(b_qg.dtype)), input_precision=PREC) * scale
+        b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
         tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
-        b_h = b_h * tl.exp2(b_gl)[None, :] + tl.dot(tl.trans(b_v), b_kd)
+        b_h = b_h * tl.exp2(b_gl)[None, :] + tl.dot(tl.trans(b_v), b_kd, input_precision=PREC)
     if end == eos:
         tl.store(p_pool, b_h, mask=m_vk)
 
@@ -349,7 +350,7 @@ def chunk_gla_prefill_triton(
     """The Triton implementation of `kernels.chunk_gla_prefill` (same arguments and returns).
 
     `seg_len` (a multiple of 64) overrides the segment length heuristic, for tests and tuning.
-    Inputs must be contiguous; dots run in the input dtype (fp32 inputs: TF32).
+    Inputs must be contiguous; dots run in the input dtype (fp32 inputs: exact fp32, not TF32).
     """
     T, H, K = q.shape
     V = v.shape[-1]
@@ -388,8 +389,12 @@ def chunk_gla_prefill_triton(
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     bkc = min(PREP["BKC"], BK)
     bkd = PREP["BKD"]
+    # fp32 inputs get exact fp32 dots: someone serving in fp32 asked for fp32 accuracy (TF32 put the
+    # logits of a prefill + decode hand-off 7e-4 from fla's fp32 model; IEEE dots: 1e-6)
+    prec = "ieee" if dt == torch.float32 else "tf32"
     _prep((n_chunks, H), key + (bkc, bkd, PREP["num_warps"]) if key else None,
-          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd), num_warps=PREP["num_warps"])
+          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec),
+          num_warps=PREP["num_warps"])
     n_segs = T // seg + N
     W = Wd = state_pool
     if multi:
@@ -397,7 +402,7 @@ def chunk_gla_prefill_triton(
         Wd = torch.empty(n_segs, H, K, dtype=torch.float32, device=dev)
         _state((NV, H, n_segs), key, (k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, W,
                                       cu_seqlens, cu_seqlens, N, seg, H, K, V, BK, BV, BT, False,
-                                      has_mask), **opts)
+                                      has_mask, prec), **opts)
         block = 2048
         _scan((triton.cdiv(V * K, block), N * H), key, (state_pool, state_slots, h0_mask, W, Wd, cu_seqlens,
                                                         seg, H, K, V, block, has_mask), num_warps=8)
@@ -408,7 +413,7 @@ def chunk_gla_prefill_triton(
         if M > 0:  # rare (state-cache snapshots): the normal launch path is fine here
             _state_kernel[(NV, H, M)](k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, states,
                                       checkpoint_positions, cu_seqlens, N, seg, H=H, K=K, V=V, BK=BK,
-                                      BV=BV, BT=BT, IS_CKPT=True, HAS_MASK=has_mask, **opts)
+                                      BV=BV, BT=BT, IS_CKPT=True, HAS_MASK=has_mask, PREC=prec, **opts)
     _output((NV, H, n_segs), key, (qg, kd, v, gl, A, o, state_pool, state_slots, h0_mask, W, cu_seqlens, N,
-                                   seg, scale, H, K, V, BK, BV, BT, multi, has_mask), **opts)
+                                   seg, scale, H, K, V, BK, BV, BT, multi, has_mask, prec), **opts)
     return o if states is None else (o, states)
