@@ -10,6 +10,7 @@ and `abort` cross from request handlers into the engine.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
@@ -28,11 +29,17 @@ from server.errors import BadRequest, Unavailable
 from server.model_runner import ModelRunner
 from server.sampler import SampleResult
 from server.sampling_params import SamplingParams
-from server.scheduler import Scheduler
+from server.scheduler import ParkedState, Scheduler
 from server.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
 from server.settings import Settings
+from server.state_cache.keys import tokens_to_bytes
 
 log = logging.getLogger("gla.engine")
+
+
+def _log_hash(token_ids: list[int]) -> bytes:
+    """Identifies the exact tokens a parked state summarises."""
+    return hashlib.blake2b(tokens_to_bytes(token_ids), digest_size=16).digest()
 
 
 class EngineObserver(Protocol):
@@ -124,6 +131,7 @@ class AsyncEngine:
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self.num_steps = 0
+        self.num_device_hits = 0
         self.is_stopping = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -352,6 +360,7 @@ class AsyncEngine:
         for seq in self._incoming:
             if seq.request_id in self._aborts:
                 continue
+            self._resume_in_slot(seq)
             self.scheduler.add(seq)
         aborted = [s for s in self._incoming if s.request_id in self._aborts]
         self._incoming = []
@@ -369,8 +378,44 @@ class AsyncEngine:
             outs.append(self._final_output(seq, ""))
         self._dispatch(outs)
 
+    def _resume_in_slot(self, seq: Sequence) -> None:
+        """The device tier: continue a conversation from the state its last turn left in its slot.
+
+        Used only when that state summarises exactly the store's log minus its pending token (the
+        log is the truth: a turn taken on another replica meanwhile makes the parked state stale,
+        and it is dropped). Whatever the store loaded is then not copied in at all.
+        """
+        if seq.conversation is None or not self.settings.resident_conversations:
+            return
+        parked = self.scheduler.claim_parked(seq.conversation)
+        history = seq.history_token_ids
+        hit = (parked is not None and len(history) >= 1 and parked.num_tokens == len(history) - 1
+               and parked.log_hash == _log_hash(history[:-1]))
+        self._notify_cache("device", hit)
+        if not hit:
+            if parked is not None:
+                self.scheduler.free_slot(parked.slot)
+            return
+        assert parked is not None
+        self.num_device_hits += 1
+        seq.reserved_slot = parked.slot
+        seq.state_in_slot = True
+        seq.initial_state = None
+        seq.num_restored_tokens = len(history) - 1
+        seq.input_token_ids = [history[-1], *seq.prompt_token_ids]
+
+    def _notify_cache(self, tier: str, hit: bool | None, evictions: int = 0) -> None:
+        for obs in self.observers:
+            if hit is not None and (fn := getattr(obs, "on_cache_lookup", None)) is not None:
+                fn(tier, hit)
+            if evictions and (fn := getattr(obs, "on_cache_evict", None)) is not None:
+                fn(tier, evictions)
+
     def _step(self) -> list[RequestOutput]:
+        evicted = self.scheduler.num_parked_evictions
         batch = self.scheduler.schedule()
+        if self.scheduler.num_parked_evictions != evicted:
+            self._notify_cache("device", None, self.scheduler.num_parked_evictions - evicted)
         if batch.is_empty:
             return []
         now = time.monotonic()
@@ -414,8 +459,8 @@ class AsyncEngine:
             if seq.finish_reason is not None:
                 if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
                     seq.output_text += seq.detokenizer.flush()  # a held-back partial character
-                self._commit(seq)
-                self.scheduler.finish(seq)
+                park = self._commit(seq)
+                self.scheduler.finish(seq, park=park)
                 self._end(seq, seq.finish_reason)
                 out = self._final_output(seq, self._take_text(seq, final=True))
             else:
@@ -434,17 +479,22 @@ class AsyncEngine:
         seq.num_emitted_chars = max(seq.num_emitted_chars, safe)
         return text
 
-    def _commit(self, seq: Sequence) -> None:
+    def _commit(self, seq: Sequence) -> tuple[ConversationKey, ParkedState] | None:
+        """Commit a finished turn; returns where to park its state when the device tier is on."""
         if seq.conversation is None:
             # The slot has consumed every token but the last sampled one; one output token means
             # the state is still the prompt's, stored already.
             if len(seq.output_token_ids) > 1:
                 self._store_prefix(seq, seq.token_log()[:-1])
-            return
+            return None
         if seq.slot is None:
-            return
-        snapshot = ConversationSnapshot(seq.token_log(), self.runner.read_state(seq.slot))
+            return None
+        log_ids = seq.token_log()
+        snapshot = ConversationSnapshot(log_ids, self.runner.read_state(seq.slot))
         self.conversations.commit(seq.conversation, snapshot)
+        if not self.settings.resident_conversations:
+            return None
+        return seq.conversation, ParkedState(seq.slot, len(log_ids) - 1, _log_hash(log_ids[:-1]))
 
     def _end(self, seq: Sequence, reason: FinishReason) -> None:
         """Bookkeeping common to every way a request ends (the slot is already free)."""
@@ -495,6 +545,9 @@ class AsyncEngine:
             "running": self.num_running,
             "waiting": self.num_waiting,
             "free_slots": self.scheduler.num_free_slots,
+            "resident_conversations": len(self.scheduler.parked),
+            "device_hits": self.num_device_hits,
+            "device_evictions": self.scheduler.num_parked_evictions,
             "max_num_seqs": self.settings.max_num_seqs,
             "steps": self.num_steps,
             "state_bytes_per_slot": self.runner.bytes_per_slot,

@@ -307,6 +307,8 @@ class EngineMetrics:
             metrics.num_requests_waiting.set_function(lambda: stats()["waiting"])
             metrics.state_slots_total.set_function(lambda: stats()["max_num_seqs"])
             metrics.state_slots_used.set_function(lambda: stats()["max_num_seqs"] - stats()["free_slots"])
+            metrics.state_cache_bytes.labels("device").set_function(
+                lambda: stats().get("resident_conversations", 0) * stats().get("state_bytes_per_slot", 0))
 
     def on_step(self, seqs: list[Any], num_prefill_tokens: int, now: float) -> None:
         """`seqs` each sampled one token this step (finished ones included: the engine reports
@@ -325,6 +327,12 @@ class EngineMetrics:
             else:
                 self._last_token_at[seq.request_id] = now
         m.generation_tokens.inc(len(seqs))
+
+    def on_cache_lookup(self, tier: str, hit: bool) -> None:
+        self.metrics.on_cache_lookup(tier, hit)
+
+    def on_cache_evict(self, tier: str, num_states: int) -> None:
+        self.metrics.on_cache_evict(tier, num_states)
 
     def on_finish(self, seq: Any, now: float) -> None:
         reason = str(seq.finish_reason)

@@ -84,7 +84,7 @@ class ModelRunner:
                 ids += c.seq.input_token_ids[c.start : c.end]
                 cu.append(len(ids))
                 slots.append(c.seq.slot)
-                mask.append(c.start > 0 or c.seq.initial_state is not None)
+                mask.append(c.start > 0 or c.seq.initial_state is not None or c.seq.state_in_slot)
             out = self.model.prefill(  # metadata stays on the host: the model needs its values there
                 torch.tensor(ids, dtype=torch.long).to(self.device),
                 torch.tensor(cu, dtype=torch.int32),

@@ -3,11 +3,16 @@
 Each step decodes every running sequence whose prompt is consumed, and prefills waiting prompt
 tokens up to `max_num_batched_tokens`, so a long prompt is split across steps and running streams
 never wait more than one budget for it. Admission is FIFO; a sequence keeps its slot until it ends.
+
+The device tier of the state cache lives here too: a conversation turn that ends normally may
+leave its state parked in its slot. Parked slots count as free; when no truly free slot is left,
+admission takes the least recently parked one (its state was committed to the store already).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from server.errors import Overloaded
@@ -23,6 +28,16 @@ class PrefillChunk:
     @property
     def is_last(self) -> bool:
         return self.end == self.seq.num_input_tokens
+
+
+@dataclass(slots=True, frozen=True)
+class ParkedState:
+    """A finished turn's state left in its slot: it summarises exactly `num_tokens` log tokens
+    whose hash is `log_hash` (the conversation's log minus its pending last token)."""
+
+    slot: int
+    num_tokens: int
+    log_hash: bytes
 
 
 @dataclass(slots=True)
@@ -66,11 +81,30 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+        self.parked: OrderedDict[Hashable, ParkedState] = OrderedDict()  # least recently parked first
+        self.num_parked_evictions = 0
         self.num_waiting_tokens = 0
 
     @property
     def num_free_slots(self) -> int:
-        return len(self.free_slots)
+        """Slots a new sequence can get now: free ones plus parked states it may evict."""
+        return len(self.free_slots) + len(self.parked)
+
+    def claim_parked(self, key: Hashable) -> ParkedState | None:
+        """Take `key`'s parked state out of the tier (its slot is then the caller's to use or free)."""
+        return self.parked.pop(key, None)
+
+    def free_slot(self, slot: int) -> None:
+        self.free_slots.append(slot)
+
+    def _take_slot(self, seq: Sequence) -> int:
+        if seq.reserved_slot is not None:
+            return seq.reserved_slot
+        if self.free_slots:
+            return self.free_slots.pop()
+        _, parked = self.parked.popitem(last=False)
+        self.num_parked_evictions += 1
+        return parked.slot
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -97,10 +131,11 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        while self.waiting and self.free_slots:
+        while self.waiting and (self.free_slots or self.parked or self.waiting[0].reserved_slot is not None):
             seq = self.waiting.popleft()
             self.num_waiting_tokens -= seq.num_input_tokens
-            seq.slot = self.free_slots.pop()
+            seq.slot = self._take_slot(seq)
+            seq.reserved_slot = None
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.admitted.append(seq)
@@ -114,12 +149,16 @@ class Scheduler:
                 budget -= n
         return batch
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a sequence wherever it is and free its slot."""
+    def finish(self, seq: Sequence, park: tuple[Hashable, ParkedState] | None = None) -> None:
+        """Remove a sequence wherever it is and free its slot, or park its state there under a key."""
         seq.status = SequenceStatus.FINISHED
         if seq.slot is not None:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            if park is not None and park[1].slot == seq.slot:
+                self.parked.pop(park[0], None)
+                self.parked[park[0]] = park[1]
+            else:
+                self.free_slots.append(seq.slot)
             seq.slot = None
         else:
             try:
@@ -127,3 +166,6 @@ class Scheduler:
                 self.num_waiting_tokens -= seq.num_input_tokens
             except ValueError:
                 pass
+            if seq.reserved_slot is not None:
+                self.free_slots.append(seq.reserved_slot)
+                seq.reserved_slot = None

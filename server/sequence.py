@@ -63,6 +63,8 @@ class Sequence:
     eos_token_id: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int | None = None
+    reserved_slot: int | None = None  # the slot already holding this conversation's state (device tier)
+    state_in_slot: bool = False  # resumed from `reserved_slot` as it is: nothing to load
     num_prefilled: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
@@ -92,7 +94,7 @@ class Sequence:
     @property
     def num_cached_tokens(self) -> int:
         """Context tokens this turn did not have to prefill (restored from a snapshot)."""
-        return self.num_restored_tokens if self.initial_state is not None else 0
+        return self.num_restored_tokens if self.initial_state is not None or self.state_in_slot else 0
 
     @property
     def context_token_ids(self) -> list[int]:

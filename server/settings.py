@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     conversation_cache_bytes: int = Field(
         2 * 2**30, ge=0, description="in-process conversation state LRU budget in bytes"
     )
+    resident_conversations: bool = Field(
+        True, description="leave a finished turn's state in its device slot until the slot is needed (device tier)"
+    )
     host_cache_bytes: int = Field(8 * 2**30, ge=0, description="host-memory state tier budget in bytes")
     state_cache_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype states are stored in outside the device (bfloat16 halves the bytes)"

@@ -47,7 +47,8 @@ def test_resume_equals_replay(server: RunningServer, client: httpx.Client) -> No
 
 
 def test_resume_after_state_eviction_rebuilds_from_the_log() -> None:
-    srv = start_server(conversation_cache_bytes=1024)  # keeps token logs, never a state
+    # keeps token logs, never a state, and no state stays parked in its device slot either
+    srv = start_server(conversation_cache_bytes=1024, resident_conversations=False)
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             turns = _run_conversation(c, "evicted")
