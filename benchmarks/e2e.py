@@ -134,31 +134,43 @@ def main() -> None:
     cfg = GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=24, vocab_size=32000)
     batches = [1, 16, 64] if args.quick else [1, 16, 64, 256]
     res = run_ours(cfg, batches, args.quick)
+    res["meta"] = meta(args)
+    save(args.out, res)  # a run cut off inside the fla part still leaves ours
     torch.cuda.empty_cache()
 
     if not args.no_fla:
-        res["fla"] = run_fla(cfg, batches, args.new_tokens, quick=args.quick)
+        res["fla"] = {}
+        run_fla(cfg, batches, args.new_tokens, quick=args.quick, out=res["fla"],
+                save=lambda: save(args.out, res))
         for b, r in res["fla"]["generate"].items():
             ours = res["decode"].get(int(b))
             if ours:
                 r["ours_over_fla_decode_tok_s"] = ours["tok_per_s"] / r["decode_tok_per_s"]
         if 2048 in res["prefill"]:
             res["fla"]["prefill_2048_ratio"] = res["fla"]["forward_2048_ms"] / res["prefill"][2048]["ms"]
-    res["meta"] = {
+    save(args.out, res)
+    print(json.dumps(res, indent=1, default=str))
+
+
+def meta(args: argparse.Namespace) -> dict:
+    return {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         or "unknown",
-        "command": "python benchmarks/e2e.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/e2e.py", *(["--quick"] if args.quick else []),
+                             *(["--no-fla"] if args.no_fla else [])]),
     }
-    with open(args.out, "w") as f:
+
+
+def save(path: str, res: dict) -> None:
+    with open(path, "w") as f:
         json.dump(res, f, indent=2, default=str)
-    print(json.dumps(res, indent=1, default=str))
 
 
-def run_fla(cfg, batches: list[int], new_tokens: int, quick: bool) -> dict:
+def run_fla(cfg, batches: list[int], new_tokens: int, quick: bool, out: dict, save) -> dict:
     """fla's GLAForCausalLM + HF generate(): greedy, 1024-token prompt, `new_tokens` new tokens."""
     import fla
     from fla.models import GLAConfig as FlaConfig
@@ -168,10 +180,12 @@ def run_fla(cfg, batches: list[int], new_tokens: int, quick: bool) -> dict:
     torch.manual_seed(0)
     with torch.device("cuda"):
         m = FlaModel(fcfg).to(torch.bfloat16).eval()
-    out: dict = {"fla_version": getattr(fla, "__version__", "?"), "generate": {}}
+    out.update({"fla_version": getattr(fla, "__version__", "?"), "generate": {}})
     x = torch.randint(0, 32000, (1, 2048), device="cuda")
     with torch.no_grad():
         out["forward_2048_ms"] = cuda_time_ms(lambda m=m, x=x: m(x, use_cache=True), iters=5, warmup=2)
+        print(f"fla forward T=2048: {out['forward_2048_ms']:.2f} ms", flush=True)
+        save()
         for b in [bb for bb in batches if bb <= (16 if quick else 64)]:
             prompt = torch.randint(0, 32000, (b, 1024), device="cuda")
             mask = torch.ones_like(prompt)
@@ -191,6 +205,7 @@ def run_fla(cfg, batches: list[int], new_tokens: int, quick: bool) -> dict:
                                   "decode_tok_per_s": b * (new_tokens - 1) / dec_s}
             print(f"fla generate B={b}: {b * new_tokens / total:.1f} tok/s overall, "
                   f"{b * (new_tokens - 1) / dec_s:.1f} tok/s decode", flush=True)
+            save()
     return out
 
 
