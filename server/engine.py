@@ -132,6 +132,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_device_hits = 0
+        self.num_prefix_snapshots_skipped = 0
+        self._step_snapshot_bytes = 0
         self.is_stopping = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -298,9 +300,19 @@ class AsyncEngine:
         seq.input_token_ids = seq.input_token_ids[hit.num_tokens :]
 
     def _store_prefix(self, seq: Sequence, token_ids: list[int]) -> None:
-        """Snapshot the slot, which has consumed exactly `token_ids`, for later prefix reuse."""
+        """Snapshot the slot, which has consumed exactly `token_ids`, for later prefix reuse.
+
+        A snapshot is a synchronous copy of the whole state out of the device (48 MiB for a 1.3B
+        model) inside the step, so a step takes them only up to its byte budget; the entries are a
+        pure cache, and a skipped one only costs a longer prefill later.
+        """
         if self.prefixes is None or seq.slot is None:
             return
+        nbytes, taken = self.runner.bytes_per_slot, self._step_snapshot_bytes
+        if taken and taken + nbytes > self.settings.prefix_snapshot_bytes_per_step:
+            self.num_prefix_snapshots_skipped += 1
+            return
+        self._step_snapshot_bytes += nbytes
         try:
             self.prefixes.store_prefix(seq.tenant, token_ids, self.runner.read_state(seq.slot))
         except Exception:  # a lost snapshot only costs a longer prefill later
@@ -412,6 +424,7 @@ class AsyncEngine:
                 fn(tier, evictions)
 
     def _step(self) -> list[RequestOutput]:
+        self._step_snapshot_bytes = 0
         evicted = self.scheduler.num_parked_evictions
         batch = self.scheduler.schedule()
         if self.scheduler.num_parked_evictions != evicted:
@@ -548,6 +561,7 @@ class AsyncEngine:
             "resident_conversations": len(self.scheduler.parked),
             "device_hits": self.num_device_hits,
             "device_evictions": self.scheduler.num_parked_evictions,
+            "prefix_snapshots_skipped": self.num_prefix_snapshots_skipped,
             "max_num_seqs": self.settings.max_num_seqs,
             "steps": self.num_steps,
             "state_bytes_per_slot": self.runner.bytes_per_slot,

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     state_cache_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype states are stored in outside the device (bfloat16 halves the bytes)"
     )
+    prefix_snapshot_bytes_per_step: int = Field(
+        64 * 2**20, ge=0,
+        description="state bytes one engine step may copy out for prefix snapshots (at least one snapshot); "
+        "the rest are skipped, so a step with many prompt ends does not stall every stream",
+    )
     prefix_snapshot_interval: int = Field(
         0, ge=0, description="snapshot long prompts every N tokens for prefix reuse (0 = off)"
     )
