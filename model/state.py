@@ -8,9 +8,66 @@ these tensors in place through int32 slot indices, so joining or leaving a batch
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from model.config import GLAConfig
+
+# One copy stream per device for moving staged snapshots to the host off the compute stream.
+_COPY_STREAMS: dict[int, Any] = {}
+_COPY_STREAMS_LOCK = threading.Lock()
+
+
+class StagedState(dict):
+    """A slot's state copied on the device: the snapshot payload before it reaches the host.
+
+    `ready` is the CUDA event recorded after the copies. `to_host` waits for it on a side stream,
+    so the device-to-host transfer (48 MiB for a 1.3B model) overlaps later engine steps instead
+    of stalling the one that took the snapshot.
+    """
+
+    ready: Any = None
+
+
+def _copy_stream(device: torch.device) -> Any:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _COPY_STREAMS_LOCK:
+        stream = _COPY_STREAMS.get(index)
+        if stream is None:
+            stream = _COPY_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+def to_host(tensors: Mapping[str, torch.Tensor], pin: bool = False) -> dict[str, torch.Tensor]:
+    """CPU copies of a snapshot (page-locked when `pin`); CPU tensors pass through uncopied.
+
+    Blocks until the copies are done; call it off the engine step (the state cache does it in a
+    worker thread). A `StagedState` is copied on a side stream after its `ready` event.
+    """
+    ready = getattr(tensors, "ready", None)
+    if ready is None:
+        out = {}
+        for name, t in tensors.items():
+            t = t.detach()
+            if t.device.type != "cpu":
+                t = t.to("cpu")
+            out[name] = t.pin_memory() if pin and not t.is_pinned() else t
+        return out
+    device = next(iter(tensors.values())).device
+    stream = _copy_stream(device)
+    out = {}
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        for name, t in tensors.items():
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            host.copy_(t, non_blocking=pin)
+            out[name] = host
+        stream.synchronize()
+    return out
 
 
 def conv_channels(config: GLAConfig) -> int:
@@ -53,6 +110,9 @@ class StatePool:
         self.config = config
         self.num_slots = num_slots
         self.device = torch.device(device)
+        self.max_staged_bytes = 2**30  # device copies awaiting their host copy; beyond, `stage` reads
+        self._staged_bytes = 0
+        self._staged_lock = threading.Lock()
         H, K, V = config.num_heads, config.head_k_dim, config.head_v_dim
         # [L] x [S, H, V, K]
         self.recurrent: list[torch.Tensor] = [
@@ -93,6 +153,34 @@ class StatePool:
     def read(self, slot: int) -> dict[str, torch.Tensor]:
         """A CPU copy of one slot's state, keyed by stable names (the snapshot payload)."""
         return {name: t[slot].detach().to("cpu", copy=True) for name, t in self._tensors()}
+
+    def stage(self, slot: int) -> dict[str, torch.Tensor]:
+        """A snapshot of one slot that costs the caller no device-to-host wait (see `to_host`).
+
+        On CUDA: device copies, ordered on the current stream after whatever wrote the slot, plus a
+        `ready` event; at most `max_staged_bytes` of them await their host copy at once, and past
+        that (or when the device is out of memory) this is `read`. Elsewhere it is `read`.
+        """
+        nbytes = self.bytes_per_slot
+        if self.device.type != "cuda":
+            return self.read(slot)
+        with self._staged_lock:
+            if self._staged_bytes + nbytes > self.max_staged_bytes:
+                return self.read(slot)
+            self._staged_bytes += nbytes
+        try:
+            staged = StagedState((name, t[slot].clone()) for name, t in self._tensors())
+        except torch.cuda.OutOfMemoryError:
+            self._release_staged(nbytes)
+            return self.read(slot)
+        staged.ready = torch.cuda.Event()
+        staged.ready.record()
+        weakref.finalize(staged, self._release_staged, nbytes)
+        return staged
+
+    def _release_staged(self, nbytes: int) -> None:
+        with self._staged_lock:
+            self._staged_bytes -= nbytes
 
     def write(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
         """Load a snapshot from `read` into a slot; the names, shapes and dtypes must match exactly."""

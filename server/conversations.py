@@ -15,6 +15,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from model.state import to_host
 from server.errors import ConversationBusy
 from server.state_cache.keys import ANCHOR_BLOCK, PrefixHasher
 
@@ -165,6 +166,8 @@ class LRUConversationStore:
             return ConversationSnapshot(list(snap.token_ids), snap.state)
 
     def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
+        if snapshot.state is not None:  # in-process: hold host copies, never device memory
+            snapshot = ConversationSnapshot(snapshot.token_ids, to_host(snapshot.state))
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -198,6 +201,7 @@ class LRUConversationStore:
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         if not token_ids or nbytes > self.budget_bytes:
             return
+        state = to_host(state)
         hasher = PrefixHasher(token_ids)
         n = len(token_ids)
         key = (tenant, hasher.prefix_hash(n))

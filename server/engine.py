@@ -314,7 +314,7 @@ class AsyncEngine:
             return
         self._step_snapshot_bytes += nbytes
         try:
-            self.prefixes.store_prefix(seq.tenant, token_ids, self.runner.read_state(seq.slot))
+            self.prefixes.store_prefix(seq.tenant, token_ids, self.runner.stage_state(seq.slot))
         except Exception:  # a lost snapshot only costs a longer prefill later
             log.exception("storing a prefix state failed")
 
@@ -503,7 +503,7 @@ class AsyncEngine:
         if seq.slot is None:
             return None
         log_ids = seq.token_log()
-        snapshot = ConversationSnapshot(log_ids, self.runner.read_state(seq.slot))
+        snapshot = ConversationSnapshot(log_ids, self.runner.stage_state(seq.slot))
         self.conversations.commit(seq.conversation, snapshot)
         if not self.settings.resident_conversations:
             return None

@@ -60,6 +60,10 @@ class ModelRunner:
     def read_state(self, slot: int) -> dict[str, torch.Tensor]:
         return self.pool.read(slot)
 
+    def stage_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """A snapshot whose host copy happens later, off the step (`model.state.to_host`)."""
+        return self.pool.stage(slot)
+
     def new_generator(self, seed: int) -> torch.Generator:
         return self.sampler.new_generator(seed)
 

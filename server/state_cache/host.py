@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.state import to_host
+
 
 def tensors_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -81,16 +83,12 @@ class HostLRU:
         return list(self._entries)
 
     def prepare(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Owned CPU copies (pinned when enabled); slow for big states, so call it off the loop."""
-        out = {}
-        for name, t in tensors.items():
-            t = t.detach()
-            if self.pin_memory:
-                t = t.to("cpu").pin_memory()
-            elif t.device.type != "cpu":
-                t = t.to("cpu")
-            out[name] = t
-        return out
+        """Owned CPU copies (pinned when enabled); slow for big states, so call it off the loop.
+
+        A staged device snapshot (`model.state.StagedState`) is copied on a side stream, so the
+        engine's compute stream never waits for it.
+        """
+        return to_host(tensors, pin=self.pin_memory)
 
     def get(self, key: str) -> HostEntry | None:
         entry = self._entries.get(key)

@@ -172,8 +172,9 @@ class TieredStateCache:
     ) -> None:
         """Saves the state after `token_ids` (call only when a turn or prompt completes).
 
-        The cache takes the tensors as they are (`StatePool.read` returns fresh CPU copies):
-        do not mutate them afterwards. With `conversation_id` the conversation's pointer moves to
+        The cache takes the tensors as they are (`StatePool.read` returns fresh CPU copies,
+        `StatePool.stage` fresh device copies that `HostLRU.prepare` moves to the host off the
+        loop): do not mutate them afterwards. With `conversation_id` the conversation's pointer moves to
         this prefix. Redis is written in the background unless `wait_for_redis`.
         """
         n = len(token_ids)

@@ -1,0 +1,68 @@
+"""Staged snapshots: a slot's state captured in the step, copied to the host later.
+
+The snapshot must be the state at the moment `stage` was called, even when the slot is written
+again before the host copy runs (on CUDA the copy is on another stream, after an event).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import StatePool
+from model.state import StagedState, to_host
+from tests.model.conftest import tiny_config
+
+CUDA = torch.cuda.is_available()
+
+
+def _random_pool(device: str, slots: int = 3) -> StatePool:
+    pool = StatePool(tiny_config(use_short_conv=True), num_slots=slots, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for t in pool.recurrent + (pool.conv or []):
+        t.copy_(torch.randn(t.shape, generator=g, device=device))
+    return pool
+
+
+def test_stage_on_cpu_is_an_owned_copy_equal_to_read() -> None:
+    pool = _random_pool("cpu")
+    want = pool.read(1)
+    staged = pool.stage(1)
+    pool.zero_([1])  # the slot moves on; the snapshot must not
+    got = to_host(staged, pin=False)
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("pin", [False, True])
+def test_staged_cuda_snapshot_is_the_state_at_stage_time(pin: bool) -> None:
+    pool = _random_pool("cuda")
+    want = pool.read(2)
+    staged = pool.stage(2)
+    assert isinstance(staged, StagedState) and staged.ready is not None
+    for t in pool.recurrent:  # overwrite the slot on the compute stream before the host copy
+        t[2].mul_(-3.0).add_(1.0)
+    got = to_host(staged, pin=pin)
+    for name, t in want.items():
+        assert got[name].device.type == "cpu" and got[name].is_pinned() == pin
+        assert torch.equal(got[name], t), name
+    pool.write(0, got)  # and it loads back
+    assert torch.equal(pool.read(0)["layers.0.recurrent"], want["layers.0.recurrent"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_stage_falls_back_to_read_past_its_byte_bound() -> None:
+    pool = _random_pool("cuda")
+    pool.max_staged_bytes = pool.bytes_per_slot  # room for one staged snapshot
+    first, second = pool.stage(0), pool.stage(1)
+    assert isinstance(first, StagedState) and not isinstance(second, StagedState)
+    assert all(t.device.type == "cpu" for t in second.values())
+    del first
+    import gc
+
+    gc.collect()
+    assert isinstance(pool.stage(2), StagedState)  # the bound was released with the snapshot
