@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # What the last session could not measure, in priority order, each step time-bounded so the rest
 # still report. Fits one 10-minute device call when STEPS names a few; run it in two or three calls
-# (e.g. STEPS=parity,e2e then STEPS=profile,resume,kernels340). Carry .whl.
+# (e.g. STEPS=parity,e2e then STEPS=profile,resume,kernels340). Carry .whl and, when a previous call
+# brought one back, .triton-cache: compiled kernels and fla's autotune results, which otherwise
+# cost minutes of every call (unpack $OUT/triton-cache.tgz into .triton-cache/ before the next call).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=$PWD:/tmp/site || exit 1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export TRITON_CACHE_DIR=$PWD/.triton-cache FLA_CACHE_RESULTS=1; mkdir -p "$TRITON_CACHE_DIR"
+trap 'tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && du -h "$OUT/triton-cache.tgz"' EXIT
 STEPS=${STEPS:-parity,e2e}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [[ $STEPS == *parity* ]]; then  # issue 2 item 7: fp32 <= 1e-4, bf16 <= 5e-3
