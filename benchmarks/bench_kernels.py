@@ -212,6 +212,29 @@ def sweep_prep(rows: list[dict]) -> dict:
     return best[1]
 
 
+def sweep_split(rows: list[dict]) -> int:
+    """Up to how many (chunk, head) programs the split-K prep (atomic A) beats the serial one."""
+    limit = 0
+    for T in (512, 1024, 2048, 4096, 8192):
+        times = {}
+        for name in SHAPES:
+            for on in (False, True):
+                triton_chunk.PREP["SPLIT_MAX_PROGRAMS"] = 10**9 if on else 0
+                r = bench_prefill(name, [T], False, timing_eager=False)
+                r.update(sweep="split", split=on)
+                rows.append(r)
+                times[name, on] = r["ours_ms"]
+        wins = all(times[n, True] < times[n, False] for n in SHAPES)
+        print(f"sweep split T={T}: " + ", ".join(f"{n} {times[n, False] * 1e3:.1f} -> {times[n, True] * 1e3:.1f} us"
+                                                  for n in SHAPES), flush=True)
+        if not wins:
+            break
+        limit = (T // 64 + 1) * SHAPES["gla-1.3B"][0]
+    triton_chunk.PREP["SPLIT_MAX_PROGRAMS"] = limit
+    print("chosen split limit (programs):", limit, flush=True)
+    return limit
+
+
 def sweep_decode(rows: list[dict]) -> dict:
     """Decode tile size and warps, scored on the 1.3B shape at B=1, 64 and 256."""
     best = None
@@ -301,6 +324,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time segment lengths / V tiles")
     ap.add_argument("--sweep-prep", action="store_true", help="also time the prep kernel's key block / warps")
     ap.add_argument("--sweep-decode", action="store_true", help="also time decode tile sizes / warps")
+    ap.add_argument("--sweep-split", action="store_true", help="also find where the split-K prep pays")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--parts", default="prefill,decode,profile", help="comma list: prefill, decode, profile")
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -325,6 +349,9 @@ def main() -> None:
 
     if args.sweep_prep:
         meta["chosen_prep"] = sweep_prep(rows)
+        save()
+    if args.sweep_split:
+        meta["chosen_split"] = sweep_split(rows)
         save()
     if args.sweep:
         meta["chosen"] = sweep(rows)

@@ -29,6 +29,6 @@ if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn (device tier) vs re-p
     --resume 1024 8192 32752 --out "$OUT/e2e-server.json" 2>&1 | grep -v -i warn | tail -9
 fi
 if [[ $STEPS == *kernels340* ]]; then  # issue 3: the 340M table and same-run decode ratios vs fla
-  timeout 200 python3 benchmarks/bench_kernels.py --shapes gla-340M,gla-1.3B --parts prefill,decode \
+  timeout 260 python3 benchmarks/bench_kernels.py --sweep-split --shapes gla-340M,gla-1.3B --parts prefill,decode \
     --out "$OUT/kernels.json" 2>&1 | grep -v "^  (graph" | tail -24
 fi

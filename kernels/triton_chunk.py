@@ -42,7 +42,7 @@ CONFIGS: dict[int, dict[str, int]] = {
 }
 # The prep kernel's key-channel block and warps (one setting for every head dim: its tiles are
 # [BT, BKC] whatever K is).
-PREP: dict[str, int] = {"BKC": 32, "num_warps": 4, "BKD": 0}
+PREP: dict[str, int] = {"BKC": 32, "num_warps": 4, "BKD": 0, "SPLIT_MAX_PROGRAMS": 0}
 MIN_SEG = 128
 MAX_SEG = 8192
 
@@ -78,7 +78,7 @@ def _seq_of_token(cu, p, N):
 @triton.jit(do_not_specialize=["N"])
 def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
                  H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr, BKD: tl.constexpr, PREC: tl.constexpr):
+                 BC: tl.constexpr, BKD: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Per (chunk, head), walking the key channels in blocks of BKC so every tile is [BT, BKC].
 
     Everything here is per key channel except the sum over channels that forms A, so the channel
@@ -86,6 +86,8 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
     16-block columns b_D [BT, BC]. (Holding whole [BT, K] fp32 tiles spilled registers: at K=256
     this kernel took 78% of the prefill.) BKD > 0 computes the diagonal blocks as one broadcast
     [BT/BC, BC, BC, BKD] product per BKD channels instead of BC dependent gathered-row steps.
+    SPLIT gives each key block its own program (grid axis 2), which adds its part of A into a
+    zeroed fp32 A with atomics: K/BKC times the programs, for short inputs with few chunks.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = _owner(cu, i_c, N, BT)
@@ -101,7 +103,13 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
     o_jb = (o_i // BC) * BC
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_D = tl.zeros([BT, BC], dtype=tl.float32)  # b_D[i, jj] = A[i, o_jb[i] + jj]
-    for kb in range(0, K, BKC):
+    if SPLIT:
+        k_lo = tl.program_id(2) * BKC
+        k_hi = k_lo + BKC
+    else:
+        k_lo = 0
+        k_hi = K
+    for kb in range(k_lo, k_hi, BKC):
         o_k = kb + tl.arange(0, BKC)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
@@ -142,7 +150,7 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
     if BKD > 0:
         # Diagonal blocks as a broadcast: [blocks, i, j, channels] with the block-local cumsum,
         # pairwise exp2(min(G_i - G_j, 0)); j > i is garbage the causal store mask drops.
-        for kb in range(0, K, BKD):
+        for kb in range(k_lo, k_hi, BKD):
             o_k = kb + tl.arange(0, BKD)
             m_tk = m_t[:, None] & (o_k < K)[None, :]
             p_tk = ((o_t * H + i_h) * K)[:, None] + o_k[None, :]
@@ -159,7 +167,10 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
         b_A += tl.where(o_j[None, :] == (o_jb + jj)[:, None], b_col[:, None], 0.)
     p_A = A + ((o_t * H + i_h) * BT)[:, None] + o_j[None, :]
     m_A = m_t[:, None] & (o_j[None, :] <= o_i[:, None])
-    tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=m_A)
+    if SPLIT:
+        tl.atomic_add(p_A, b_A * scale, mask=m_A, sem="relaxed")
+    else:
+        tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=m_A)
 
 
 @triton.jit(do_not_specialize=["N", "SEG"])
@@ -377,7 +388,11 @@ def chunk_gla_prefill_triton(
     h0_mask = initial_state_mask if has_mask else state_slots
     dev = q.device
     n_chunks = T // BT + N
-    A = torch.empty(T, H, BT, dtype=dt, device=dev)
+    bkc = min(PREP["BKC"], BK)
+    # few chunks: one program per key block too, summing A with atomics (off until a sweep says)
+    split = BK > bkc and n_chunks * H <= PREP["SPLIT_MAX_PROGRAMS"]
+    A = torch.zeros(T, H, BT, dtype=torch.float32, device=dev) if split else torch.empty(T, H, BT, dtype=dt,
+                                                                                          device=dev)
     qg = torch.empty(T, H, K, dtype=dt, device=dev)
     kd = torch.empty(T, H, K, dtype=dt, device=dev)
     gl = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
@@ -387,13 +402,13 @@ def chunk_gla_prefill_triton(
     key = (dev.index, dt, v.dtype, g.dtype, H, K, V, BV, multi, has_mask, cu_seqlens.dtype,
            state_slots.dtype, h0_mask.dtype, cfg["num_warps"], cfg["num_stages"]) if ok else None
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    bkc = min(PREP["BKC"], BK)
     bkd = PREP["BKD"]
     # fp32 inputs get exact fp32 dots: someone serving in fp32 asked for fp32 accuracy (TF32 put the
     # logits of a prefill + decode hand-off 7e-4 from fla's fp32 model; IEEE dots: 1e-6)
     prec = "ieee" if dt == torch.float32 else "tf32"
-    _prep((n_chunks, H), key + (bkc, bkd, PREP["num_warps"]) if key else None,
-          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec),
+    grid = (n_chunks, H, triton.cdiv(K, bkc)) if split else (n_chunks, H)
+    _prep(grid, key + (bkc, bkd, PREP["num_warps"], split) if key else None,
+          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec, split),
           num_warps=PREP["num_warps"])
     n_segs = T // seg + N
     W = Wd = state_pool

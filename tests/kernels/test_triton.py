@@ -189,19 +189,22 @@ def test_prefill_256k_tokens_strong_gates_stable() -> None:
     assert_close(pool, ref_s, 5e-3, "state")
 
 
-PREP_VARIANTS = [(32, 0), (16, 4), (32, 8), (64, 8)]
+PREP_VARIANTS = [(32, 0, False), (16, 4, False), (32, 8, False), (64, 8, False), (32, 0, True), (16, 4, True)]
 
 
-@pytest.mark.parametrize("bkc,bkd", PREP_VARIANTS, ids=[f"BKC{c}-BKD{d}" for c, d in PREP_VARIANTS])
-def test_prefill_prep_variants_match_naive(bkc: int, bkd: int, nan_poison: None,
+@pytest.mark.parametrize("bkc,bkd,split", PREP_VARIANTS,
+                         ids=[f"BKC{c}-BKD{d}{'-split' if s else ''}" for c, d, s in PREP_VARIANTS])
+def test_prefill_prep_variants_match_naive(bkc: int, bkd: int, split: bool, nan_poison: None,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Every prep setting the benchmark may choose (key block BKC; diagonal blocks by gathered-row
-    steps, BKD=0, or by a broadcast over BKD channels) computes the spec: varlen with a chunk
-    boundary inside and a 1-token sequence, K not a multiple of the blocks, strong gates (n=1)."""
+    steps, BKD=0, or by a broadcast over BKD channels; one program per key block with atomic sums
+    of A) computes the spec: varlen with a chunk boundary inside and a 1-token sequence, K not a
+    multiple of the blocks, strong gates (n=1)."""
     from kernels import triton_chunk
 
     monkeypatch.setitem(triton_chunk.PREP, "BKC", bkc)
     monkeypatch.setitem(triton_chunk.PREP, "BKD", bkd)
+    monkeypatch.setitem(triton_chunk.PREP, "SPLIT_MAX_PROGRAMS", 10**9 if split else 0)
     lens, H, K, V = [130, 1, 65], 2, 60, 40
     T = sum(lens)
     q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, 1, dtype=torch.float32, device=DEV))
