@@ -28,6 +28,9 @@ if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn (device tier) vs re-p
   timeout 150 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 \
     --resume 1024 8192 32752 --out "$OUT/e2e-server.json" 2>&1 | grep -v -i warn | tail -9
 fi
+if [[ $STEPS == *loadtest* ]]; then  # issue 8 item 3: the load tool against a gla-serve serve process
+  bash benchmarks/gpu_loadtest.sh
+fi
 if [[ $STEPS == *kernels340* ]]; then  # issue 3: the 340M table and same-run decode ratios vs fla
   timeout 260 python3 benchmarks/bench_kernels.py --sweep-split --shapes gla-340M,gla-1.3B --parts prefill,decode \
     --out "$OUT/kernels.json" 2>&1 | grep -v "^  (graph" | tail -24
