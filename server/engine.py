@@ -299,6 +299,16 @@ class AsyncEngine:
         seq.num_restored_tokens = hit.num_tokens
         seq.input_token_ids = seq.input_token_ids[hit.num_tokens :]
 
+    def _crosses_checkpoint(self, seq: Sequence, start: int, end: int) -> bool:
+        """Whether a prefill chunk [start, end) of `seq`'s inputs passes a multiple of
+        `prefix_snapshot_interval` context tokens: a long prompt is then snapshotted at the chunk's
+        end (chunk ends, not exact multiples: the token budget decides where a prompt is cut)."""
+        every = self.settings.prefix_snapshot_interval
+        if not every:
+            return False
+        base = seq.num_cached_tokens
+        return (base + end) // every > (base + start) // every
+
     def _store_prefix(self, seq: Sequence, token_ids: list[int]) -> None:
         """Snapshot the slot, which has consumed exactly `token_ids`, for later prefix reuse.
 
@@ -439,6 +449,10 @@ class AsyncEngine:
         for chunk in batch.prefill:
             if chunk.is_last:  # the end of a prompt, before any decode: the state of the whole context
                 self._store_prefix(chunk.seq, chunk.seq.context_token_ids)
+            elif self._crosses_checkpoint(chunk.seq, chunk.start, chunk.end):
+                # a long prompt's checkpoint: the slot has consumed the context up to this chunk's end
+                n = chunk.seq.num_cached_tokens + chunk.end
+                self._store_prefix(chunk.seq, chunk.seq.context_token_ids[:n])
         outputs = self._postprocess(seqs, samples)
         now = time.monotonic()
         for obs in self.observers:

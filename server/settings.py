@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         "the rest are skipped, so a step with many prompt ends does not stall every stream",
     )
     prefix_snapshot_interval: int = Field(
-        0, ge=0, description="snapshot long prompts every N tokens for prefix reuse (0 = off)"
+        8192, ge=0, description="also snapshot long prompts about every N tokens, at prefill chunk ends, "
+        "for prefix reuse (0 = off)"
     )
     redis_url: SecretStr | None = Field(None, description="redis:// or rediss:// URL of the shared state tier")
     redis_key_prefix: str = Field("gla", description="prefix of every Redis key")

@@ -152,3 +152,20 @@ async def _lru_prefix_index() -> None:
     assert hit is not None and hit.num_tokens == 5
     store.store_prefix("a", [1, 2], _state(4, nbytes=20_000))  # larger than the budget: not kept
     assert await store.lookup_prefix("a", [1, 2, 3]) is None
+
+
+def test_long_prompts_are_checkpointed_every_interval_tokens(uncached: RunningServer) -> None:
+    """With prefix_snapshot_interval=32 a 90-token prompt, prefilled in steps of 32, leaves states
+    after 32 and 64 tokens too; a prompt sharing only its first 70 tokens resumes from 64."""
+    base = list(range(200, 290))
+    srv = start_server(prefix_snapshot_interval=32)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c, httpx.Client(base_url=uncached.url, timeout=60) as u:
+            c.post("/generate", json={"prompt_token_ids": base, **GREEDY, "max_tokens": 1})
+            body = {"prompt_token_ids": base[:70] + [7, 8, 9], **GREEDY}
+            got = c.post("/generate", json=body).json()
+            want = u.post("/generate", json=body).json()
+        assert got["usage"]["cached_tokens"] == 64
+        assert got["token_ids"] == want["token_ids"]
+    finally:
+        srv.stop()
