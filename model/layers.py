@@ -284,8 +284,13 @@ class GatedLinearAttention(nn.Module):
         slots: torch.Tensor,
         initial_state_mask: torch.Tensor | None,
         conv_meta: tuple[list[int], list[bool]] | None,
+        checkpoint_positions: torch.Tensor | None = None,
+        checkpoint_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Packed x [T, d]; states read from / written to `recurrent` [S, H, V, K] at `slots` [N].
+
+        With `checkpoint_positions` (packed token indices), the states after those tokens
+        [M, H, V, K] are appended to `checkpoint_out`.
 
         `conv_meta` is (slots, initial_state_mask) as host lists, given when the short-conv tails
         are used, so the per-sequence conv loop never reads device tensors.
@@ -300,8 +305,13 @@ class GatedLinearAttention(nn.Module):
 
         q, k, v, gk, gate = self._project(x, conv_fn)
         o = kernels.chunk_gla_prefill(
-            q, k, v, gk, cu_seqlens, recurrent, slots, scale=self.scale, initial_state_mask=initial_state_mask
+            q, k, v, gk, cu_seqlens, recurrent, slots, scale=self.scale, initial_state_mask=initial_state_mask,
+            checkpoint_positions=checkpoint_positions,
         )
+        if checkpoint_positions is not None:
+            o, states = o
+            assert checkpoint_out is not None
+            checkpoint_out.append(states)
         return self.o_proj(self._gate_norm(o, gate).flatten(-2))
 
     def decode(

@@ -165,7 +165,8 @@ class GLAForCausalLM(GLAPreTrainedModel):
         pool: StatePool,
         slots: torch.Tensor,
         initial_state_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        checkpoint_positions: list[int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Run a packed batch of N sequences and return the logits of each one's last token.
 
         Args:
@@ -179,8 +180,12 @@ class GLAForCausalLM(GLAPreTrainedModel):
                 None means all False.
             cu_seqlens, slots and initial_state_mask may be CPU tensors (the engine passes them so):
             the host needs their values anyway, so that costs no device sync.
+            checkpoint_positions: packed token indices p; also return, for each, the state after
+                token p (recurrent states only: not with use_short_conv, whose conv tails at p are
+                not kept).
         Returns:
-            logits [N, vocab] float32.
+            logits [N, vocab] float32; with checkpoint_positions, (logits, [state dict per position])
+            in the `StatePool.read` layout.
         """
         dev = input_ids.device
         cu_cpu = cu_seqlens.tolist()
@@ -196,14 +201,24 @@ class GLAForCausalLM(GLAPreTrainedModel):
         slots = slots.to(dev, non_blocking=True)
         initial_state_mask = initial_state_mask.to(dev, non_blocking=True)
         conv = pool.conv
+        positions = None
+        states: list[torch.Tensor] = []
+        if checkpoint_positions is not None:
+            if conv is not None:
+                raise ValueError("checkpoint states are not supported with use_short_conv (no conv tails at p)")
+            positions = torch.tensor(checkpoint_positions, dtype=torch.long).to(dev, non_blocking=True)
 
         def attn(i: int, layer: GatedLinearAttention, x: torch.Tensor) -> torch.Tensor:
             return layer.prefill(x, cu_seqlens, cu_cpu, pool.recurrent[i], conv[i] if conv is not None else None,
-                                 slots, initial_state_mask, conv_meta)
+                                 slots, initial_state_mask, conv_meta, positions, states)
 
         h, m = self.model.serve_layers(self.model.embeddings(input_ids), attn)
         last = cu_seqlens[1:].long() - 1
-        return self.lm_head(self.model.final_norm(h[last], m[last] if m is not None else None)).float()
+        logits = self.lm_head(self.model.final_norm(h[last], m[last] if m is not None else None)).float()
+        if positions is None:
+            return logits
+        return logits, [{f"layers.{i}.recurrent": s[j] for i, s in enumerate(states)}
+                        for j in range(len(checkpoint_positions))]
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, pool: StatePool, slots: torch.Tensor) -> torch.Tensor:

@@ -133,11 +133,16 @@ class AsyncEngine:
         self.num_steps = 0
         self.num_device_hits = 0
         self.num_prefix_snapshots_skipped = 0
+        self.num_flights_joined = 0
+        self._flights: dict[tuple[str, bytes], asyncio.Future[dict[str, Any] | None]] = {}
+        self._flight_waiters: dict[tuple[str, bytes], int] = {}
+        self._aloop: asyncio.AbstractEventLoop | None = None
         self._step_snapshot_bytes = 0
         self.is_stopping = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._aloop = asyncio.get_running_loop()
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="gla-engine")
 
@@ -204,6 +209,7 @@ class AsyncEngine:
             raise BadRequest(f"request id {request_id!r} is already in use", param="request_id")
         if conversation is not None:
             self.conversations.acquire(conversation)
+        seq: Sequence | None = None
         try:
             snapshot = await self.conversations.load(conversation) if conversation is not None else None
             if snapshot is None and first_turn_prompt_token_ids is not None:
@@ -212,6 +218,8 @@ class AsyncEngine:
             seq.tenant = conversation.tenant if conversation is not None else tenant
             if seq.initial_state is None:
                 await self._restore_prefix(seq)
+            if conversation is None:
+                await self._join_or_lead(seq)
             pending_tokens = sum(s.num_input_tokens for s in self._incoming)
             self.scheduler.check_admission(seq.num_input_tokens, len(self._incoming), pending_tokens)
             if self.is_stopping:
@@ -219,6 +227,8 @@ class AsyncEngine:
         except BaseException:
             if conversation is not None:
                 self.conversations.release(conversation)
+            if seq is not None and seq.flight_key is not None:
+                self._land_flight(seq.flight_key, None)
             raise
         waiter = getattr(self.conversations, "wait_committed", None)
         stream = RequestStream(
@@ -308,6 +318,46 @@ class AsyncEngine:
             return False
         base = seq.num_cached_tokens
         return (base + end) // every > (base + start) // every
+
+    async def _join_or_lead(self, seq: Sequence) -> None:
+        """Single flight: a request whose whole context but its last token is being prefilled by
+        another in-flight request (same tenant) waits for that state instead of prefilling it again;
+        otherwise it becomes the one others may wait for. Best effort: after a timeout, or when the
+        leader ends without the state, the request simply prefills."""
+        wait_s = self.settings.single_flight_wait_s
+        if not wait_s or seq.num_input_tokens < 2 or not self.runner.supports_checkpoints:
+            return
+        ctx = seq.context_token_ids
+        key = (seq.tenant, _log_hash(ctx[:-1]))
+        leader = self._flights.get(key)
+        if leader is None:
+            self._flights[key] = asyncio.get_running_loop().create_future()
+            seq.flight_key = key
+            return
+        self._flight_waiters[key] = self._flight_waiters.get(key, 0) + 1
+        try:
+            state = await asyncio.wait_for(asyncio.shield(leader), timeout=wait_s)
+        except TimeoutError:
+            return
+        if state is None:
+            return
+        self.num_flights_joined += 1
+        seq.initial_state = state
+        seq.num_restored_tokens = len(ctx) - 1
+        seq.input_token_ids = ctx[-1:]
+
+    def _land_flight(self, key: tuple[str, bytes], state: dict[str, Any] | None) -> None:
+        """Hand a leader's state (or None: prefill yourselves) to its waiters; from any thread."""
+        def land() -> None:
+            fut = self._flights.pop(key, None)
+            self._flight_waiters.pop(key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(state)
+
+        if self._aloop is None:
+            land()
+        else:
+            self._aloop.call_soon_threadsafe(land)
 
     def _store_prefix(self, seq: Sequence, token_ids: list[int]) -> None:
         """Snapshot the slot, which has consumed exactly `token_ids`, for later prefix reuse.
@@ -444,8 +494,15 @@ class AsyncEngine:
         now = time.monotonic()
         for seq in batch.admitted:
             seq.first_scheduled_time = now
+        for chunk in batch.prefill:
+            key = chunk.seq.flight_key
+            chunk.seq.checkpoint_wanted = bool(key is not None and chunk.is_last and self._flight_waiters.get(key))
         seqs, samples = self.runner.run(batch)
         self.num_steps += 1
+        for chunk in batch.prefill:
+            if chunk.is_last and chunk.seq.flight_key is not None:
+                self._land_flight(chunk.seq.flight_key, self.runner.checkpoints.get(chunk.seq))
+                chunk.seq.flight_key = None
         for chunk in batch.prefill:
             if chunk.is_last:  # the end of a prompt, before any decode: the state of the whole context
                 self._store_prefix(chunk.seq, chunk.seq.context_token_ids)
@@ -527,6 +584,9 @@ class AsyncEngine:
         """Bookkeeping common to every way a request ends (the slot is already free)."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if seq.flight_key is not None:  # ended before its prompt did: the waiters prefill themselves
+            self._land_flight(seq.flight_key, None)
+            seq.flight_key = None
         if seq.conversation is not None:
             self.conversations.release(seq.conversation)
         now = time.monotonic()
@@ -576,6 +636,7 @@ class AsyncEngine:
             "device_hits": self.num_device_hits,
             "device_evictions": self.scheduler.num_parked_evictions,
             "prefix_snapshots_skipped": self.num_prefix_snapshots_skipped,
+            "prefill_flights_joined": self.num_flights_joined,
             "max_num_seqs": self.settings.max_num_seqs,
             "steps": self.num_steps,
             "state_bytes_per_slot": self.runner.bytes_per_slot,

@@ -60,6 +60,11 @@ class ModelRunner:
     def read_state(self, slot: int) -> dict[str, torch.Tensor]:
         return self.pool.read(slot)
 
+    @property
+    def supports_checkpoints(self) -> bool:
+        """Mid-prompt states need no conv tails (a short-conv model keeps them only per slot)."""
+        return self.pool.conv is None
+
     def stage_state(self, slot: int) -> dict[str, torch.Tensor]:
         """A snapshot whose host copy happens later, off the step (`model.state.to_host`)."""
         return self.pool.stage(slot)
@@ -76,7 +81,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[SampleResult]]:
-        """Run one step; return the sequences that got a token and their samples, in order."""
+        """Run one step; return the sequences that got a token and their samples, in order.
+
+        `checkpoints` then maps each sequence that asked (`checkpoint_wanted`, prompt ending in this
+        step) to its state before its last input token."""
+        self.checkpoints: dict[Sequence, dict[str, torch.Tensor]] = {}
         self._prepare_slots(batch.admitted)
         logits: list[torch.Tensor] = []
         sampled: list[Sequence] = []
@@ -84,7 +93,13 @@ class ModelRunner:
             ids: list[int] = []
             cu = [0]
             slots, mask = [], []
+            positions: list[int] = []
+            wanting: list[Sequence] = []
             for c in batch.prefill:
+                # the state after all but the last input token, for requests waiting on this prompt
+                if c.seq.checkpoint_wanted and c.is_last and c.seq.num_input_tokens - 2 >= c.start:
+                    positions.append(len(ids) + c.seq.num_input_tokens - 2 - c.start)
+                    wanting.append(c.seq)
                 ids += c.seq.input_token_ids[c.start : c.end]
                 cu.append(len(ids))
                 slots.append(c.seq.slot)
@@ -95,7 +110,11 @@ class ModelRunner:
                 self.pool,
                 torch.tensor(slots, dtype=torch.int32),
                 torch.tensor(mask, dtype=torch.bool),
+                checkpoint_positions=positions or None,
             )  # [N, vocab]
+            if positions:
+                out, states = out
+                self.checkpoints = dict(zip(wanting, states, strict=True))
             done = [i for i, c in enumerate(batch.prefill) if c.is_last]
             if done:
                 logits.append(out[done] if len(done) < len(batch.prefill) else out)

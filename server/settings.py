@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     state_cache_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype states are stored in outside the device (bfloat16 halves the bytes)"
     )
+    single_flight_wait_s: float = Field(
+        30.0, ge=0, description="a request identical to one being prefilled waits up to this long for its "
+        "state instead of prefilling it again (0 = off)",
+    )
     prefix_snapshot_bytes_per_step: int = Field(
         64 * 2**20, ge=0,
         description="state bytes one engine step may copy out for prefix snapshots (at least one snapshot); "

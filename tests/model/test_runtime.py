@@ -102,3 +102,28 @@ def test_bad_cu_seqlens_is_rejected() -> None:
     pool = StatePool(model.config, num_slots=2)
     with pytest.raises(ValueError, match="cu_seqlens"):
         model.prefill(torch.tensor([1, 2, 3]), i32(0, 2, 2, 3), pool, i32(0, 1))
+
+
+def test_prefill_checkpoint_states_equal_prefilling_the_prefix_alone() -> None:
+    """The states `prefill` returns at packed positions are those of the prefix up to them."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randint(0, VOCAB, (n,), generator=g) for n in (70, 40))
+    pool = StatePool(model.config, num_slots=4)
+    logits, states = model.prefill(torch.cat([a, b]), i32(0, 70, 110), pool, i32(0, 1),
+                                   checkpoint_positions=[68, 70 + 9])
+    assert logits.shape[0] == 2 and len(states) == 2
+    for (seq, n), got in zip(((a, 69), (b, 10)), states, strict=True):
+        ref = StatePool(model.config, num_slots=1)
+        model.prefill(seq[:n], i32(0, n), ref, i32(0))
+        want = ref.read(0)
+        assert set(got) == set(want)
+        for name, t in want.items():
+            assert rel(got[name], t) < TOL, name
+
+
+def test_prefill_checkpoints_are_refused_with_short_conv() -> None:
+    model = tiny_model(use_short_conv=True)
+    pool = StatePool(model.config, num_slots=1)
+    with pytest.raises(ValueError, match="use_short_conv"):
+        model.prefill(torch.arange(5), i32(0, 5), pool, i32(0), checkpoint_positions=[2])
