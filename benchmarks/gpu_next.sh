@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the last session could not measure, in priority order, each step time-bounded so the rest
 # still report. Fits one 10-minute device call when STEPS names a few; run it in two or three calls
-# (e.g. STEPS=parity,e2e then STEPS=profile,resume,kernels340). Carry .whl and, when a previous call
+# (e.g. STEPS=parity,e2e; STEPS=profile,resume; STEPS=http64,loadtest,kernels340). Carry .whl and, when a previous call
 # brought one back, .triton-cache: compiled kernels and fla's autotune results, which otherwise
 # cost minutes of every call (unpack $OUT/triton-cache.tgz into .triton-cache/ before the next call).
 set -u
@@ -24,9 +24,15 @@ fi
 if [[ $STEPS == *profile* ]]; then  # issues 3 and 8: per-kernel time after the prep and fusion changes
   timeout 200 python3 benchmarks/profile_gpu.py --no-fla --out "$OUT/profile.json" 2>&1 | grep -v -i warn | tail -40
 fi
-if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn (device tier) vs re-prefill over HTTP
+if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier
+  for tier in device host redis; do
+    timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
+      --resume 1024 8192 32752 --resume-tier $tier --out "$OUT/resume-$tier.json" 2>&1 | grep -v -i warn | tail -3
+  done
+fi
+if [[ $STEPS == *http64* ]]; then  # issue 8: the engine over HTTP at 1 and 64 streams
   timeout 150 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 \
-    --resume 1024 8192 32752 --out "$OUT/e2e-server.json" 2>&1 | grep -v -i warn | tail -9
+    --out "$OUT/e2e-server.json" 2>&1 | grep -v -i warn | tail -6
 fi
 if [[ $STEPS == *loadtest* ]]; then  # issue 8 item 3: the load tool against a gla-serve serve process
   bash benchmarks/gpu_loadtest.sh
