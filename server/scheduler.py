@@ -155,7 +155,9 @@ class Scheduler:
         if seq.slot is not None:
             self.running.remove(seq)
             if park is not None and park[1].slot == seq.slot:
-                self.parked.pop(park[0], None)
+                stale = self.parked.pop(park[0], None)
+                if stale is not None:  # cannot happen with one turn at a time; never leak its slot
+                    self.free_slots.append(stale.slot)
                 self.parked[park[0]] = park[1]
             else:
                 self.free_slots.append(seq.slot)

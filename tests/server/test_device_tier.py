@@ -64,3 +64,33 @@ def test_a_stale_parked_state_is_never_used(server: RunningServer) -> None:
         assert server.health()["device_hits"] == hits  # (a prefix-cache hit may still serve it)
         new = server.state.tokenizer(TURNS[1], add_special_tokens=False)["input_ids"]
         assert _replay(c, log + extra + new)["token_ids"] == second["token_ids"]
+
+
+def test_scheduler_parking_never_loses_a_slot() -> None:
+    """Slots only move between free, running and parked: park, re-park, claim, give way."""
+    from server.sampling_params import SamplingParams
+    from server.scheduler import ParkedState, Scheduler
+    from server.sequence import Sequence
+
+    sched = Scheduler(num_slots=2, max_num_batched_tokens=64, max_waiting_requests=8, max_waiting_tokens=1024)
+
+    def run_one() -> Sequence:
+        seq = Sequence("r", [1, 2], SamplingParams(max_tokens=1), input_token_ids=[1, 2])
+        sched.add(seq)
+        sched.schedule()
+        return seq
+
+    def all_slots() -> list[int]:
+        running = [s.slot for s in sched.running if s.slot is not None]
+        return sorted(sched.free_slots + running + [p.slot for p in sched.parked.values()])
+
+    a = run_one()
+    sched.finish(a, park=("conv", ParkedState(a.slot, 2, b"h")))
+    b = run_one()
+    sched.finish(b, park=("conv", ParkedState(b.slot, 3, b"h2")))  # a second park of one key
+    assert all_slots() == [0, 1] and len(sched.parked) == 1
+    c, d = run_one(), run_one()  # the second one takes the parked slot
+    assert sched.num_parked_evictions == 1 and all_slots() == [0, 1]
+    for s in (c, d):
+        sched.finish(s)
+    assert sorted(sched.free_slots) == [0, 1]
