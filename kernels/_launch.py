@@ -57,6 +57,16 @@ class Launcher:
             self.compiled[key] = kernel
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division. (`triton.cdiv` and `triton.next_power_of_2` are constexpr-function
+    wrappers in recent Triton: microseconds per call on the per-layer launch path.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def aligned(*tensors: torch.Tensor) -> bool:
     """All data pointers 16-byte aligned, as Triton assumes when it specialises pointer arguments."""
     acc = 0

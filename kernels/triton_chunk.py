@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import Launcher, aligned
+from kernels._launch import Launcher, aligned, cdiv, next_pow2
 
 BT = 64  # chunk length
 BC = 16  # diagonal sub-block length
@@ -327,7 +327,7 @@ def _segment_len(T: int, H: int, NV: int, waves: int, device: torch.device) -> i
     """Power-of-two segment length giving about `waves` programs per SM for the sequential kernels."""
     n_sm = _num_sms(device.index or 0) if device.type == "cuda" else 132
     want = max(1, waves * n_sm // (H * NV))  # segments wanted in total
-    seg = triton.next_power_of_2(max(1, -(-T // want)))
+    seg = next_pow2(max(1, -(-T // want)))
     return min(max(seg, MIN_SEG), MAX_SEG)
 
 
@@ -379,9 +379,9 @@ def chunk_gla_prefill_triton(
         scale = K**-0.5
     dt = q.dtype
     cfg = config(K, dt)
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(cfg["BV"], max(16, triton.next_power_of_2(V)))
-    NV = triton.cdiv(V, BV)
+    BK = max(16, next_pow2(K))
+    BV = min(cfg["BV"], max(16, next_pow2(V)))
+    NV = cdiv(V, BV)
     seg = seg_len or _segment_len(T, H, NV, cfg["waves"], q.device)
     multi = T > seg
     has_mask = initial_state_mask is not None
@@ -406,7 +406,7 @@ def chunk_gla_prefill_triton(
     # fp32 inputs get exact fp32 dots: someone serving in fp32 asked for fp32 accuracy (TF32 put the
     # logits of a prefill + decode hand-off 7e-4 from fla's fp32 model; IEEE dots: 1e-6)
     prec = "ieee" if dt == torch.float32 else "tf32"
-    grid = (n_chunks, H, triton.cdiv(K, bkc)) if split else (n_chunks, H)
+    grid = (n_chunks, H, cdiv(K, bkc)) if split else (n_chunks, H)
     _prep(grid, key + (bkc, bkd, PREP["num_warps"], split) if key else None,
           (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec, split),
           num_warps=PREP["num_warps"])
@@ -419,7 +419,7 @@ def chunk_gla_prefill_triton(
                                       cu_seqlens, cu_seqlens, N, seg, H, K, V, BK, BV, BT, False,
                                       has_mask, prec), **opts)
         block = 2048
-        _scan((triton.cdiv(V * K, block), N * H), key, (state_pool, state_slots, h0_mask, W, Wd, cu_seqlens,
+        _scan((cdiv(V * K, block), N * H), key, (state_pool, state_slots, h0_mask, W, Wd, cu_seqlens,
                                                         seg, H, K, V, block, has_mask), num_warps=8)
     states = None
     if checkpoint_positions is not None:

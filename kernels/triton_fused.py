@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import Launcher, aligned
+from kernels._launch import Launcher, aligned, cdiv, next_pow2
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, gate: torch
     s = torch.empty_like(r) if residual is not None else y
     z = _rows(gate) if gate is not None else x
     w = weight if weight is not None else x
-    BD = triton.next_power_of_2(D)
+    BD = next_pow2(D)
     flags = (residual is not None, round_sum, gate is not None, weight is not None)
     key = (x.device.index, x.dtype, r.dtype, z.dtype, w.dtype, D, *flags) if aligned(x, r, z, w, y, s) else None
     rows = x.numel() // D
@@ -136,10 +136,10 @@ def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
     x = _rows(x)
     y = torch.empty(*x.shape[:-1], NI, dtype=x.dtype, device=x.device)
     rows = x.numel() // (2 * NI)
-    BI = min(1024, triton.next_power_of_2(NI))
+    BI = min(1024, next_pow2(NI))
     key = (x.device.index, x.dtype, NI, BI) if aligned(x, y) else None
     if rows:
-        _swiglu((rows, triton.cdiv(NI, BI)), key, (x, y, NI, BI), num_warps=4)
+        _swiglu((rows, cdiv(NI, BI)), key, (x, y, NI, BI), num_warps=4)
     return y
 
 
@@ -176,7 +176,7 @@ def gla_prep_triton(
     go = torch.empty(M, H, V, dtype=gs.dtype, device=dev) if gate is not None else None
     w1 = gk_weight.contiguous()
     b1 = gk_bias if gk_bias is not None else w1
-    BK, BV, BR = triton.next_power_of_2(K), triton.next_power_of_2(V), triton.next_power_of_2(R)
+    BK, BV, BR = next_pow2(K), next_pow2(V), next_pow2(R)
     flags = (gate is not None, gk_bias is not None, clamp_min is not None)
     ptrs = (q, k, v, gs, lowrank, w1, b1, qo, ko, vo, gko, go if go is not None else qo)
     key = (dev.index, dt, k.dtype, v.dtype, gs.dtype, lowrank.dtype, w1.dtype, b1.dtype, H, G, K, V, R,

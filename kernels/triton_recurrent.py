@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import Launcher, aligned
+from kernels._launch import Launcher, aligned, cdiv, next_pow2
 
 # State elements per program (4K fp32 = 16 KB read and written) and warps; the benchmark sweeps them.
 # H200 sweep (benchmarks/results/kernels-h200-run1.json): 4096 elements on 2 warps was best at B=1, 64, 256.
@@ -101,10 +101,10 @@ def fused_recurrent_gla_decode_triton(
     V = v.shape[-1]
     if scale is None:
         scale = K**-0.5
-    BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), max(16, DECODE["TILE_ELEMS"] // BK))
+    BK = next_pow2(K)
+    BV = min(next_pow2(V), max(16, DECODE["TILE_ELEMS"] // BK))
     nw = DECODE["num_warps"]
-    NV = triton.next_power_of_2(triton.cdiv(V, BV))
+    NV = next_pow2(cdiv(V, BV))
     o = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
     if gate is None:
         key = (v.device.index, q.dtype, v.dtype, g.dtype, state_slots.dtype, H, K, V, BV, nw)
@@ -121,6 +121,6 @@ def fused_recurrent_gla_decode_triton(
     if not aligned(q, k, v, g, state_pool, state_slots, gate, weight):
         key = None
     _decode((NV, B * H), key, (q, k, v, g, state_pool, state_slots, o, o_raw, gate, weight, counter, scale,
-                               norm_eps, H, K, V, BK, BV, NV, triton.next_power_of_2(V), True,
+                               norm_eps, H, K, V, BK, BV, NV, next_pow2(V), True,
                                norm_weight is not None), num_warps=nw)
     return o
