@@ -86,11 +86,14 @@ async def run_level(url: str, concurrency: int, prompt_len: int, max_tokens: int
     prompts = [torch.randint(3, vocab, (prompt_len,), generator=gen).tolist() for _ in range(concurrency)]
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        steps0 = (await client.get("/health")).json()["steps"]
+        h0 = (await client.get("/health")).json()
         t0 = time.perf_counter()
         res = await asyncio.gather(*(one_stream(client, p, max_tokens) for p in prompts))
         wall = time.perf_counter() - t0
-        steps = (await client.get("/health")).json()["steps"] - steps0
+        h1 = (await client.get("/health")).json()
+        steps = h1["steps"] - h0["steps"]
+        phase_ms = {k: (h1["step_phase_ms"][k] - h0["step_phase_ms"][k]) / max(steps, 1)
+                    for k in h1.get("step_phase_ms", {})}
     tokens = sum(r["tokens"] for r in res)
     ttft = [r["ttft_s"] for r in res if r["ttft_s"] is not None]
     itl = [x for r in res for x in r["itl_s"]]
@@ -103,12 +106,14 @@ async def run_level(url: str, concurrency: int, prompt_len: int, max_tokens: int
         "output_tok_per_s": tokens / wall,
         "per_stream_tok_per_s": statistics.mean(r["tokens"] / r["e2e_s"] for r in res),
         "engine_steps": steps,
+        "step_phase_ms_per_step": phase_ms,
         "ttft_ms": {q: 1e3 * pct(ttft, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
         "itl_ms": {q: 1e3 * pct(itl, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
     }
     print(f"concurrency {concurrency:3d}: {out['output_tok_per_s']:8.1f} tok/s total, "
           f"{out['per_stream_tok_per_s']:6.1f} tok/s per stream, TTFT p50 {out['ttft_ms']['p50']:.1f} ms, "
-          f"ITL p50 {out['itl_ms']['p50']:.2f} ms p99 {out['itl_ms']['p99']:.2f} ms, {steps} steps", flush=True)
+          f"ITL p50 {out['itl_ms']['p50']:.2f} ms p99 {out['itl_ms']['p99']:.2f} ms, {steps} steps; per step "
+          + ", ".join(f"{k} {v:.2f}" for k, v in phase_ms.items()) + " ms", flush=True)
     return out
 
 

@@ -134,6 +134,8 @@ class AsyncEngine:
         self.num_device_hits = 0
         self.num_prefix_snapshots_skipped = 0
         self.num_flights_joined = 0
+        self.phase_seconds = {"schedule": 0.0, "model": 0.0, "snapshot": 0.0, "postprocess": 0.0}
+        self._step_snapshot_s = 0.0
         self._flights: dict[tuple[str, bytes], asyncio.Future[dict[str, Any] | None]] = {}
         self._flight_waiters: dict[tuple[str, bytes], int] = {}
         self._aloop: asyncio.AbstractEventLoop | None = None
@@ -362,9 +364,10 @@ class AsyncEngine:
     def _store_prefix(self, seq: Sequence, token_ids: list[int]) -> None:
         """Snapshot the slot, which has consumed exactly `token_ids`, for later prefix reuse.
 
-        A snapshot is a synchronous copy of the whole state out of the device (48 MiB for a 1.3B
-        model) inside the step, so a step takes them only up to its byte budget; the entries are a
-        pure cache, and a skipped one only costs a longer prefill later.
+        A snapshot copies the whole state (48 MiB for a 1.3B model: on CUDA a device copy whose
+        host copy happens off the step, see `StatePool.stage`), so a step takes them only up to
+        its byte budget; the entries are a pure cache, and a skipped one only costs a longer
+        prefill later.
         """
         if self.prefixes is None or seq.slot is None:
             return
@@ -373,10 +376,13 @@ class AsyncEngine:
             self.num_prefix_snapshots_skipped += 1
             return
         self._step_snapshot_bytes += nbytes
+        t0 = time.perf_counter()
         try:
             self.prefixes.store_prefix(seq.tenant, token_ids, self.runner.stage_state(seq.slot))
         except Exception:  # a lost snapshot only costs a longer prefill later
             log.exception("storing a prefix state failed")
+        finally:
+            self._step_snapshot_s += time.perf_counter() - t0
 
     def _new_sequence(
         self,
@@ -484,7 +490,12 @@ class AsyncEngine:
                 fn(tier, evictions)
 
     def _step(self) -> list[RequestOutput]:
+        """One engine step, timed by phase (`phase_seconds`): schedule, model (prefill + decode +
+        sampling, ending in the step's one host sync, so it holds the GPU time), snapshot (prefix
+        states taken in the step) and postprocess (tokens, text, stop rules, commits)."""
+        t0 = time.perf_counter()
         self._step_snapshot_bytes = 0
+        self._step_snapshot_s = 0.0
         evicted = self.scheduler.num_parked_evictions
         batch = self.scheduler.schedule()
         if self.scheduler.num_parked_evictions != evicted:
@@ -497,7 +508,9 @@ class AsyncEngine:
         for chunk in batch.prefill:
             key = chunk.seq.flight_key
             chunk.seq.checkpoint_wanted = bool(key is not None and chunk.is_last and self._flight_waiters.get(key))
+        t1 = time.perf_counter()
         seqs, samples = self.runner.run(batch)
+        t2 = time.perf_counter()
         self.num_steps += 1
         for chunk in batch.prefill:
             if chunk.is_last and chunk.seq.flight_key is not None:
@@ -511,9 +524,16 @@ class AsyncEngine:
                 n = chunk.seq.num_cached_tokens + chunk.end
                 self._store_prefix(chunk.seq, chunk.seq.context_token_ids[:n])
         outputs = self._postprocess(seqs, samples)
+        t4 = time.perf_counter()
+        phases = {"schedule": t1 - t0, "model": t2 - t1, "snapshot": self._step_snapshot_s,
+                  "postprocess": max(t4 - t2 - self._step_snapshot_s, 0.0)}
+        for name, sec in phases.items():
+            self.phase_seconds[name] += sec
         now = time.monotonic()
         for obs in self.observers:
             obs.on_step(seqs, batch.num_prefill_tokens, now)
+            if (fn := getattr(obs, "on_step_phases", None)) is not None:
+                fn(phases)
         return outputs
 
     def _postprocess(self, seqs: list[Sequence], samples: list[SampleResult]) -> list[RequestOutput]:
@@ -574,8 +594,10 @@ class AsyncEngine:
         if seq.slot is None:
             return None
         log_ids = seq.token_log()
+        t0 = time.perf_counter()
         snapshot = ConversationSnapshot(log_ids, self.runner.stage_state(seq.slot))
         self.conversations.commit(seq.conversation, snapshot)
+        self._step_snapshot_s += time.perf_counter() - t0
         if not self.settings.resident_conversations:
             return None
         return seq.conversation, ParkedState(seq.slot, len(log_ids) - 1, _log_hash(log_ids[:-1]))
@@ -637,6 +659,7 @@ class AsyncEngine:
             "device_evictions": self.scheduler.num_parked_evictions,
             "prefix_snapshots_skipped": self.num_prefix_snapshots_skipped,
             "prefill_flights_joined": self.num_flights_joined,
+            "step_phase_ms": {k: round(v * 1e3, 3) for k, v in self.phase_seconds.items()},
             "max_num_seqs": self.settings.max_num_seqs,
             "steps": self.num_steps,
             "state_bytes_per_slot": self.runner.bytes_per_slot,

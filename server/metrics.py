@@ -36,6 +36,7 @@ FAILURE_REASONS = ("error", "queue_full", "rate_limited", "unauthorized", "drain
 REDIS_OPS = ("get", "put", "delete")
 REBUILD_REASONS = ("missing", "corrupt", "fingerprint")
 
+_STEP_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                       2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _REQUEST_BUCKETS_S = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
@@ -98,6 +99,10 @@ class Metrics:
         self.request_queue_time = histogram(
             "request_queue_time_seconds", "Time a request waited before the engine scheduled it.",
             _REQUEST_BUCKETS_S)
+        self.engine_step_phase = histogram(
+            "engine_step_phase_seconds", "Time of each engine step by phase: schedule, model (prefill, "
+            "decode and sampling up to the step's host sync), snapshot, postprocess.", _STEP_BUCKETS_S,
+            ("phase",))
         self.request_prompt_tokens = histogram(
             "request_prompt_tokens", "Prompt length of finished requests, in tokens.", _TOKEN_BUCKETS)
         self.request_generation_tokens = histogram(
@@ -330,6 +335,10 @@ class EngineMetrics:
 
     def on_cache_lookup(self, tier: str, hit: bool) -> None:
         self.metrics.on_cache_lookup(tier, hit)
+
+    def on_step_phases(self, phases: Mapping[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.metrics.engine_step_phase.labels(phase).observe(seconds)
 
     def on_cache_evict(self, tier: str, num_states: int) -> None:
         self.metrics.on_cache_evict(tier, num_states)

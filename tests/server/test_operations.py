@@ -30,6 +30,22 @@ def test_metrics_move_with_requests(server: RunningServer, client: httpx.Client)
     assert _metric(after, "gla:state_slots_total") == server.settings.max_num_seqs
 
 
+def test_engine_steps_are_timed_by_phase(server: RunningServer, client: httpx.Client) -> None:
+    """Every step is split into schedule / model / snapshot / postprocess, in /health and /metrics."""
+    before_health, before = server.health(), client.get("/metrics").text
+    client.post("/generate", json=BODY)  # 5 tokens: at least 5 steps
+    after_health, after = server.health(), client.get("/metrics").text
+    phases = ("schedule", "model", "snapshot", "postprocess")
+    steps = after_health["steps"] - before_health["steps"]
+    assert steps >= 5
+    for phase in phases:
+        n = (_metric(after, "gla:engine_step_phase_seconds_count", phase=phase)
+             - _metric(before, "gla:engine_step_phase_seconds_count", phase=phase))
+        assert n == steps, phase
+    ms = {p: after_health["step_phase_ms"][p] - before_health["step_phase_ms"][p] for p in phases}
+    assert ms["model"] > 0 and ms["snapshot"] > 0 and all(v >= 0 for v in ms.values())
+
+
 def test_api_keys_and_tenant_isolation() -> None:
     srv = start_server(api_keys="sk-a:acme,sk-b:globex")
     try:
