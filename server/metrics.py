@@ -29,6 +29,7 @@ from prometheus_client import (
 
 PREFIX = "gla:"
 CACHE_TIERS = ("device", "host", "redis")
+STEP_PHASES = ("schedule", "model", "snapshot", "postprocess")
 # Pre-created label values: their series exist at 0 from the start, so rate() and ratios work
 # before the first event instead of showing "no data".
 FINISHED_REASONS = ("stop", "length", "abort")
@@ -137,6 +138,8 @@ class Metrics:
         self.state_rebuilds = counter(
             "state_rebuilds", "States rebuilt by prefilling the token log, by reason.", ("reason",))
 
+        for phase in STEP_PHASES:
+            self.engine_step_phase.labels(phase)
         for reason in FINISHED_REASONS:
             self.request_success.labels(reason)
         for reason in FAILURE_REASONS:
