@@ -91,3 +91,108 @@ class GraphedDecoder:
             self.slots[n:b].fill_(self.scratch_slot)
         self.graphs[b].replay()
         return self.outputs[b][:n]
+
+
+def pad_layout(
+    num_tokens: int, cu: list[int], slots: list[int], mask: list[bool], num_seqs: int, bucket: int, scratch_slot: int
+) -> tuple[list[int], list[int], list[bool]] | None:
+    """A packed prefill batch padded to a captured shape: `bucket` tokens in `num_seqs` sequences.
+
+    The real sequences keep their places; each missing sequence becomes a padding sequence of at
+    least one token (every length must be >= 1) that starts from zeros and writes the scratch slot.
+    Returns (cu_seqlens, slots, mask) of the padded batch, or None when it does not fit.
+    """
+    n = len(cu) - 1
+    pad = num_seqs - n
+    if pad < 1 or bucket - num_tokens < pad:
+        return None
+    cu_full = cu + [num_tokens + i + 1 for i in range(pad - 1)] + [bucket]
+    return cu_full, slots + [scratch_slot] * pad, mask + [False] * pad
+
+
+class GraphedPrefiller:
+    """Replays `model.prefill` from CUDA graphs captured at token-count buckets.
+
+    An eager prefill of a 24-layer model costs milliseconds of host time per engine step (about
+    10 launches per layer plus the prefill kernel's own), which dominates the time to first token of
+    short prompts. The varlen prefill kernels size their grids from the token and sequence counts
+    alone and read cu_seqlens on the device, so a batch padded to a fixed (tokens, sequences) shape
+    replays one graph whatever its real layout (see `pad_layout`). Not for short-conv models (their
+    conv tails are handled per sequence on the host) nor for calls that want checkpoint states.
+
+    Args:
+        model: a CUDA model without short convolutions.
+        pool: its state pool (captured by address).
+        scratch_slot: the slot padding sequences write.
+        max_seqs: most real sequences per call; graphs hold max_seqs + 1 sequences.
+        buckets: token counts to capture; each must exceed max_seqs.
+    """
+
+    def __init__(self, model: GLAForCausalLM, pool: StatePool, scratch_slot: int, max_seqs: int,
+                 buckets: list[int]) -> None:
+        dev = model.lm_head.weight.device
+        if dev.type != "cuda":
+            raise ValueError("GraphedPrefiller needs a CUDA model")
+        if pool.conv is not None:
+            raise ValueError("GraphedPrefiller does not support use_short_conv models")
+        self.model, self.pool, self.scratch_slot = model, pool, scratch_slot
+        self.num_seqs = max_seqs + 1
+        self.buckets = sorted(b for b in buckets if b > self.num_seqs)
+        if not self.buckets:
+            raise ValueError(f"no bucket exceeds {self.num_seqs} tokens")
+        top = self.buckets[-1]
+        self.ids = torch.zeros(top, dtype=torch.long, device=dev)
+        self.cu = torch.zeros(self.num_seqs + 1, dtype=torch.int32, device=dev)
+        self.slots = torch.full((self.num_seqs,), scratch_slot, dtype=torch.int32, device=dev)
+        self.mask = torch.zeros(self.num_seqs, dtype=torch.bool, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._capture()
+
+    def _layout(self, bucket: int) -> list[int]:
+        layout = pad_layout(0, [0], [], [], self.num_seqs, bucket, self.scratch_slot)
+        assert layout is not None
+        return layout[0]
+
+    def _run(self, bucket: int, cu_host: list[int]) -> torch.Tensor:
+        return self.model.prefill(self.ids[:bucket], self.cu, self.pool, self.slots, self.mask,
+                                  cu_seqlens_host=cu_host)
+
+    def _capture(self) -> None:
+        mempool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bucket in self.buckets:  # warm-up: compile every kernel variant outside the capture
+                self.cu.copy_(torch.tensor(self._layout(bucket), dtype=torch.int32))
+                for _ in range(2):
+                    self._run(bucket, self._layout(bucket))
+        torch.cuda.current_stream().wait_stream(stream)
+        for bucket in reversed(self.buckets):  # largest first so smaller graphs reuse its memory
+            self.cu.copy_(torch.tensor(self._layout(bucket), dtype=torch.int32))
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=mempool):
+                self.outputs[bucket] = self._run(bucket, self._layout(bucket))
+            self.graphs[bucket] = g
+        torch.cuda.synchronize()
+        self.pool.zero_([self.scratch_slot])
+
+    def bucket_for(self, num_tokens: int, num_real_seqs: int) -> int | None:
+        pad = self.num_seqs - num_real_seqs
+        return next((b for b in self.buckets if pad >= 1 and b - num_tokens >= pad), None)
+
+    def __call__(self, ids: list[int], cu: list[int], slots: list[int], mask: list[bool]) -> torch.Tensor | None:
+        """Logits [N, vocab] of the real sequences, or None when the batch fits no captured shape."""
+        num_tokens, n = cu[-1], len(cu) - 1
+        bucket = self.bucket_for(num_tokens, n)
+        if bucket is None:
+            return None
+        layout = pad_layout(num_tokens, cu, slots, mask, self.num_seqs, bucket, self.scratch_slot)
+        assert layout is not None
+        cu_full, slots_full, mask_full = layout
+        self.ids[:num_tokens].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=False)
+        self.cu.copy_(torch.tensor(cu_full, dtype=torch.int32))
+        self.slots.copy_(torch.tensor(slots_full, dtype=torch.int32))
+        self.mask.copy_(torch.tensor(mask_full, dtype=torch.bool))
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][:n]

@@ -166,6 +166,7 @@ class GLAForCausalLM(GLAPreTrainedModel):
         slots: torch.Tensor,
         initial_state_mask: torch.Tensor | None = None,
         checkpoint_positions: list[int] | None = None,
+        cu_seqlens_host: list[int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Run a packed batch of N sequences and return the logits of each one's last token.
 
@@ -180,6 +181,8 @@ class GLAForCausalLM(GLAPreTrainedModel):
                 None means all False.
             cu_seqlens, slots and initial_state_mask may be CPU tensors (the engine passes them so):
             the host needs their values anyway, so that costs no device sync.
+            cu_seqlens_host: cu_seqlens as a host list when cu_seqlens lives on the device (a CUDA
+                graph capture, which must not read device values back).
             checkpoint_positions: packed token indices p; also return, for each, the state after
                 token p (recurrent states only: not with use_short_conv, whose conv tails at p are
                 not kept).
@@ -188,14 +191,14 @@ class GLAForCausalLM(GLAPreTrainedModel):
             in the `StatePool.read` layout.
         """
         dev = input_ids.device
-        cu_cpu = cu_seqlens.tolist()
+        cu_cpu = cu_seqlens_host if cu_seqlens_host is not None else cu_seqlens.tolist()
         n = len(cu_cpu) - 1
         if n < 1 or cu_cpu[0] != 0 or cu_cpu[-1] != input_ids.shape[0] or any(
             b <= a for a, b in zip(cu_cpu, cu_cpu[1:], strict=False)
         ):
             raise ValueError(f"cu_seqlens {cu_cpu} must start at 0, increase strictly and end at {input_ids.shape[0]}")
         if initial_state_mask is None:
-            initial_state_mask = torch.zeros(n, dtype=torch.bool)
+            initial_state_mask = torch.zeros(n, dtype=torch.bool, device=dev if cu_seqlens_host is not None else "cpu")
         conv_meta = (slots.tolist(), initial_state_mask.tolist()) if pool.conv is not None else None
         cu_seqlens = cu_seqlens.to(dev, non_blocking=True)
         slots = slots.to(dev, non_blocking=True)

@@ -37,6 +37,20 @@ from server.state_cache.keys import tokens_to_bytes
 log = logging.getLogger("gla.engine")
 
 
+def prefill_buckets(settings: Settings) -> list[int] | None:
+    """Token counts to capture prefill graphs at: powers of two above the sequence count up to the
+    step's token budget, plus one that fits a full budget with every padding sequence."""
+    if not settings.cuda_graph_prefill:
+        return None
+    seqs, budget = settings.max_num_seqs + 1, settings.max_num_batched_tokens
+    out, b = [], 64
+    while b <= budget:
+        if b > seqs:
+            out.append(b)
+        b *= 2
+    return [*out, budget + seqs]
+
+
 def _log_hash(token_ids: list[int]) -> bytes:
     """Identifies the exact tokens a parked state summarises."""
     return hashlib.blake2b(tokens_to_bytes(token_ids), digest_size=16).digest()
@@ -109,7 +123,7 @@ class AsyncEngine:
         num_valid = len(tokenizer) if tokenizer is not None else None
         self.runner = ModelRunner(
             model, settings.max_num_seqs, seed=settings.seed, use_cuda_graphs=settings.cuda_graphs,
-            num_valid_tokens=num_valid,
+            num_valid_tokens=num_valid, prefill_graph_buckets=prefill_buckets(settings),
         )
         self.scheduler = Scheduler(
             settings.max_num_seqs,

@@ -29,6 +29,8 @@ class ModelRunner:
         num_valid_tokens: ids at or past it (vocabulary padding) get no probability.
         seed: seed of the sampler's shared generator.
         use_cuda_graphs: replay decode from CUDA graphs when the model is on CUDA.
+        prefill_graph_buckets: also replay prefill from graphs captured at these token counts
+            (CUDA, no short conv; see `model.cuda_graph.GraphedPrefiller`).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class ModelRunner:
         seed: int = 0,
         use_cuda_graphs: bool = True,
         num_valid_tokens: int | None = None,
+        prefill_graph_buckets: list[int] | None = None,
     ) -> None:
         self.model = model.fuse_for_inference()  # idempotent; a model built or moved by the caller gets it too
         self.device = model.lm_head.weight.device
@@ -52,6 +55,12 @@ class ModelRunner:
             from model.cuda_graph import GraphedDecoder
 
             self.graphed_decoder = GraphedDecoder(model, self.pool, self.scratch_slot, max_batch=num_slots)
+        self.graphed_prefiller = None
+        if prefill_graph_buckets and use_cuda_graphs and self.device.type == "cuda" and self.pool.conv is None:
+            from model.cuda_graph import GraphedPrefiller
+
+            self.graphed_prefiller = GraphedPrefiller(model, self.pool, self.scratch_slot, num_slots,
+                                                      prefill_graph_buckets)
 
     @property
     def bytes_per_slot(self) -> int:
@@ -104,14 +113,18 @@ class ModelRunner:
                 cu.append(len(ids))
                 slots.append(c.seq.slot)
                 mask.append(c.start > 0 or c.seq.initial_state is not None or c.seq.state_in_slot)
-            out = self.model.prefill(  # metadata stays on the host: the model needs its values there
-                torch.tensor(ids, dtype=torch.long).to(self.device),
-                torch.tensor(cu, dtype=torch.int32),
-                self.pool,
-                torch.tensor(slots, dtype=torch.int32),
-                torch.tensor(mask, dtype=torch.bool),
-                checkpoint_positions=positions or None,
-            )  # [N, vocab]
+            out = None
+            if self.graphed_prefiller is not None and not positions:
+                out = self.graphed_prefiller(ids, cu, slots, mask)  # None: no captured shape fits
+            if out is None:
+                out = self.model.prefill(  # metadata stays on the host: the model needs its values there
+                    torch.tensor(ids, dtype=torch.long).to(self.device),
+                    torch.tensor(cu, dtype=torch.int32),
+                    self.pool,
+                    torch.tensor(slots, dtype=torch.int32),
+                    torch.tensor(mask, dtype=torch.bool),
+                    checkpoint_positions=positions or None,
+                )  # [N, vocab]
             if positions:
                 out, states = out
                 self.checkpoints = dict(zip(wanting, states, strict=True))

@@ -1,0 +1,84 @@
+"""Prefill from CUDA graphs: a batch padded to a captured (tokens, sequences) shape.
+
+The padding itself is checked on the CPU through the real model: padding sequences change nothing
+for the real ones. The graph replay is checked against eager prefill on CUDA (gpu marker).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import StatePool
+from model.cuda_graph import GraphedPrefiller, pad_layout
+from server.engine import prefill_buckets
+from server.settings import Settings
+from tests.model.conftest import VOCAB, tiny_model
+
+CUDA = torch.cuda.is_available()
+
+
+def test_pad_layout_keeps_real_sequences_and_pads_with_one_token_or_more() -> None:
+    cu, slots, mask = [0, 5, 12], [3, 1], [True, False]
+    cu_full, slots_full, mask_full = pad_layout(12, cu, slots, mask, num_seqs=5, bucket=20, scratch_slot=9)
+    assert cu_full[:3] == cu and cu_full[-1] == 20 and len(cu_full) == 6
+    assert all(b > a for a, b in zip(cu_full, cu_full[1:], strict=False))  # every length >= 1
+    assert slots_full == [3, 1, 9, 9, 9] and mask_full == [True, False, False, False, False]
+    assert pad_layout(18, cu[:-1] + [18], slots, mask, 5, 20, 9) is None  # 2 tokens for 3 pads
+    assert pad_layout(12, cu, slots, mask, 2, 20, 9) is None  # no room for a padding sequence
+
+
+def test_prefill_buckets_cover_the_budget() -> None:
+    assert prefill_buckets(Settings()) is None  # off by default
+    b = prefill_buckets(Settings(cuda_graph_prefill=True, max_num_seqs=32, max_num_batched_tokens=2048))
+    assert b == [64, 128, 256, 512, 1024, 2048, 2048 + 33]
+
+
+def test_padding_sequences_change_nothing_for_the_real_ones() -> None:
+    """What the graphs rely on, through the real model on the CPU: same logits and states."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (70,), generator=g)
+    cu, slots, mask = [0, 30, 70], [0, 1], [False, True]
+    plain, padded = StatePool(model.config, 4), StatePool(model.config, 4)
+    padded.recurrent[0][1].copy_(torch.randn(padded.recurrent[0][1].shape, generator=g))
+    plain.recurrent[0][1].copy_(padded.recurrent[0][1])
+    want = model.prefill(ids, torch.tensor(cu, dtype=torch.int32), plain, torch.tensor(slots, dtype=torch.int32),
+                         torch.tensor(mask))
+    cu_full, slots_full, mask_full = pad_layout(70, cu, slots, mask, num_seqs=4, bucket=128, scratch_slot=3)
+    ids_full = torch.cat([ids, torch.randint(0, VOCAB, (128 - 70,), generator=g)])
+    got = model.prefill(ids_full, torch.tensor(cu_full, dtype=torch.int32), padded,
+                        torch.tensor(slots_full, dtype=torch.int32), torch.tensor(mask_full))
+    assert torch.allclose(got[:2], want, atol=1e-5, rtol=1e-5)
+    for s in (0, 1):
+        assert torch.allclose(padded.read(s)["layers.0.recurrent"], plain.read(s)["layers.0.recurrent"],
+                              atol=1e-6, rtol=1e-5)
+
+
+def test_graphed_prefiller_refuses_cpu_models() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedPrefiller(model, StatePool(model.config, 3), 2, 2, [64])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_graph_replay_equals_eager_prefill() -> None:
+    model = tiny_model().cuda()
+    model.fuse_for_inference()
+    pool, ref = model.new_state_pool(5), model.new_state_pool(5)
+    graphed = GraphedPrefiller(model, pool, scratch_slot=4, max_seqs=3, buckets=[64, 256])
+    g = torch.Generator().manual_seed(6)
+    for lens in ([50], [20, 7, 100], [1, 1]):
+        ids = torch.randint(0, VOCAB, (sum(lens),), generator=g).tolist()
+        cu = [0, *torch.tensor(lens).cumsum(0).tolist()]
+        slots, mask = list(range(len(lens))), [True] * len(lens)
+        got = graphed(ids, cu, slots, mask)
+        assert got is not None
+        want = model.prefill(torch.tensor(ids, device="cuda"), torch.tensor(cu, dtype=torch.int32), ref,
+                             torch.tensor(slots, dtype=torch.int32), torch.tensor(mask))
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), lens
+        for s in slots:
+            assert torch.allclose(pool.read(s)["layers.0.recurrent"], ref.read(s)["layers.0.recurrent"],
+                                  atol=1e-5, rtol=1e-4)
+    assert graphed([1] * 300, [0, 300], [0], [False]) is None  # no captured shape fits: eager
