@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the last session could not measure, in priority order, each step time-bounded so the rest
 # still report. Fits one 10-minute device call when STEPS names a few; run it in two or three calls
-# (e.g. STEPS=parity,e2e; STEPS=profile,resume; STEPS=http64,loadtest,kernels340). Carry .whl and, when a previous call
+# (e.g. STEPS=gputests,parity,e2e; STEPS=profile,resume; STEPS=http64,loadtest,kernels340). Carry .whl and, when a previous call
 # brought one back, .triton-cache: compiled kernels and fla's autotune results, which otherwise
 # cost minutes of every call (unpack $OUT/triton-cache.tgz into .triton-cache/ before the next call).
 set -u
@@ -11,8 +11,14 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export TRITON_CACHE_DIR=$PWD/.triton-cache FLA_CACHE_RESULTS=1; mkdir -p "$TRITON_CACHE_DIR"
 trap 'tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && du -h "$OUT/triton-cache.tgz"' EXIT
-STEPS=${STEPS:-parity,e2e}
+STEPS=${STEPS:-gputests,parity,e2e}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [[ $STEPS == *gputests* ]]; then  # the GPU paths added without a GPU: staged snapshots (on by default)
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
+    tests/model/test_graphed_prefill.py tests/model/test_fused.py 2>&1 | tail -4
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
+    -k "prep_variants or (prefill_matches_naive and T1000 and f32)" 2>&1 | tail -3
+fi
 if [[ $STEPS == *parity* ]]; then  # issue 2 item 7: fp32 <= 1e-4, bf16 <= 5e-3
   TRITON_F32_DEFAULT=ieee timeout 280 python3 benchmarks/fla_parity.py --quick --first-config \
     --out "$OUT/fla-parity.json" 2>&1 | grep -v -i "warn\|shards" | cut -c1-240 | tail -8
@@ -30,9 +36,11 @@ if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn vs re-prefill over HT
       --resume 1024 8192 32752 --resume-tier $tier --out "$OUT/resume-$tier.json" 2>&1 | grep -v -i warn | tail -3
   done
 fi
-if [[ $STEPS == *http64* ]]; then  # issue 8: the engine over HTTP at 1 and 64 streams
+if [[ $STEPS == *http64* ]]; then  # issue 8: the engine over HTTP at 1 and 64 streams, eager and graphed prefill
   timeout 150 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 \
     --out "$OUT/e2e-server.json" 2>&1 | grep -v -i warn | tail -6
+  GLA_CUDA_GRAPH_PREFILL=true timeout 150 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 \
+    --max-tokens 64 --out "$OUT/e2e-server-graph-prefill.json" 2>&1 | grep -v -i warn | tail -6
 fi
 if [[ $STEPS == *loadtest* ]]; then  # issue 8 item 3: the load tool against a gla-serve serve process
   bash benchmarks/gpu_loadtest.sh
