@@ -10,7 +10,6 @@ and `abort` cross from request handlers into the engine.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import time
@@ -26,13 +25,13 @@ from server.conversations import (
 )
 from server.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.errors import BadRequest, Unavailable
+from server.flights import PrefillFlights, token_hash
 from server.model_runner import ModelRunner
 from server.sampler import SampleResult
 from server.sampling_params import SamplingParams
 from server.scheduler import ParkedState, Scheduler
 from server.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
 from server.settings import Settings
-from server.state_cache.keys import tokens_to_bytes
 
 log = logging.getLogger("gla.engine")
 
@@ -49,11 +48,6 @@ def prefill_buckets(settings: Settings) -> list[int] | None:
             out.append(b)
         b *= 2
     return [*out, budget + seqs]
-
-
-def _log_hash(token_ids: list[int]) -> bytes:
-    """Identifies the exact tokens a parked state summarises."""
-    return hashlib.blake2b(tokens_to_bytes(token_ids), digest_size=16).digest()
 
 
 class EngineObserver(Protocol):
@@ -147,18 +141,14 @@ class AsyncEngine:
         self.num_steps = 0
         self.num_device_hits = 0
         self.num_prefix_snapshots_skipped = 0
-        self.num_flights_joined = 0
         self.phase_seconds = {"schedule": 0.0, "model": 0.0, "snapshot": 0.0, "postprocess": 0.0}
         self._step_snapshot_s = 0.0
-        self._flights: dict[tuple[str, bytes], asyncio.Future[dict[str, Any] | None]] = {}
-        self._flight_waiters: dict[tuple[str, bytes], int] = {}
-        self._aloop: asyncio.AbstractEventLoop | None = None
+        self.flights = PrefillFlights(settings.single_flight_wait_s)
         self._step_snapshot_bytes = 0
         self.is_stopping = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._aloop = asyncio.get_running_loop()
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="gla-engine")
 
@@ -234,8 +224,8 @@ class AsyncEngine:
             seq.tenant = conversation.tenant if conversation is not None else tenant
             if seq.initial_state is None:
                 await self._restore_prefix(seq)
-            if conversation is None:
-                await self._join_or_lead(seq)
+            if conversation is None and self.runner.supports_checkpoints:
+                await self.flights.join_or_lead(seq)
             pending_tokens = sum(s.num_input_tokens for s in self._incoming)
             self.scheduler.check_admission(seq.num_input_tokens, len(self._incoming), pending_tokens)
             if self.is_stopping:
@@ -244,7 +234,7 @@ class AsyncEngine:
             if conversation is not None:
                 self.conversations.release(conversation)
             if seq is not None and seq.flight_key is not None:
-                self._land_flight(seq.flight_key, None)
+                self.flights.land(seq.flight_key, None)
             raise
         waiter = getattr(self.conversations, "wait_committed", None)
         stream = RequestStream(
@@ -334,46 +324,6 @@ class AsyncEngine:
             return False
         base = seq.num_cached_tokens
         return (base + end) // every > (base + start) // every
-
-    async def _join_or_lead(self, seq: Sequence) -> None:
-        """Single flight: a request whose whole context but its last token is being prefilled by
-        another in-flight request (same tenant) waits for that state instead of prefilling it again;
-        otherwise it becomes the one others may wait for. Best effort: after a timeout, or when the
-        leader ends without the state, the request simply prefills."""
-        wait_s = self.settings.single_flight_wait_s
-        if not wait_s or seq.num_input_tokens < 2 or not self.runner.supports_checkpoints:
-            return
-        ctx = seq.context_token_ids
-        key = (seq.tenant, _log_hash(ctx[:-1]))
-        leader = self._flights.get(key)
-        if leader is None:
-            self._flights[key] = asyncio.get_running_loop().create_future()
-            seq.flight_key = key
-            return
-        self._flight_waiters[key] = self._flight_waiters.get(key, 0) + 1
-        try:
-            state = await asyncio.wait_for(asyncio.shield(leader), timeout=wait_s)
-        except TimeoutError:
-            return
-        if state is None:
-            return
-        self.num_flights_joined += 1
-        seq.initial_state = state
-        seq.num_restored_tokens = len(ctx) - 1
-        seq.input_token_ids = ctx[-1:]
-
-    def _land_flight(self, key: tuple[str, bytes], state: dict[str, Any] | None) -> None:
-        """Hand a leader's state (or None: prefill yourselves) to its waiters; from any thread."""
-        def land() -> None:
-            fut = self._flights.pop(key, None)
-            self._flight_waiters.pop(key, None)
-            if fut is not None and not fut.done():
-                fut.set_result(state)
-
-        if self._aloop is None:
-            land()
-        else:
-            self._aloop.call_soon_threadsafe(land)
 
     def _store_prefix(self, seq: Sequence, token_ids: list[int]) -> None:
         """Snapshot the slot, which has consumed exactly `token_ids`, for later prefix reuse.
@@ -482,7 +432,7 @@ class AsyncEngine:
         parked = self.scheduler.claim_parked(seq.conversation)
         history = seq.history_token_ids
         hit = (parked is not None and len(history) >= 1 and parked.num_tokens == len(history) - 1
-               and parked.log_hash == _log_hash(history[:-1]))
+               and parked.log_hash == token_hash(history[:-1]))
         self._notify_cache("device", hit)
         if not hit:
             if parked is not None:
@@ -521,14 +471,14 @@ class AsyncEngine:
             seq.first_scheduled_time = now
         for chunk in batch.prefill:
             key = chunk.seq.flight_key
-            chunk.seq.checkpoint_wanted = bool(key is not None and chunk.is_last and self._flight_waiters.get(key))
+            chunk.seq.checkpoint_wanted = chunk.is_last and self.flights.has_waiters(key)
         t1 = time.perf_counter()
         seqs, samples = self.runner.run(batch)
         t2 = time.perf_counter()
         self.num_steps += 1
         for chunk in batch.prefill:
             if chunk.is_last and chunk.seq.flight_key is not None:
-                self._land_flight(chunk.seq.flight_key, self.runner.checkpoints.get(chunk.seq))
+                self.flights.land(chunk.seq.flight_key, self.runner.checkpoints.get(chunk.seq))
                 chunk.seq.flight_key = None
         for chunk in batch.prefill:
             if chunk.is_last:  # the end of a prompt, before any decode: the state of the whole context
@@ -614,14 +564,14 @@ class AsyncEngine:
         self._step_snapshot_s += time.perf_counter() - t0
         if not self.settings.resident_conversations:
             return None
-        return seq.conversation, ParkedState(seq.slot, len(log_ids) - 1, _log_hash(log_ids[:-1]))
+        return seq.conversation, ParkedState(seq.slot, len(log_ids) - 1, token_hash(log_ids[:-1]))
 
     def _end(self, seq: Sequence, reason: FinishReason) -> None:
         """Bookkeeping common to every way a request ends (the slot is already free)."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq.flight_key is not None:  # ended before its prompt did: the waiters prefill themselves
-            self._land_flight(seq.flight_key, None)
+            self.flights.land(seq.flight_key, None)
             seq.flight_key = None
         if seq.conversation is not None:
             self.conversations.release(seq.conversation)
@@ -672,7 +622,7 @@ class AsyncEngine:
             "device_hits": self.num_device_hits,
             "device_evictions": self.scheduler.num_parked_evictions,
             "prefix_snapshots_skipped": self.num_prefix_snapshots_skipped,
-            "prefill_flights_joined": self.num_flights_joined,
+            "prefill_flights_joined": self.flights.num_joined,
             "step_phase_ms": {k: round(v * 1e3, 3) for k, v in self.phase_seconds.items()},
             "max_num_seqs": self.settings.max_num_seqs,
             "steps": self.num_steps,
