@@ -14,7 +14,7 @@ trap 'tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && du -h "$OUT/tr
 STEPS=${STEPS:-gputests,parity,e2e}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [[ $STEPS == *gputests* ]]; then  # the GPU paths added without a GPU: staged snapshots (on by default)
-  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
     tests/model/test_graphed_prefill.py tests/model/test_fused.py tests/server/test_gpu_serving.py 2>&1 | tail -4
   timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
     -k "prep_variants or (prefill_matches_naive and T1000 and f32)" 2>&1 | tail -3
