@@ -102,6 +102,7 @@ def run_ours(cfg, batches: list[int], quick: bool) -> dict:
         prefill[T] = {"ms": ms, "tok_per_s": T / ms * 1e3}
         print(f"prefill T={T}: {ms:.2f} ms", flush=True)
     res["prefill"] = prefill
+    res["prefill_graphed"] = graphed_prefill(model, pool, scratch, [T for T in prefill if T <= 8192])
 
     # (d) decode latency vs context length (batch 1, graph)
     vs_ctx = {}
@@ -120,6 +121,25 @@ def run_ours(cfg, batches: list[int], quick: bool) -> dict:
         print(f"decode at context {T}: {vs_ctx[T]:.3f} ms", flush=True)
     res["decode_vs_context_ms"] = vs_ctx
     return res
+
+
+def graphed_prefill(model, pool, scratch: int, lengths: list[int]) -> dict:
+    """Model-level prefill replayed from CUDA graphs (model.cuda_graph.GraphedPrefiller): what the
+    engine's `cuda_graph_prefill` setting would save in host time. Errors are reported, not raised."""
+    from model.cuda_graph import GraphedPrefiller
+
+    out: dict = {}
+    try:
+        gp = GraphedPrefiller(model, pool, scratch, max_seqs=1, buckets=[T + 1 for T in lengths])
+        for T in lengths:
+            ids = torch.randint(0, model.config.vocab_size, (T,)).tolist()
+            ms = cuda_time_ms(lambda ids=ids, T=T: gp(ids, [0, T], [0], [False]), iters=10, warmup=2)
+            out[T] = {"ms": ms}
+            print(f"prefill graphed T={T}: {ms:.2f} ms", flush=True)
+    except Exception as exc:  # experimental path: say why, keep the rest of the run
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        print("prefill graphed failed:", out["error"], flush=True)
+    return out
 
 
 def main() -> None:
