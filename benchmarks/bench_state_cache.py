@@ -148,6 +148,41 @@ def bf16_effect(num_steps: int = 32) -> dict[str, Any]:
     return res
 
 
+def device_tier_rows(reps: int) -> list[dict[str, Any]]:
+    """On CUDA, the device side of each tier for a gla-1.3B-shaped pool slot (48 MiB): a staged
+    snapshot (device copies + event, what the engine step pays), its host copy into pinned memory
+    (off the step), the old synchronous `read`, and restoring a host copy into a slot (a resumed
+    turn from the host or Redis tier). Times include a device sync."""
+    from model import GLAConfig, StatePool
+    from model.state import to_host
+
+    cfg = GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=24, vocab_size=32000)
+    pool = StatePool(cfg, 3, device="cuda")
+    for t in pool.recurrent:
+        t.normal_()
+    nbytes = pool.bytes_per_slot
+
+    def timed(fn: Callable[[], Any]) -> list[float]:
+        fn()
+        out = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    pinned = to_host(pool.stage(0), pin=True)
+    ops = {
+        "device: stage a slot (in the engine step)": lambda: pool.stage(0),
+        "device: staged snapshot -> pinned host": lambda: to_host(pool.stage(0), pin=True),
+        "device: synchronous read (the old path)": lambda: pool.read(0),
+        "device: pinned host copy -> slot (restore)": lambda: pool.write(1, pinned),
+    }
+    return [row(name, "48MiB", nbytes, timed(fn)) for name, fn in ops.items()]
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--redis-url", default=None)
@@ -174,6 +209,8 @@ async def main() -> None:
     finally:
         if proc is not None:
             proc.stop()
+    if torch.cuda.is_available():
+        rows += device_tier_rows(args.reps)
     effect = None if args.skip_bf16_effect else bf16_effect()
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "bf16_effect": effect}, indent=1))

