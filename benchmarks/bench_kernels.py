@@ -347,18 +347,12 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
-    if args.sweep_prep:
-        meta["chosen_prep"] = sweep_prep(rows)
-        save()
-    if args.sweep_split:
-        meta["chosen_split"] = sweep_split(rows)
-        save()
-    if args.sweep:
-        meta["chosen"] = sweep(rows)
-        save()
-    if args.sweep_decode:
-        meta["chosen_decode"] = sweep_decode(rows)
-        save()
+    sweeps = ((args.sweep_prep, "chosen_prep", sweep_prep), (args.sweep_split, "chosen_split", sweep_split),
+              (args.sweep, "chosen", sweep), (args.sweep_decode, "chosen_decode", sweep_decode))
+    for wanted, name, run in sweeps:
+        if wanted:  # each sweep leaves its choice in the kernels' config for what follows
+            meta[name] = run(rows)
+            save()
     meta["chosen_config_check"] = check_config()
     print("config check (rel-RMS vs float64, bf16 in):", meta["chosen_config_check"], flush=True)
     from kernels._launch import Launcher

@@ -150,8 +150,10 @@ class GraphedPrefiller:
         self._capture()
 
     def _layout(self, bucket: int) -> list[int]:
+        """A valid all-padding layout of `bucket` tokens, loaded into `cu`, for warm-up and capture."""
         layout = pad_layout(0, [0], [], [], self.num_seqs, bucket, self.scratch_slot)
         assert layout is not None
+        self.cu.copy_(torch.tensor(layout[0], dtype=torch.int32))
         return layout[0]
 
     def _run(self, bucket: int, cu_host: list[int]) -> torch.Tensor:
@@ -164,15 +166,15 @@ class GraphedPrefiller:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bucket in self.buckets:  # warm-up: compile every kernel variant outside the capture
-                self.cu.copy_(torch.tensor(self._layout(bucket), dtype=torch.int32))
+                layout = self._layout(bucket)
                 for _ in range(2):
-                    self._run(bucket, self._layout(bucket))
+                    self._run(bucket, layout)
         torch.cuda.current_stream().wait_stream(stream)
         for bucket in reversed(self.buckets):  # largest first so smaller graphs reuse its memory
-            self.cu.copy_(torch.tensor(self._layout(bucket), dtype=torch.int32))
+            layout = self._layout(bucket)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=mempool):
-                self.outputs[bucket] = self._run(bucket, self._layout(bucket))
+                self.outputs[bucket] = self._run(bucket, layout)
             self.graphs[bucket] = g
         torch.cuda.synchronize()
         self.pool.zero_([self.scratch_slot])

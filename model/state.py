@@ -161,9 +161,9 @@ class StatePool:
         `ready` event; at most `max_staged_bytes` of them await their host copy at once, and past
         that (or when the device is out of memory) this is `read`. Elsewhere it is `read`.
         """
-        nbytes = self.bytes_per_slot
         if self.device.type != "cuda":
             return self.read(slot)
+        nbytes = self.bytes_per_slot
         with self._staged_lock:
             if self._staged_bytes + nbytes > self.max_staged_bytes:
                 return self.read(slot)

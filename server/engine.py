@@ -433,7 +433,7 @@ class AsyncEngine:
         history = seq.history_token_ids
         hit = (parked is not None and len(history) >= 1 and parked.num_tokens == len(history) - 1
                and parked.log_hash == token_hash(history[:-1]))
-        self._notify_cache("device", hit)
+        self._notify("on_cache_lookup", "device", hit)
         if not hit:
             if parked is not None:
                 self.scheduler.free_slot(parked.slot)
@@ -446,12 +446,11 @@ class AsyncEngine:
         seq.num_restored_tokens = len(history) - 1
         seq.input_token_ids = [history[-1], *seq.prompt_token_ids]
 
-    def _notify_cache(self, tier: str, hit: bool | None, evictions: int = 0) -> None:
+    def _notify(self, hook: str, *args: Any) -> None:
+        """Call an optional observer hook (on_cache_lookup, on_cache_evict, on_step_phases)."""
         for obs in self.observers:
-            if hit is not None and (fn := getattr(obs, "on_cache_lookup", None)) is not None:
-                fn(tier, hit)
-            if evictions and (fn := getattr(obs, "on_cache_evict", None)) is not None:
-                fn(tier, evictions)
+            if (fn := getattr(obs, hook, None)) is not None:
+                fn(*args)
 
     def _step(self) -> list[RequestOutput]:
         """One engine step, timed by phase (`phase_seconds`): schedule, model (prefill + decode +
@@ -463,7 +462,7 @@ class AsyncEngine:
         evicted = self.scheduler.num_parked_evictions
         batch = self.scheduler.schedule()
         if self.scheduler.num_parked_evictions != evicted:
-            self._notify_cache("device", None, self.scheduler.num_parked_evictions - evicted)
+            self._notify("on_cache_evict", "device", self.scheduler.num_parked_evictions - evicted)
         if batch.is_empty:
             return []
         now = time.monotonic()
@@ -496,8 +495,7 @@ class AsyncEngine:
         now = time.monotonic()
         for obs in self.observers:
             obs.on_step(seqs, batch.num_prefill_tokens, now)
-            if (fn := getattr(obs, "on_step_phases", None)) is not None:
-                fn(phases)
+        self._notify("on_step_phases", phases)
         return outputs
 
     def _postprocess(self, seqs: list[Sequence], samples: list[SampleResult]) -> list[RequestOutput]:

@@ -55,6 +55,8 @@ class ModelRunner:
             from model.cuda_graph import GraphedDecoder
 
             self.graphed_decoder = GraphedDecoder(model, self.pool, self.scratch_slot, max_batch=num_slots)
+        # sequence -> its state before its last input token, from the last `run` (single flight)
+        self.checkpoints: dict[Sequence, dict[str, torch.Tensor]] = {}
         self.graphed_prefiller = None
         if prefill_graph_buckets and use_cuda_graphs and self.device.type == "cuda" and self.pool.conv is None:
             from model.cuda_graph import GraphedPrefiller
@@ -65,9 +67,6 @@ class ModelRunner:
     @property
     def bytes_per_slot(self) -> int:
         return self.pool.bytes_per_slot
-
-    def read_state(self, slot: int) -> dict[str, torch.Tensor]:
-        return self.pool.read(slot)
 
     @property
     def supports_checkpoints(self) -> bool:
@@ -94,7 +93,7 @@ class ModelRunner:
 
         `checkpoints` then maps each sequence that asked (`checkpoint_wanted`, prompt ending in this
         step) to its state before its last input token."""
-        self.checkpoints: dict[Sequence, dict[str, torch.Tensor]] = {}
+        self.checkpoints = {}
         self._prepare_slots(batch.admitted)
         logits: list[torch.Tensor] = []
         sampled: list[Sequence] = []
