@@ -2,10 +2,7 @@
 # One device call: GPU tests of the fused layer kernels, model-level e2e (ours), HTTP load + resumed
 # turns, then fla parity (fp32 dots in IEEE mode, as fla's own tests) for what time remains.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout 60 python3 -m pytest -q -m gpu -s tests/kernels/test_fused.py tests/model/test_fused.py -p no:cacheprovider \
   -o addopts="" 2>&1 | tee "$OUT/gpu-fused-tests.log" | grep -E "passed|failed|FAILED|Error|kernels|per layer" | tail -12

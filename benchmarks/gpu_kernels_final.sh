@@ -3,10 +3,7 @@
 # host overhead split, and the fla model parity check. Logs and JSON go to $OUT.
 #   bash benchmarks/gpu_kernels_final.sh   (carry .whl)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout 60 python3 -m pytest -q tests/kernels/test_triton.py -p no:cacheprovider -o addopts="" \
   -k "prep_variants or (prefill_matches_naive and T1000 and K256)" 2>&1 | tee "$OUT/gpu-tests.log" | tail -2

@@ -3,11 +3,7 @@
 # fla-core, benchmark. Run from the repo root on the GPU machine with .whl carried; logs go to $OUT.
 #   bash benchmarks/gpu_kernels_run.sh [bench args...]
 set -o pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 STAGES=${STAGES:-tests,check,bench}
 if [[ $STAGES == *tests* ]]; then

@@ -3,10 +3,7 @@
 # gla-1.3B-shaped checkpoint (random bf16 weights, the bundled tokenizer) at 64 concurrent streams.
 # Writes the loadtest JSON and the server log to $OUT. Carry .whl (and .triton-cache if you have it).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton-cache
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
+source benchmarks/gpu_env.sh
 python3 - <<'PY' || exit 1
 import shutil, torch
 from model import GLAConfig, GLAForCausalLM

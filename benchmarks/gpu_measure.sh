@@ -3,10 +3,7 @@
 # a GPU, the decode kernel against fla-core, and per-kernel profiles. Logs and JSON go to $OUT.
 #   bash benchmarks/gpu_measure.sh   (carry .whl)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton, fla; print(torch.__version__, triton.__version__, fla.__version__)"
 if [[ ${PARTS:-parity,tests,decode,profile} == *parity* ]]; then

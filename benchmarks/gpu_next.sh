@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
 # What the last session could not measure, in priority order, each step time-bounded so the rest
 # still report. Each line below fits one 10-minute device call (worst case ~9 min):
-#   STEPS=gputests,parity   STEPS=e2e,profile   STEPS=resume,http64   STEPS=loadtest,kernels340 Carry .whl and, when a previous call
-# brought one back, .triton-cache: compiled kernels and fla's autotune results, which otherwise
-# cost minutes of every call (unpack $OUT/triton-cache.tgz into .triton-cache/ before the next call).
+#   STEPS=gputests,parity   STEPS=e2e,profile   STEPS=resume,http64   STEPS=loadtest,kernels340
+# Carry .whl and, once a call has brought one back, .triton-cache: compiled kernels and fla's autotune
+# results, which otherwise cost minutes of every call (unpack $OUT/triton-cache.tgz into .triton-cache/).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export TRITON_CACHE_DIR=$PWD/.triton-cache FLA_CACHE_RESULTS=1; mkdir -p "$TRITON_CACHE_DIR"
+source benchmarks/gpu_env.sh
 trap 'tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && du -h "$OUT/triton-cache.tgz"' EXIT
 STEPS=${STEPS:-gputests,parity}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

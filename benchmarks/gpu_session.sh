@@ -2,10 +2,7 @@
 # One device call: fla parity, GPU decode/varlen kernel tests, e2e model benchmark (with fla + HF
 # generate), and the HTTP-level benchmark. Each step is time-bounded so the others still report.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout 100 python3 benchmarks/fla_parity.py --out "$OUT/fla-parity.json" 2>&1 | grep -v Warn | tail -8
 timeout 70 python3 -m pytest -q -m gpu tests/kernels/test_triton.py -k "decode or varlen or checkpoint" -x \
