@@ -58,6 +58,17 @@ class _Guarded:
         return out
 
 
+def _triton_errors() -> tuple[type[BaseException], ...]:
+    """What a Triton path may raise when its kernel cannot build here (compile errors, OutOfResources,
+    PTXAS failures): the guarded ops then fall back to PyTorch."""
+    try:
+        from triton.errors import TritonError
+
+        return (TritonError, RuntimeError)
+    except ImportError:
+        return (RuntimeError,)
+
+
 def _load_triton() -> tuple[_Guarded | None, _Guarded | None]:
     """The guarded Triton entry points, or (None, None) without CUDA or Triton (CUDA then uses PyTorch).
 
@@ -70,12 +81,7 @@ def _load_triton() -> tuple[_Guarded | None, _Guarded | None]:
         from kernels.triton_recurrent import fused_recurrent_gla_decode_triton
     except ImportError:
         return None, None
-    try:
-        from triton.errors import TritonError  # compile errors, OutOfResources, PTXAS failures
-
-        errors: tuple[type[BaseException], ...] = (TritonError, RuntimeError)
-    except ImportError:
-        errors = (RuntimeError,)
+    errors = _triton_errors()
     return (_Guarded("chunk_gla_prefill", chunk_gla_prefill_triton, chunk_gla_prefill_torch, errors),
             _Guarded("fused_recurrent_gla_decode", fused_recurrent_gla_decode_triton,
                      fused_recurrent_gla_decode_torch, errors))
@@ -156,15 +162,6 @@ def fused_recurrent_gla_decode(
 
 
 # ---- fused layer ops (kernels/triton_fused.py; PyTorch forms in kernels/fused_torch.py) -----------
-
-def _triton_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from triton.errors import TritonError
-
-        return (TritonError, RuntimeError)
-    except ImportError:
-        return (RuntimeError,)
-
 
 def _load_triton_fused() -> dict[str, _Guarded] | None:
     """Guarded Triton forms of the fused layer ops, or None without CUDA or Triton."""
