@@ -10,9 +10,9 @@ trap 'tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && du -h "$OUT/tr
 STEPS=${STEPS:-gputests,parity}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [[ $STEPS == *gputests* ]]; then  # the GPU paths added without a GPU: staged snapshots (on by default)
-  timeout 210 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
+  timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
     tests/model/test_graphed_prefill.py tests/model/test_fused.py tests/server/test_gpu_serving.py 2>&1 | tail -4
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
     -k "prep_variants or (prefill_matches_naive and T1000 and f32)" 2>&1 | tail -3
 fi
 if [[ $STEPS == *parity* ]]; then  # issue 2 item 7: fp32 <= 1e-4, bf16 <= 5e-3
@@ -20,10 +20,16 @@ if [[ $STEPS == *parity* ]]; then  # issue 2 item 7: fp32 <= 1e-4, bf16 <= 5e-3
     --out "$OUT/fla-parity.json" 2>&1 | grep -v -i "warn\|shards" | cut -c1-240 | tail -8
 fi
 if [[ $STEPS == *e2e* ]]; then  # issue 8: ours and fla + HF generate() in the same run
-  timeout 300 python3 benchmarks/e2e.py --quick --new-tokens 32 --out "$OUT/e2e.json" 2>&1 \
+  timeout 280 python3 benchmarks/e2e.py --quick --new-tokens 32 --out "$OUT/e2e.json" 2>&1 \
     | grep -E "^(decode|prefill|fla)"
 fi
-if [[ $STEPS == *profile* ]]; then  # issues 3 and 8: per-kernel time after the prep and fusion changes
+if [[ $STEPS == *profmodel* ]]; then  # issue 8: per-kernel GPU time of a decode step and a model prefill
+  timeout 100 python3 benchmarks/profile_gpu.py --parts model --out "$OUT/profile-model.json" 2>&1 | grep -v -i warn | tail -60
+fi
+if [[ $STEPS == *host* ]]; then  # issue 3: host time per eager kernel call
+  timeout 60 python3 benchmarks/host_overhead.py --out "$OUT/host-overhead.json" 2>&1 | grep -v -i warn | tail -12
+fi
+if [[ $STEPS == *profile,* || $STEPS == *profile ]]; then  # issues 3 and 8: per-kernel time after the prep and fusion changes
   timeout 190 python3 benchmarks/profile_gpu.py --no-fla --out "$OUT/profile.json" 2>&1 | grep -v -i warn | tail -40
 fi
 if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier; put/get per tier

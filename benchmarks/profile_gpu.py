@@ -45,10 +45,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="profile.json")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--parts", default="kernels,model", help="comma list of kernels (prefill kernel), model")
     args = ap.parse_args()
     from benchmarks.bench_kernels import SHAPES, prefill_inputs
     from kernels.triton_chunk import chunk_gla_prefill_triton
-    from model import GLAConfig, GLAForCausalLM
 
     res: dict = {"meta": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                           "triton": __import__("triton").__version__,
@@ -59,7 +59,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    for name in SHAPES:
+    for name in SHAPES if "kernels" in args.parts else ():
         H, K, V = SHAPES[name]
         for T in (2048, 32768):
             q, k, v, g, cu = prefill_inputs([T], H, K, V)
@@ -76,6 +76,14 @@ def main() -> None:
             print(name, T, {kk: vv["gpu_us_per_call"] for kk, vv in res.items() if kk != "meta"}, flush=True)
             save()
 
+    if "model" in args.parts:
+        profile_model(res, save)
+    report(res)
+
+
+def profile_model(res: dict, save: Callable[[], None]) -> None:
+    from model import GLAConfig, GLAForCausalLM
+
     cfg = GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=24, vocab_size=32000)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -90,16 +98,20 @@ def main() -> None:
         print("decode", B, res[f"decode-step-B{B}"]["gpu_us_per_call"], res[f"decode-step-B{B}"]["kernels_per_call"],
               flush=True)
         save()
-    x = torch.randint(0, 32000, (8192,), device="cuda")
-    cu = torch.tensor([0, 8192], dtype=torch.int32, device="cuda")
-    sl = torch.zeros(1, dtype=torch.int32, device="cuda")
-    with torch.no_grad():
-        res["model-prefill-T8192"] = kernel_profile(partial(model.prefill, x, cu, pool, sl), reps=2)
-    save()
+    for T in (2048, 8192):
+        x = torch.randint(0, 32000, (T,), device="cuda")
+        cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+        sl = torch.zeros(1, dtype=torch.int32, device="cuda")
+        with torch.no_grad():
+            res[f"model-prefill-T{T}"] = kernel_profile(partial(model.prefill, x, cu, pool, sl), reps=2)
+        save()
+
+
+def report(res: dict) -> None:
     for kk, vv in res.items():
         if kk != "meta":
             print(f"== {kk}: {vv['gpu_us_per_call']} us GPU, {vv['kernels_per_call']} kernels")
-            for r in vv["top"][:8]:
+            for r in vv["top"][:14]:
                 print(f"   {r['us']:9.1f} us  x{r['count']:<5g} {r['name']}")
 
 
