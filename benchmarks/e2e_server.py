@@ -223,17 +223,19 @@ def main() -> None:
         served_model_name="gla-1.3B-random" if not args.tiny else "gla-tiny-random",
         log_level="warning",
     )
-    conversations = None
-    redis = None
-    if args.resume_tier != "device":
-        from server.state_cache.factory import build_conversation_store
+    # the store `gla-serve serve` builds (tiered: snapshots staged on the device, copied to pinned host
+    # memory off the step), not create_app's in-process default, which copies inside the step
+    from server.state_cache.factory import build_conversation_store
 
-        tier: dict[str, Any] = {"resident_conversations": False}
-        if args.resume_tier == "redis":
-            redis = start_redis()
-            tier.update(host_cache_bytes=0, redis_url=redis.url)
-        settings = Settings(**{**settings.model_dump(exclude_unset=True), **tier})
-        conversations = build_conversation_store(settings, fingerprint=b"e2e-server-random-weights".ljust(32, b"\0"))
+    redis = None
+    tier: dict[str, Any] = {}
+    if args.resume_tier != "device":
+        tier["resident_conversations"] = False
+    if args.resume_tier == "redis":
+        redis = start_redis()
+        tier.update(host_cache_bytes=0, redis_url=redis.url)
+    settings = Settings(**{**settings.model_dump(exclude_unset=True), **tier})
+    conversations = build_conversation_store(settings, fingerprint=b"e2e-server-random-weights".ljust(32, b"\0"))
     app = create_app(settings, model_loader=lambda s: (model, tokenizer), conversations=conversations)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

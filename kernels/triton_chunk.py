@@ -42,7 +42,9 @@ CONFIGS: dict[int, dict[str, int]] = {
 }
 # The prep kernel's key-channel block and warps (one setting for every head dim: its tiles are
 # [BT, BKC] whatever K is).
-PREP: dict[str, int] = {"BKC": 32, "num_warps": 4, "BKD": 0, "SPLIT_MAX_PROGRAMS": 0}
+# SPLIT_MAX_PROGRAMS: `bench_kernels.py --sweep-split` on an H200 chose 68 (chunks x heads): at the
+# 1.3B shape T=512 94 -> 50 us, T=1024 108 -> 81 us; at T=2048 the split was slower (131 -> 137 us).
+PREP: dict[str, int] = {"BKC": 32, "num_warps": 4, "BKD": 0, "SPLIT_MAX_PROGRAMS": 68}
 MIN_SEG = 128
 MAX_SEG = 8192
 
@@ -389,7 +391,8 @@ def chunk_gla_prefill_triton(
     dev = q.device
     n_chunks = T // BT + N
     bkc = min(PREP["BKC"], BK)
-    # few chunks: one program per key block too, summing A with atomics (off until a sweep says)
+    # few chunks: one program per key block too, summing A with fp32 atomics (short prompts, where
+    # chunks x heads alone would leave most SMs idle)
     split = BK > bkc and n_chunks * H <= PREP["SPLIT_MAX_PROGRAMS"]
     A = torch.zeros(T, H, BT, dtype=torch.float32, device=dev) if split else torch.empty(T, H, BT, dtype=dt,
                                                                                           device=dev)

@@ -117,6 +117,11 @@ class LRUConversationStore:
     but keeps its token log (a later turn rebuilds the state by prefill), and drops whole
     conversations only when the logs alone exceed the budget.
 
+    It copies each state to host memory inside the engine step (a synchronous 48 MiB read took 4.3
+    ms on an H200, and a turn takes two: prompt end and commit): the default of `create_app` for
+    tests and embedding. `gla-serve serve` uses the tiered store (`server.state_cache`), whose copies run off
+    the step.
+
     Args:
         budget_bytes: bound on states plus logs.
     """

@@ -26,8 +26,8 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
     cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (CUDA only)")
     cuda_graph_prefill: bool = Field(
-        False, description="also replay prefill from CUDA graphs at power-of-two token buckets (CUDA, no short "
-        "conv; experimental: not yet validated on a GPU)",
+        True, description="also replay prefill from CUDA graphs at power-of-two token buckets (CUDA models "
+        "without short conv; others, and batches that fit no bucket, run eagerly)",
     )
     seed: int = Field(0, description="seed of the engine's generator for requests without their own seed")
 

@@ -189,7 +189,10 @@ def test_graphed_decode_of_the_fused_model_matches_eager_and_unfused() -> None:
     pool = model.new_state_pool(4)
     for t in pool.recurrent:
         t.normal_(0, 0.1)
-    eager_pool, unfused_pool = copy.deepcopy(pool), copy.deepcopy(pool)
+    eager_pool, unfused_pool = model.new_state_pool(4), model.new_state_pool(4)
+    for dst in (eager_pool, unfused_pool):  # a pool holds a lock: copied by value, not deepcopy
+        for a, b in zip(dst.recurrent, pool.recurrent, strict=True):
+            a.copy_(b)
     unfused = copy.deepcopy(model)  # deepcopy breaks the views: separate GEMMs, same weights
     assert not unfused.model.layers[0].attn.fused_in.valid()
     dec = GraphedDecoder(model, pool, scratch_slot=3, max_batch=4, buckets=[1, 2, 4])

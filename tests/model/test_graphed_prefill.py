@@ -29,7 +29,7 @@ def test_pad_layout_keeps_real_sequences_and_pads_with_one_token_or_more() -> No
 
 
 def test_prefill_buckets_cover_the_budget() -> None:
-    assert prefill_buckets(Settings()) is None  # off by default
+    assert prefill_buckets(Settings(cuda_graph_prefill=False)) is None
     b = prefill_buckets(Settings(cuda_graph_prefill=True, max_num_seqs=32, max_num_batched_tokens=2048))
     assert b == [64, 128, 256, 512, 1024, 2048, 2048 + 33]
 

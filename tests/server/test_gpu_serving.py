@@ -19,9 +19,9 @@ from tests.server.test_conversations import GREEDY, _replay_ids, _run_conversati
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 MODES = {
-    "device-tier": {},
+    "device-tier": {},  # graphed decode and prefill, states parked in their slots
     "host-copies": {"resident_conversations": False},
-    "graphed-prefill": {"cuda_graph_prefill": True},
+    "eager-prefill": {"cuda_graph_prefill": False},
     "no-graphs": {"cuda_graphs": False, "resident_conversations": False},
 }
 
