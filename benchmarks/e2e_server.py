@@ -135,13 +135,24 @@ async def ttft(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, 
     return first, last
 
 
+async def writes_landed(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
+    """Wait until the state cache has no pending writes (the Redis tier writes after the turn)."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        cache = (await client.get("/health")).json().get("cache") or {}
+        if not cache.get("pending_write_bytes"):
+            return
+        await asyncio.sleep(0.005)
+
+
 async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int) -> list[dict[str, Any]]:
     """Turn k+1 of a conversation whose state is cached vs re-prefilling its whole history.
 
     For each history length: (1) TTFT of one request carrying history + new tokens with no
     conversation id (fresh random ids, so no prefix-cache hit); (2) a conversation's first turn
-    with the history (commits its state), then its second turn with only the new tokens: TTFT of
-    the resumed turn. Every request asks for one greedy token.
+    with the history (commits its state), then, once that state's writes have landed (as after a
+    person's think time: `/health` reports no pending cache writes), its second turn with only the
+    new tokens: TTFT of the resumed turn. Every request asks for one greedy token.
     """
     gen = torch.Generator().manual_seed(7)
     rows = []
@@ -156,6 +167,7 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
             for i in range(3):
                 cid = f"resume-{n}-{i}"
                 await ttft(client, {**base, "prompt_token_ids": hist(), "conversation_id": cid})
+                await writes_landed(client)
                 t, last = await ttft(client, {**base, "prompt_token_ids": new, "conversation_id": cid})
                 resumed.append(t)
             row = {"history_tokens": n, "new_tokens": new_tokens,
