@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# What the last session could not measure, in priority order, each step time-bounded so the rest
-# still report. Each line below fits one 10-minute device call (worst case ~9 min):
-#   STEPS=gputests,parity   STEPS=e2e,profile   STEPS=resume,http64   STEPS=loadtest,kernels340
-# Carry .whl and, once a call has brought one back, .triton-cache: compiled kernels and fla's autotune
-# results, which otherwise cost minutes of every call (unpack $OUT/triton-cache.tgz into .triton-cache/).
+# GPU measurements still owed, each step time-bounded so the rest still report. Plan for the next
+# session, one 10-minute device call per line, in priority order:
+#   STEPS=gputests,gemv,resume   new defaults (graphed prefill, split-K prep), the small-M GEMV, and
+#                                resumed turns per tier (tiered store, hiredis, think time)
+#   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate at B=64
+#   STEPS=parity,http64,host     fla parity with bf16 distances from fp32; HTTP; host time per call
+#   STEPS=loadtest,profmodel     the load tool with graphed prefill; the decode-step profile again
+# Chain the calls back to back (issue the next as soon as one returns): the machine is given back
+# after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
+# start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
+# hiredis` fills it); carrying a .triton-cache that is not here would delete the warm one there.
 set -u
 source benchmarks/gpu_env.sh
-trap 'tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && du -h "$OUT/triton-cache.tgz"' EXIT
 STEPS=${STEPS:-gputests,parity}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [[ $STEPS == *gemv* ]]; then  # issue 8: the small-M GEMV vs cuBLAS at the 1.3B decode shapes
+  timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py 2>&1 | tail -3
+  timeout 200 python3 benchmarks/bench_gemv.py --out "$OUT/gemv.json" 2>&1 | grep -v -i warn | tail -30
+fi
 if [[ $STEPS == *gputests* ]]; then  # the GPU paths added without a GPU: staged snapshots (on by default)
   timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
     tests/model/test_graphed_prefill.py tests/model/test_fused.py tests/server/test_gpu_serving.py 2>&1 | tail -4
@@ -19,7 +28,9 @@ if [[ $STEPS == *parity* ]]; then  # issue 2 item 7: fp32 <= 1e-4, bf16 <= 5e-3
   TRITON_F32_DEFAULT=ieee timeout 250 python3 benchmarks/fla_parity.py --quick --first-config \
     --out "$OUT/fla-parity.json" 2>&1 | grep -v -i "warn\|shards" | cut -c1-240 | tail -8
 fi
-if [[ $STEPS == *e2e* ]]; then  # issue 8: ours and fla + HF generate() in the same run
+if [[ $STEPS == *e2efull* ]]; then  # issue 8: every size, fla + HF generate() up to B=64, same run
+  timeout 560 python3 benchmarks/e2e.py --new-tokens 32 --out "$OUT/e2e-full.json" 2>&1 | grep -E "^(decode|prefill|fla)"
+elif [[ $STEPS == *e2e* ]]; then  # issue 8: ours and fla + HF generate() in the same run
   timeout 280 python3 benchmarks/e2e.py --quick --new-tokens 32 --out "$OUT/e2e.json" 2>&1 \
     | grep -E "^(decode|prefill|fla)"
 fi
