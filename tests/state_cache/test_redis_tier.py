@@ -214,3 +214,31 @@ def test_rediss_url_through_tls(redis_proc, tmp_path):
 
         header, payload = asyncio.run(main())
     assert_state_equal(decode_snapshot(header, payload, fingerprint=FP).tensors, state)
+
+
+def test_get_snapshot_returns_the_chunks_unjoined_and_a_torn_chunk_is_rejected(redis_proc):
+    key = ns() + "snap"
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100 << 10)
+        try:
+            await tier.put_snapshot(key, encoded())
+            got = await tier.get_snapshot(key)
+            r = sync_client(redis_proc)
+            gen = parse_manifest(r.get(key))[0]
+            r.setrange(chunk_key(key, gen, 2), 100 << 10, b"x")  # a chunk one byte too long
+            return got, await tier.get_snapshot(key)
+        finally:
+            await tier.close()
+
+    (header, parts), (header2, torn) = asyncio.run(main())
+    assert isinstance(parts, list) and len(parts) == 11 and all(isinstance(p, bytes) for p in parts)
+    assert_state_equal(decode_snapshot(header, parts, fingerprint=FP).tensors, state_of_bytes(1 << 20))
+    with pytest.raises(SnapshotCorrupt):
+        decode_snapshot(header2, torn, fingerprint=FP)
+
+
+def test_tune_malloc_is_harmless():
+    from server.state_cache.redis_tier import tune_malloc_for_snapshots
+
+    assert tune_malloc_for_snapshots() in (True, False)

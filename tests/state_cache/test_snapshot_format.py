@@ -120,3 +120,53 @@ def test_encode_validates_its_input():
     with pytest.raises(ValueError, match="dtype"):
         encode_snapshot({"x": torch.zeros(2, dtype=torch.complex64)}, num_tokens=1, prefix_hash=PH,
                         fingerprint=FP)
+
+
+def _split(payload, sizes):
+    parts, pos = [], 0
+    for n in sizes:
+        parts.append(bytes(payload[pos : pos + n]))
+        pos += n
+    return parts + [bytes(payload[pos:])]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_payload_in_parts_decodes_to_the_same_tensors(dtype):
+    state = make_state() | {"step": torch.tensor([1, 2, 3], dtype=torch.int64), "empty": torch.zeros(0, 4)}
+    enc = _encode(state, storage_dtype=dtype)
+    whole = decode_snapshot(enc.header_bytes, enc.payload, fingerprint=FP, prefix_hash=PH).tensors
+    n = len(enc.payload)
+    # parts that cut through tensors, padding and single bytes, an empty part, and Redis-style chunks
+    for sizes in ([1, 63, 2, 100], [0, n // 3, 1], [7] * (n // 7 - 1)):
+        got = decode_snapshot(enc.header_bytes, _split(enc.payload, sizes), fingerprint=FP, prefix_hash=PH)
+        assert_state_equal(got.tensors, whole)
+    got = decode_snapshot(enc.header_bytes, [bytes(c) for c in enc.chunks(64)], fingerprint=FP)
+    assert_state_equal(got.tensors, whole)
+    if dtype is None:
+        assert_state_equal(whole, state)
+
+
+def test_a_corrupted_or_missing_part_is_rejected():
+    enc = _encode(checksum_alg=CHECKSUM_BLAKE2B)
+    for alg_enc in (enc, _encode()):
+        parts = [bytes(c) for c in alg_enc.chunks(50)]
+        for i in range(len(parts)):
+            bad = list(parts)
+            bad[i] = bytes([bad[i][0] ^ 0x80]) + bad[i][1:]
+            with pytest.raises(SnapshotCorrupt, match="checksum"):
+                decode_snapshot(alg_enc.header_bytes, bad, fingerprint=FP)
+        swapped = [parts[1], parts[0], *parts[2:]]
+        with pytest.raises(SnapshotCorrupt, match="checksum"):
+            decode_snapshot(alg_enc.header_bytes, swapped, fingerprint=FP)
+        with pytest.raises(SnapshotCorrupt, match="bytes"):
+            decode_snapshot(alg_enc.header_bytes, parts[:-1], fingerprint=FP)
+
+
+def test_big_payloads_use_an_owned_writable_buffer():
+    state = {"a": torch.randn(3, 1 << 20)}  # 12 MiB: above the huge-page threshold
+    enc = _encode(state)
+    snap = decode_snapshot(enc.header_bytes, [bytes(c) for c in enc.chunks(1 << 20)], fingerprint=FP)
+    assert torch.equal(snap.tensors["a"], state["a"])
+    snap.tensors["a"].add_(1)  # writable memory of its own, not the (immutable) Redis bytes
+    assert torch.equal(snap.tensors["a"], state["a"] + 1)
+    assert_state_equal(decode_blob(enc.to_blob(), fingerprint=FP).tensors, state)
