@@ -135,6 +135,39 @@ async def ttft(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, 
     return first, last
 
 
+async def run_ttft(url: str, lengths: list[int], vocab: int) -> list[dict[str, Any]]:
+    """HTTP time to first token of fresh prompts (random ids: no prefix-cache hit), one greedy
+    token each, median of 3 after a warm-up of each length."""
+    gen = torch.Generator().manual_seed(11)
+    rows = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for n in lengths:
+            body = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+            await ttft(client, {**body, "prompt_token_ids": torch.randint(3, vocab, (n,), generator=gen).tolist()})
+            times = [(await ttft(client, {**body, "prompt_token_ids": torch.randint(3, vocab, (n,), generator=gen)
+                                          .tolist()}))[0] for _ in range(3)]
+            rows.append({"prompt_tokens": n, "http_ttft_ms": 1e3 * statistics.median(times)})
+    return rows
+
+
+def bare_prefill_ms(model: GLAForCausalLM, n: int, reps: int = 3) -> float:
+    """Wall time of one eager `model.prefill` of n fresh tokens to its logits (median; the GPU work
+    synchronised, as the server's first token needs it): the issue's "bare model prefill"."""
+    dev = model.lm_head.weight.device
+    pool = model.new_state_pool(1)
+    ids = torch.randint(3, model.config.vocab_size, (n,), device=dev)
+    cu, slots = torch.tensor([0, n], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    times = []
+    for _ in range(reps + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.prefill(ids, cu, pool, slots).cpu()
+        times.append(time.perf_counter() - t0)
+    del pool
+    return 1e3 * statistics.median(times[1:])
+
+
 async def writes_landed(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
     """Wait until the state cache has no pending writes (the Redis tier writes after the turn)."""
     deadline = time.perf_counter() + timeout_s
@@ -211,6 +244,9 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--resume", type=int, nargs="*", default=None,
                     help="also time resumed turns after histories of these lengths (e.g. 1024 32768)")
+    ap.add_argument("--ttft", type=int, nargs="*", default=None,
+                    help="also time HTTP TTFT of fresh prompts of these lengths against a bare eager model "
+                    "prefill of the same length in this process (e.g. 2048 8192 32768)")
     ap.add_argument("--client-in-process", action="store_true",
                     help="run the load client in the server's process (default: a separate process, so "
                     "the client's SSE parsing does not compete with the engine for the GIL)")
@@ -279,6 +315,12 @@ def main() -> None:
     print("-- measured --", flush=True)
     levels = [client(run_level, url, c, args.prompt_tokens, args.max_tokens, vocab) for c in args.concurrency]
     resume = client(run_resume, url, args.resume, 16, vocab) if args.resume else None
+    ttft_rows = client(run_ttft, url, args.ttft, vocab) if args.ttft else None
+    for row in ttft_rows or []:  # the server is idle now: time the bare prefill on a pool of its own
+        row["bare_prefill_ms"] = bare_prefill_ms(model, row["prompt_tokens"])
+        row["http_over_bare"] = row["http_ttft_ms"] / row["bare_prefill_ms"]
+        print(f"prompt {row['prompt_tokens']:6d}: HTTP TTFT {row['http_ttft_ms']:8.1f} ms, bare prefill "
+              f"{row['bare_prefill_ms']:8.1f} ms, x{row['http_over_bare']:.2f}", flush=True)
     if pool is not None:
         pool.shutdown()
     server.should_exit = True
@@ -306,6 +348,8 @@ def main() -> None:
         "levels": levels,
         "resume": resume,
         "resume_tier": args.resume_tier,
+        "ttft": ttft_rows,
+        "cuda_graph_prefill": settings.cuda_graph_prefill,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 #   STEPS=gputests,gemv,resume   new defaults (graphed prefill, split-K prep), the small-M GEMV, and
 #                                resumed turns per tier (tiered store, hiredis, think time)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate at B=64
-#   STEPS=parity,http64,host     fla parity with bf16 distances from fp32; HTTP; host time per call
+#   STEPS=parity,http64,ttft,host  fla parity with bf16 distances from fp32; HTTP at 1/64 streams;
+#                                HTTP TTFT at 2K-32K vs bare prefill; host time per call
 #   STEPS=loadtest,profmodel     the load tool with graphed prefill; the decode-step profile again
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
@@ -57,6 +58,10 @@ if [[ $STEPS == *http64* ]]; then  # issue 8: the engine over HTTP at 1 and 64 s
     --out "$OUT/e2e-server.json" 2>&1 | grep -v -i warn | tail -6
   GLA_CUDA_GRAPH_PREFILL=true timeout 120 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 \
     --max-tokens 64 --out "$OUT/e2e-server-graph-prefill.json" 2>&1 | grep -v -i warn | tail -6
+fi
+if [[ $STEPS == *ttft* ]]; then  # issue 8 (c): HTTP TTFT of 2K-32K prompts within 1.3x of a bare model prefill
+  timeout 150 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
+    --ttft 2048 8192 32768 --out "$OUT/ttft.json" 2>&1 | grep -v -i warn | tail -4
 fi
 if [[ $STEPS == *loadtest* ]]; then  # issue 8 item 3: the load tool against a gla-serve serve process
   bash benchmarks/gpu_loadtest.sh
