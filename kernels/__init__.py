@@ -4,32 +4,49 @@ Recurrence S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t * scale (sc
 state V-first [.., H, V, K] float32. CPU tensors run PyTorch; CUDA tensors run Triton when it imports.
 Importing this package never needs Triton or a GPU. Besides the recurrence, the fused layer ops that
 cut a serving layer to ~9 kernels live here too: add_rms_norm, rms_norm_gate, swiglu and gla_prep
-(kernels/triton_fused.py on CUDA, kernels/fused_torch.py elsewhere).
+(kernels/triton_fused.py on CUDA, kernels/fused_torch.py elsewhere), and the small-batch GEMVs gemv and
+swiglu_gemv (kernels/triton_gemv.py), which the model reaches through `linear` / `swiglu_linear` only
+when GEMV_ROUTE["enabled"] (env GLA_TRITON_GEMV=1; off until measured on a GPU).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kernels.chunk_torch import chunk_gla_prefill_torch, chunk_gla_torch
 from kernels.decode_torch import fused_recurrent_gla_decode_torch, rms_norm_swish_gate
-from kernels.fused_torch import add_rms_norm_torch, gla_prep_torch, rms_norm_gate_torch, swiglu_torch
+from kernels.fused_torch import (
+    add_rms_norm_torch,
+    gemv_torch,
+    gla_prep_torch,
+    rms_norm_gate_torch,
+    swiglu_gemv_torch,
+    swiglu_torch,
+)
 from kernels.naive import naive_recurrent_gla
 
 __all__ = [
     "add_rms_norm",
     "chunk_gla_prefill",
     "chunk_gla_torch",
+    "GEMV_ROUTE",
     "fused_recurrent_gla_decode",
+    "gemv",
     "gla_prep",
+    "linear",
     "naive_recurrent_gla",
     "rms_norm_gate",
     "rms_norm_swish_gate",
     "swiglu",
+    "swiglu_gemv",
+    "swiglu_linear",
 ]
 
 
@@ -180,7 +197,30 @@ def _load_triton_fused() -> dict[str, _Guarded] | None:
     }
 
 
+def _load_triton_gemv() -> dict[str, _Guarded] | None:
+    """Guarded Triton GEMVs, or None without CUDA or Triton."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from kernels import triton_gemv as tg
+    except ImportError:
+        return None
+    errors = _triton_errors()
+    return {"gemv": _Guarded("gemv", tg.gemv_triton, gemv_torch, errors),
+            "swiglu_gemv": _Guarded("swiglu_gemv", tg.swiglu_gemv_triton, swiglu_gemv_torch, errors)}
+
+
 _TRITON_FUSED = _load_triton_fused()
+_TRITON_GEMV = _load_triton_gemv()
+GEMV_MAX_ROWS = 16  # kernels/triton_gemv.py MAX_ROWS; more rows go to the GEMM
+
+# Whether the model's serving GEMMs (fused input projection, o_proj, gate|up, and SwiGLU + down_proj)
+# run as Triton GEMVs when they have at most max_rows rows. Off by default: not yet timed on a GPU
+# (benchmarks/bench_gemv.py). Set it before a CUDA graph is captured: graphs keep what they captured.
+GEMV_ROUTE: dict[str, Any] = {
+    "enabled": os.environ.get("GLA_TRITON_GEMV", "").lower() in ("1", "true", "yes", "on"),
+    "max_rows": GEMV_MAX_ROWS,
+}
 
 
 def add_rms_norm(
@@ -233,3 +273,38 @@ def gla_prep(
     if q.is_cuda and _TRITON_FUSED is not None:
         return _TRITON_FUSED["gla_prep"]((gate is None, gk_bias is None, clamp_min is None), *args)
     return gla_prep_torch(*args)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T (a Linear weight, no bias), fp32 accumulation, in x.dtype.
+
+    One Triton kernel on CUDA for at most 16 rows (kernels/triton_gemv.py); `F.linear` otherwise.
+    """
+    rows = math.prod(x.shape[:-1])
+    if x.is_cuda and _TRITON_GEMV is not None and 0 < rows <= GEMV_MAX_ROWS:
+        return _TRITON_GEMV["gemv"]((rows == 1, x.dtype == torch.float32), x, weight)
+    return gemv_torch(x, weight)
+
+
+def swiglu_gemv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h [..., 2I] = gate | up -> (swish(gate) * up in h.dtype) @ weight [N, I]^T: SwiGLU fused into
+    down_proj's GEMV on CUDA (at most 16 rows); `swiglu` then `F.linear` otherwise."""
+    rows = math.prod(h.shape[:-1])
+    if h.is_cuda and _TRITON_GEMV is not None and 0 < rows <= GEMV_MAX_ROWS:
+        return _TRITON_GEMV["swiglu_gemv"]((rows == 1, h.dtype == torch.float32), h, weight)
+    return swiglu_gemv_torch(h, weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The model's bias-free serving projections: `gemv` when GEMV_ROUTE is on and x has at most
+    max_rows rows, else `F.linear`. Decided from shapes alone, so CUDA-graph capture sees no sync."""
+    if GEMV_ROUTE["enabled"] and math.prod(x.shape[:-1]) <= GEMV_ROUTE["max_rows"]:
+        return gemv(x, weight)
+    return F.linear(x, weight)
+
+
+def swiglu_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`swiglu` then down_proj, or `swiglu_gemv` in one kernel when `linear` would use the GEMV."""
+    if GEMV_ROUTE["enabled"] and math.prod(h.shape[:-1]) <= GEMV_ROUTE["max_rows"]:
+        return swiglu_gemv(h, weight)
+    return F.linear(swiglu(h), weight)

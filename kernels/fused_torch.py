@@ -88,3 +88,13 @@ def gla_prep_torch(
         k, v, gk = (t.repeat_interleave(groups, dim=1) for t in (k, v, gk))
     gate = gate.reshape(M, num_heads, head_v_dim).contiguous() if gate is not None else None
     return q.contiguous(), k.contiguous(), v.contiguous(), gk.contiguous(), gate
+
+
+def gemv_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T in x.dtype: the plain `F.linear` (no bias) that `gemv` replaces."""
+    return F.linear(x, weight)
+
+
+def swiglu_gemv_torch(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h [..., 2I] = gate | up -> swiglu (rounded to h.dtype) @ weight [N, I]^T: the MLP's SwiGLU + down_proj."""
+    return F.linear(swiglu_torch(h), weight)

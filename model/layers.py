@@ -12,6 +12,8 @@ Serving (`prefill`/`decode`) is bound by kernel launches at small batches, so af
 gate/up as another (model/fusion.py keeps the checkpoint's parameters as views of the fused
 weights), the split + log-gate + GQA repeat is one kernel (`kernels.gla_prep`), and the norms,
 SwiGLU and output gate are fused kernels too. Unfused layers run the same code from separate GEMMs.
+With `kernels.GEMV_ROUTE["enabled"]` (off by default) those GEMMs, o_proj and SwiGLU + down_proj run
+as Triton GEMVs when at most 16 tokens pass (`kernels.linear` / `kernels.swiglu_linear`).
 """
 
 from __future__ import annotations
@@ -83,9 +85,9 @@ class GatedMLP(nn.Module):
         # fla's fused swiglu: act(gate) * up in fp32, stored in the input dtype, then down_proj
         f = self.fused
         if f is not None and not torch.is_grad_enabled() and f.valid():  # the GEMM bypasses the params
-            gu = F.linear(x, f.weight)
-            if self.act is F.silu:
-                return self.down_proj(kernels.swiglu(gu))
+            gu = kernels.linear(x, f.weight)
+            if self.act is F.silu:  # swiglu + down_proj (one GEMV kernel at small batches, GEMV_ROUTE)
+                return kernels.swiglu_linear(gu, self.down_proj.weight)
             gate, up = gu.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -235,7 +237,7 @@ class GatedLinearAttention(nn.Module):
         or from separate GEMMs (then q|k|v is concatenated, and only needed with use_short_conv)."""
         f = self.fused_in
         if f is not None and f.valid():
-            y = F.linear(x, f.weight)
+            y = kernels.linear(x, f.weight)
             return list(y.split(f.splits, dim=-1)), y[..., : sum(self._conv_splits())]
         parts = [F.linear(x, w) for w in self._in_params()]
         return parts, torch.cat(parts[:3], dim=-1) if self.use_short_conv else parts[0]
@@ -312,7 +314,7 @@ class GatedLinearAttention(nn.Module):
             o, states = o
             assert checkpoint_out is not None
             checkpoint_out.append(states)
-        return self.o_proj(self._gate_norm(o, gate).flatten(-2))
+        return kernels.linear(self._gate_norm(o, gate).flatten(-2), self.o_proj.weight)
 
     def decode(
         self, x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor | None, slots: torch.Tensor
@@ -339,7 +341,7 @@ class GatedLinearAttention(nn.Module):
         else:
             o = self._gate_norm(kernels.fused_recurrent_gla_decode(q, k, v, gk, recurrent, slots, scale=self.scale),
                                 gate)
-        return self.o_proj(o.flatten(-2))
+        return kernels.linear(o.flatten(-2), self.o_proj.weight)
 
 
 def _conv_varlen(

@@ -1,0 +1,176 @@
+"""Triton GEMV for decode-sized batches: y[M, N] = x[M, K] @ W[N, K]^T, M <= 16.
+
+At batch 1 a decode step's four GEMMs per layer only have to stream their weights once, but cuBLAS
+picks GEMM tiles (and split-K plus a separate reduce) that read them at about half of the H200's copy
+bandwidth (benchmarks/results/profile-model-h200.json, "decode-step-B1"). Here each program owns
+BLOCK_N whole weight rows and walks K in wide contiguous loads, so every byte of W is read exactly
+once, in order, with 16-byte vectors; x is tiny and comes from L2.
+  - M == 1 (the FMA path): products accumulate elementwise in a [BLOCK_N, BLOCK_K] fp32 tile and are
+    reduced across K once at the end, so the loop body is loads and FMAs only.
+  - M >= DOT_MIN_M (the dot path): x is padded to 16 rows and each step is one tl.dot, which keeps
+    the 16x larger FMA count off the CUDA cores and lets Triton pipeline the weight loads.
+  - Split-K: when N has too few row blocks to fill the GPU (o_proj, down_proj: N = 2048), K is cut
+    into SPLIT ranges over a second grid axis; the fp32 partials [SPLIT, M, N] are summed by a tiny
+    second kernel. No atomics and no zero-fill, so it is deterministic and every launch is
+    CUDA-graph capturable (shapes alone pick the grid and the buffers).
+  - The SwiGLU prologue (down_proj): the input is the fused gate|up output h [M, 2I]; x = silu(gate)
+    * up is formed while loading and rounded to h's dtype, where the separate SwiGLU kernel rounds
+    it, so the result matches swiglu + GEMM and that kernel disappears.
+Math is fp32 (fp32 inputs: exact IEEE products, no TF32); the output is in x's dtype.
+The PyTorch forms are kernels/fused_torch.py `gemv_torch` / `swiglu_gemv_torch`.
+
+Unmeasured on a GPU: `benchmarks/bench_gemv.py` times it against cuBLAS and sweeps the settings.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._launch import _INTERPRET, Launcher, aligned, cdiv, next_pow2
+
+MAX_ROWS = 16  # the dot path pads x to 16 rows; larger batches are GEMMs, not GEMVs
+
+# Tile choices: guesses, not yet swept on a GPU (`benchmarks/bench_gemv.py` sweeps them and prints overrides).
+#   BLOCK_N, BLOCK_K, num_warps, num_stages: the M == 1 FMA path (a [BLOCK_N, BLOCK_K] fp32 accumulator).
+#   DOT_*: the same for M >= DOT_MIN_M (tl.dot needs DOT_BLOCK_N >= 16). DOT_MIN_M = 17 turns it off.
+#   Split-K: SPLIT_K > 0 forces that many K ranges; 0 picks the fewest that give TARGET_PROGRAMS
+#   programs (2 per SM of an H200's 132), at most MAX_SPLIT. REDUCE_BLOCK: elements per reduce program.
+GEMV: dict[str, int] = {
+    "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1,
+    "DOT_MIN_M": 2, "DOT_BLOCK_N": 32, "DOT_BLOCK_K": 256, "DOT_num_warps": 4, "DOT_num_stages": 3,
+    "SPLIT_K": 0, "TARGET_PROGRAMS": 264, "MAX_SPLIT": 8, "REDUCE_BLOCK": 1024,
+}
+
+
+@triton.jit
+def _load_x(x, o_m, m_m, o_k, m_k, SX: tl.constexpr, K: tl.constexpr, SWIGLU: tl.constexpr,
+            EVEN_K: tl.constexpr):
+    """x rows o_m, columns o_k as fp32; with SWIGLU, silu(h[:, k]) * h[:, K + k] rounded to h's dtype."""
+    p = x + o_m.to(tl.int64)[:, None] * SX + o_k[None, :]
+    mask = m_m[:, None] if EVEN_K else m_m[:, None] & m_k[None, :]
+    b_x = tl.load(p, mask=mask, other=0., eviction_policy="evict_last").to(tl.float32)
+    if SWIGLU:
+        b_u = tl.load(p + K, mask=mask, other=0., eviction_policy="evict_last").to(tl.float32)
+        b_x = (b_x * tl.sigmoid(b_x) * b_u).to(x.dtype.element_ty).to(tl.float32)
+    return b_x
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x, w, y, part, M, SX: tl.constexpr, N: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                 SWIGLU: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    p_w = w + o_n.to(tl.int64)[:, None] * K
+    if DOT or BM > 1:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    else:  # M == 1: per-lane partial sums, reduced across K once after the loop
+        acc1 = tl.zeros([BN, BK], dtype=tl.float32)
+    for kk in range(0, KS, BK):
+        o_k = i_s * KS + kk + tl.arange(0, BK)
+        m_k = o_k < K
+        if EVEN_N and EVEN_K:
+            b_w = tl.load(p_w + o_k[None, :], eviction_policy="evict_first")
+        else:
+            b_w = tl.load(p_w + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.,
+                          eviction_policy="evict_first")
+        if DOT:
+            b_x = _load_x(x, o_m, m_m, o_k, m_k, SX, K, SWIGLU, EVEN_K)
+            if IEEE:  # fp32 or mixed inputs (and the interpreter, whose half-precision dot is wrong)
+                acc += tl.dot(b_x, tl.trans(b_w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(b_x.to(b_w.dtype), tl.trans(b_w))
+        elif BM == 1:
+            acc1 += b_w.to(tl.float32) * _load_x(x, o_m, m_m, o_k, m_k, SX, K, SWIGLU, EVEN_K)
+        else:  # M rows against the same weight tile; each row's sum lands in its row of acc
+            b_wf = b_w.to(tl.float32)
+            for m in tl.static_range(BM):
+                o_r = tl.arange(0, 1) + m
+                b_xm = _load_x(x, o_r, o_r < M, o_k, m_k, SX, K, SWIGLU, EVEN_K)
+                p = tl.sum(b_wf * b_xm, axis=1)
+                acc = tl.where(o_m[:, None] == m, acc + p[None, :], acc)
+    if not DOT and BM == 1:
+        acc = tl.sum(acc1, axis=1)[None, :]
+    mask = m_m[:, None] & m_n[None, :]
+    if SPLIT == 1:
+        tl.store(y + o_m[:, None] * N + o_n[None, :], acc.to(y.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part + (i_s * M + o_m[:, None]) * N + o_n[None, :], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["MN"])
+def _split_sum_kernel(part, y, MN, SPLIT: tl.constexpr, BR: tl.constexpr):
+    o = tl.program_id(0) * BR + tl.arange(0, BR)
+    m = o < MN
+    acc = tl.zeros([BR], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):  # a fixed order: the same sum every run
+        acc += tl.load(part + s * MN + o, mask=m, other=0.)
+    tl.store(y + o, acc.to(y.dtype.element_ty), mask=m)
+
+
+_gemv = Launcher(_gemv_kernel)
+_split_sum = Launcher(_split_sum_kernel)
+
+
+def plan(M: int, N: int, K: int) -> dict[str, int]:
+    """The launch settings for an [M, K] x [N, K]^T product under the current GEMV config."""
+    c = GEMV
+    dot = M >= c["DOT_MIN_M"]
+    BN = max(16, c["DOT_BLOCK_N"]) if dot else c["BLOCK_N"]
+    BK = c["DOT_BLOCK_K"] if dot else c["BLOCK_K"]
+    BK = min(BK, max(16, next_pow2(K)))  # no K tile wider than K itself (small layers, tests)
+    blocks, k_tiles = cdiv(N, BN), cdiv(K, BK)
+    split = c["SPLIT_K"] or min(c["MAX_SPLIT"], max(1, c["TARGET_PROGRAMS"] // blocks))
+    KS = cdiv(k_tiles, max(1, min(split, k_tiles))) * BK  # K range per split, whole tiles
+    split = cdiv(K, KS)  # no empty ranges
+    return {"dot": int(dot), "BM": 16 if dot else next_pow2(M), "BN": BN, "BK": BK, "SPLIT": split, "KS": KS,
+            "num_warps": c["DOT_num_warps" if dot else "num_warps"],
+            "num_stages": c["DOT_num_stages" if dot else "num_stages"]}
+
+
+def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    N, K = weight.shape
+    if x.shape[-1] != (2 * K if swiglu else K):
+        raise ValueError(f"input {tuple(x.shape)} does not match weight {tuple(weight.shape)}"
+                         f"{' (swiglu: input is gate|up, 2 * in_features)' if swiglu else ''}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"{M} rows: the GEMV takes at most {MAX_ROWS} (larger batches are GEMMs)")
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.view(*lead, N)
+    p = plan(M, N, K)
+    part = torch.empty(p["SPLIT"], M, N, dtype=torch.float32, device=x.device) if p["SPLIT"] > 1 else y
+    SX = x2.stride(0) if M > 1 else x2.shape[-1]
+    ieee = _INTERPRET or x.dtype != w.dtype or x.dtype == torch.float32
+    flags = (bool(swiglu), bool(p["dot"]), ieee, N % p["BN"] == 0, p["KS"] * p["SPLIT"] == K)
+    consts = (SX, N, K, p["KS"], p["BM"], p["BN"], p["BK"], p["SPLIT"], *flags)
+    opts = {"num_warps": p["num_warps"], "num_stages": p["num_stages"]}
+    key = (x.device.index, x.dtype, w.dtype, *consts, *opts.values()) if aligned(x2, w, y, part) else None
+    _gemv((cdiv(N, p["BN"]), p["SPLIT"]), key, (x2, w, y, part, M, *consts), **opts)
+    if p["SPLIT"] > 1:
+        BR = GEMV["REDUCE_BLOCK"]
+        rkey = (x.device.index, y.dtype, p["SPLIT"], BR) if aligned(part, y) else None
+        _split_sum((cdiv(M * N, BR),), rkey, (part, y, M * N, p["SPLIT"], BR), num_warps=4)
+    return y.view(*lead, N)
+
+
+def gemv_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Triton form of `kernels.fused_torch.gemv_torch`: x [..., K] (at most 16 rows) @ weight [N, K]^T."""
+    return _gemv_launch(x, weight, False)
+
+
+def swiglu_gemv_triton(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Triton form of `kernels.fused_torch.swiglu_gemv_torch`: h [..., 2I] = gate | up, weight [N, I]."""
+    return _gemv_launch(h, weight, True)

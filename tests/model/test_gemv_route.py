@@ -1,0 +1,123 @@
+"""kernels.GEMV_ROUTE: the serving GEMMs as Triton GEMVs at <= 16 tokens give the same logits and states.
+
+With the switch on, the fused input projection, o_proj, gate|up and SwiGLU + down_proj of every
+batch of at most 16 tokens go through `kernels.gemv` / `kernels.swiglu_gemv`. On the CPU those are
+the PyTorch forms (so on == off exactly); one test swaps in the Triton kernels (interpreted) and
+compares with the switch off, fp32, to 1e-5 (rel): only the summation order differs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+import kernels
+from model import GLAForCausalLM, StatePool
+from tests.model.conftest import VOCAB, tiny_model
+
+TOL = 1e-5
+
+
+def i32(*xs: int) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.int32)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def run(model: GLAForCausalLM, ids: torch.Tensor) -> tuple[list[torch.Tensor], StatePool]:
+    """A 20-token prefill (GEMM), a 9-token resumed prefill (GEMV), decode steps at batch 2 and 1."""
+    pool = model.new_state_pool(3)
+    outs = [model.prefill(ids[:20], i32(0, 20), pool, i32(2))]
+    outs.append(model.prefill(ids[20:29], i32(0, 4, 9), pool, i32(0, 2), torch.tensor([False, True])))
+    for t in range(30, 33):
+        outs.append(model.decode(ids[t : t + 2], pool, i32(0, 2)))
+    outs.append(model.decode(ids[40:41], pool, i32(2)))
+    return outs, pool
+
+
+def assert_same(a: tuple[list[torch.Tensor], StatePool], b: tuple[list[torch.Tensor], StatePool],
+                tol: float) -> None:
+    for i, (x, y) in enumerate(zip(a[0], b[0], strict=True)):
+        assert rel(x, y) <= tol, f"step {i}: {rel(x, y):.2e}"
+    for (name, x), (_, y) in zip(a[1]._tensors(), b[1]._tensors(), strict=True):
+        assert rel(x, y) <= tol, name
+
+
+def test_the_switch_is_off_by_default() -> None:
+    if os.environ.get("GLA_TRITON_GEMV"):
+        pytest.skip("GLA_TRITON_GEMV is set in this environment")
+    assert kernels.GEMV_ROUTE["enabled"] is False
+
+
+def test_switch_on_the_cpu_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model().fuse_for_inference()
+    ids = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(3))
+    off = run(model, ids)
+    monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", True)
+    assert_same(run(model, ids), off, 0.0)
+
+
+@pytest.mark.parametrize("variant", ["plain", "gelu-unfused-norm"])
+def test_switch_on_through_the_triton_gemv(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode and a short prefill with the Triton GEMVs (interpreted on the CPU) == the switch off."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter (CUDA: test_switch_on_cuda_graphed_decode)")
+    pytest.importorskip("triton")
+    from kernels import triton_gemv as tg
+
+    overrides = {"gelu-unfused-norm": {"hidden_act": "gelu", "fuse_norm": False}}.get(variant, {})
+    model = tiny_model(**overrides).fuse_for_inference()
+    ids = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(4))
+    off = run(model, ids)
+    calls: Counter[tuple[str, int]] = Counter()
+
+    def counted(name: str, fn):  # type: ignore[no-untyped-def]
+        def call(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            calls[name, x.numel() // x.shape[-1]] += 1
+            return fn(x, w)
+        return call
+
+    monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", True)
+    monkeypatch.setattr(kernels, "gemv", counted("gemv", tg.gemv_triton))
+    monkeypatch.setattr(kernels, "swiglu_gemv", counted("swiglu_gemv", tg.swiglu_gemv_triton))
+    monkeypatch.setitem(tg.GEMV, "SPLIT_K", 2)  # the tiny model's K = 64: also exercise split-K
+    monkeypatch.setitem(tg.GEMV, "BLOCK_K", 32)
+    monkeypatch.setitem(tg.GEMV, "DOT_BLOCK_K", 32)
+    assert_same(run(model, ids), off, TOL)
+    layers = model.config.num_hidden_layers
+    swiglu_layers = layers if variant == "plain" else 0  # gelu keeps the separate activation + down_proj
+    # per layer and step: input projection, o_proj, gate|up (gemv); down_proj (swiglu_gemv)
+    # steps with <= 16 tokens: the 9-token prefill, 3 decodes of 2, 1 decode of 1
+    assert calls["gemv", 9] == 3 * layers and calls["gemv", 2] == 3 * 3 * layers and calls["gemv", 1] == 3 * layers
+    assert calls["swiglu_gemv", 2] == 3 * swiglu_layers and calls["swiglu_gemv", 1] == swiglu_layers
+    assert not any(rows > 16 for _, rows in calls)
+
+
+@pytest.mark.gpu
+def test_switch_on_cuda_graphed_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gla-1.3B shapes, bf16, 2 layers: graphed decode with the GEMVs == eager decode with cuBLAS."""
+    from model import GLAConfig
+    from model.cuda_graph import GraphedDecoder
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GLAForCausalLM(GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=2))
+    model = model.to(torch.bfloat16).eval().fuse_for_inference()
+    pool, ref_pool = model.new_state_pool(4), model.new_state_pool(4)
+    for a, b in zip(pool.recurrent, ref_pool.recurrent, strict=True):
+        a.normal_(0, 0.1)
+        b.copy_(a)
+    ids = torch.tensor([11, 7, 3], device="cuda")
+    slots = torch.tensor([2, 0, 1], dtype=torch.int32, device="cuda")
+    refs = [model.decode(ids + step, ref_pool, slots) for step in range(3)]
+    monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", True)
+    dec = GraphedDecoder(model, pool, scratch_slot=3, max_batch=4, buckets=[1, 2, 4])
+    for step in range(3):
+        g = dec(ids + step, slots)
+        assert rel(g.float(), refs[step].float()) < 2e-2, f"step {step}: {rel(g.float(), refs[step].float()):.2e}"
+    assert rel(pool.recurrent[1][:3], ref_pool.recurrent[1][:3]) < 2e-2
