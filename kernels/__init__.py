@@ -11,6 +11,7 @@ when GEMV_ROUTE["enabled"] (env GLA_TRITON_GEMV=1; off until measured on a GPU).
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import warnings
@@ -180,38 +181,29 @@ def fused_recurrent_gla_decode(
 
 # ---- fused layer ops (kernels/triton_fused.py; PyTorch forms in kernels/fused_torch.py) -----------
 
-def _load_triton_fused() -> dict[str, _Guarded] | None:
-    """Guarded Triton forms of the fused layer ops, or None without CUDA or Triton."""
+def _load_guarded(module: str, ops: dict[str, tuple[str, Callable[..., Any]]]) -> dict[str, _Guarded] | None:
+    """Guarded Triton forms {name: (function in kernels.<module>, PyTorch fallback)}, or None
+    without CUDA or Triton."""
     if not torch.cuda.is_available():
         return None
     try:
-        from kernels import triton_fused as tf
+        mod = importlib.import_module(f"kernels.{module}")
     except ImportError:
         return None
     errors = _triton_errors()
-    return {
-        "add_rms_norm": _Guarded("add_rms_norm", tf.add_rms_norm_triton, add_rms_norm_torch, errors),
-        "rms_norm_gate": _Guarded("rms_norm_gate", tf.rms_norm_gate_triton, rms_norm_gate_torch, errors),
-        "swiglu": _Guarded("swiglu", tf.swiglu_triton, swiglu_torch, errors),
-        "gla_prep": _Guarded("gla_prep", tf.gla_prep_triton, gla_prep_torch, errors),
-    }
+    return {name: _Guarded(name, getattr(mod, fn), fallback, errors) for name, (fn, fallback) in ops.items()}
 
 
-def _load_triton_gemv() -> dict[str, _Guarded] | None:
-    """Guarded Triton GEMVs, or None without CUDA or Triton."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from kernels import triton_gemv as tg
-    except ImportError:
-        return None
-    errors = _triton_errors()
-    return {"gemv": _Guarded("gemv", tg.gemv_triton, gemv_torch, errors),
-            "swiglu_gemv": _Guarded("swiglu_gemv", tg.swiglu_gemv_triton, swiglu_gemv_torch, errors)}
-
-
-_TRITON_FUSED = _load_triton_fused()
-_TRITON_GEMV = _load_triton_gemv()
+_TRITON_FUSED = _load_guarded("triton_fused", {
+    "add_rms_norm": ("add_rms_norm_triton", add_rms_norm_torch),
+    "rms_norm_gate": ("rms_norm_gate_triton", rms_norm_gate_torch),
+    "swiglu": ("swiglu_triton", swiglu_torch),
+    "gla_prep": ("gla_prep_triton", gla_prep_torch),
+})
+_TRITON_GEMV = _load_guarded("triton_gemv", {
+    "gemv": ("gemv_triton", gemv_torch),
+    "swiglu_gemv": ("swiglu_gemv_triton", swiglu_gemv_torch),
+})
 GEMV_MAX_ROWS = 16  # kernels/triton_gemv.py MAX_ROWS; more rows go to the GEMM
 
 # Whether the model's serving GEMMs (fused input projection, o_proj, gate|up, and SwiGLU + down_proj)

@@ -17,16 +17,9 @@ import torch
 import kernels
 from model import GLAForCausalLM, StatePool
 from tests.model.conftest import VOCAB, tiny_model
+from tests.model.test_fused import i32, rel
 
 TOL = 1e-5
-
-
-def i32(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.int32)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def run(model: GLAForCausalLM, ids: torch.Tensor) -> tuple[list[torch.Tensor], StatePool]:
@@ -42,6 +35,7 @@ def run(model: GLAForCausalLM, ids: torch.Tensor) -> tuple[list[torch.Tensor], S
 
 def assert_same(a: tuple[list[torch.Tensor], StatePool], b: tuple[list[torch.Tensor], StatePool],
                 tol: float) -> None:
+    """Like test_fused's, but inclusive: tol 0.0 asks for bit-identical results."""
     for i, (x, y) in enumerate(zip(a[0], b[0], strict=True)):
         assert rel(x, y) <= tol, f"step {i}: {rel(x, y):.2e}"
     for (name, x), (_, y) in zip(a[1]._tensors(), b[1]._tensors(), strict=True):
