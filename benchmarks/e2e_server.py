@@ -135,14 +135,14 @@ async def ttft(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, 
     return first, last
 
 
-async def run_ttft(url: str, lengths: list[int], vocab: int) -> list[dict[str, Any]]:
-    """HTTP time to first token of fresh prompts (random ids: no prefix-cache hit), one greedy
-    token each, median of 3 after a warm-up of each length."""
+async def run_ttft(url: str, lengths: list[int], vocab: int, max_tokens: int = 2) -> list[dict[str, Any]]:
+    """HTTP time to first token of fresh prompts (random ids: no prefix-cache hit), `max_tokens`
+    greedy tokens each, median of 3 after a warm-up of each length."""
     gen = torch.Generator().manual_seed(11)
     rows = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         for n in lengths:
-            body = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+            body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
             await ttft(client, {**body, "prompt_token_ids": torch.randint(3, vocab, (n,), generator=gen).tolist()})
             times = [(await ttft(client, {**body, "prompt_token_ids": torch.randint(3, vocab, (n,), generator=gen)
                                           .tolist()}))[0] for _ in range(3)]
@@ -178,14 +178,17 @@ async def writes_landed(client: httpx.AsyncClient, timeout_s: float = 10.0) -> N
         await asyncio.sleep(0.005)
 
 
-async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int) -> list[dict[str, Any]]:
+async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int,
+                     max_tokens: int = 2) -> list[dict[str, Any]]:
     """Turn k+1 of a conversation whose state is cached vs re-prefilling its whole history.
 
     For each history length: (1) TTFT of one request carrying history + new tokens with no
     conversation id (fresh random ids, so no prefix-cache hit); (2) a conversation's first turn
     with the history (commits its state), then, once that state's writes have landed (as after a
     person's think time: `/health` reports no pending cache writes), its second turn with only the
-    new tokens: TTFT of the resumed turn. Every request asks for one greedy token.
+    new tokens: TTFT of the resumed turn. Every request asks for `max_tokens` greedy tokens (with 1,
+    the first token is the final event, which a conversation turn sends only once its commit is
+    durable, so TTFT would include the state's write-back).
     """
     gen = torch.Generator().manual_seed(7)
     rows = []
@@ -193,7 +196,7 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
         for n in histories:
             hist = partial(lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist(), n)
             new = torch.randint(3, vocab, (new_tokens,), generator=gen).tolist()
-            base = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+            base = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
             await ttft(client, {**base, "prompt_token_ids": hist() + new})  # warm-up of this length
             full = [(await ttft(client, {**base, "prompt_token_ids": hist() + new}))[0] for _ in range(3)]
             resumed = []
@@ -250,6 +253,12 @@ def main() -> None:
     ap.add_argument("--client-in-process", action="store_true",
                     help="run the load client in the server's process (default: a separate process, so "
                     "the client's SSE parsing does not compete with the engine for the GIL)")
+    ap.add_argument("--sample-stacks", action="store_true",
+                    help="sample the server's thread stacks during the resume and TTFT runs and print where "
+                    "the wall time goes (benchmarks/stack_sampler.py)")
+    ap.add_argument("--resume-max-tokens", type=int, default=2,
+                    help="tokens each resume/TTFT request asks for (2: the first token streams before the "
+                    "turn's end, whose durable commit a conversation's final event waits for)")
     ap.add_argument("--resume-tier", choices=("device", "host", "redis"), default="device",
                     help="where resumed turns find their state: the slot (device tier), host memory (tiered "
                     "store, no device tier) or Redis (tiered store, no device or host tier; starts the "
@@ -314,8 +323,16 @@ def main() -> None:
         client(run_level, url, c, args.prompt_tokens, 8, vocab)
     print("-- measured --", flush=True)
     levels = [client(run_level, url, c, args.prompt_tokens, args.max_tokens, vocab) for c in args.concurrency]
-    resume = client(run_resume, url, args.resume, 16, vocab) if args.resume else None
-    ttft_rows = client(run_ttft, url, args.ttft, vocab) if args.ttft else None
+    from contextlib import nullcontext
+
+    from stack_sampler import StackSampler
+
+    sampler = StackSampler() if args.sample_stacks else None
+    with sampler or nullcontext():
+        resume = client(run_resume, url, args.resume, 16, vocab, args.resume_max_tokens) if args.resume else None
+        ttft_rows = client(run_ttft, url, args.ttft, vocab, args.resume_max_tokens) if args.ttft else None
+    if sampler is not None:
+        print(sampler.report(), flush=True)
     for row in ttft_rows or []:  # the server is idle now: time the bare prefill on a pool of its own
         row["bare_prefill_ms"] = bare_prefill_ms(model, row["prompt_tokens"])
         row["http_over_bare"] = row["http_ttft_ms"] / row["bare_prefill_ms"]

@@ -432,6 +432,8 @@ def chunk_gla_prefill_triton(
             _state_kernel[(NV, H, M)](k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, states,
                                       checkpoint_positions, cu_seqlens, N, seg, H=H, K=K, V=V, BK=BK,
                                       BV=BV, BT=BT, IS_CKPT=True, HAS_MASK=has_mask, PREC=prec, **opts)
-    _output((NV, H, n_segs), key, (qg, kd, v, gl, A, o, state_pool, state_slots, h0_mask, W, cu_seqlens, N,
+    # A's dtype (fp32 when split, else the input dtype) is part of the compiled _output code
+    okey = key + (split,) if key else None
+    _output((NV, H, n_segs), okey, (qg, kd, v, gl, A, o, state_pool, state_slots, h0_mask, W, cu_seqlens, N,
                                    seg, scale, H, K, V, BK, BV, BT, multi, has_mask, prec), **opts)
     return o if states is None else (o, states)

@@ -189,6 +189,29 @@ def test_prefill_256k_tokens_strong_gates_stable() -> None:
     assert_close(pool, ref_s, 5e-3, "state")
 
 
+@pytest.mark.gpu
+def test_prefill_split_and_unsplit_prep_share_one_process() -> None:
+    """A short prompt (split prep: A in fp32) and a long one (A in bf16) at the same shape, in either
+    order, through the compiled-kernel cache: the cache key must tell the two _output kernels apart
+    (a shared entry read bf16 A as fp32 and faulted when a graphed-prefill warm-up ran both)."""
+    from kernels import triton_chunk
+
+    H, K, V = 4, 256, 512
+    for T in (64, 2048, 64, 2048):
+        assert (T == 64) == ((T // 64 + 1) * H <= triton_chunk.PREP["SPLIT_MAX_PROGRAMS"])
+        q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, 16, dtype=torch.bfloat16, device=DEV))
+        pool = random_state(2, H, V, K, dtype=torch.float32, device=DEV)
+        h0 = pool.clone()
+        cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+        o = chunk_gla_prefill_triton(q, k, v, g, cu, pool, torch.ones(1, dtype=torch.int32, device=DEV),
+                                     initial_state_mask=torch.ones(1, dtype=torch.bool, device=DEV))
+        ref_o, ref_s = chunk_gla_torch(*(x[None].double() for x in (q, k, v, g)),
+                                       initial_state=h0[1:2].double(), output_final_state=True)
+        assert_close(o, ref_o[0], 5e-3, f"o T={T}")
+        assert_close(pool[1:2], ref_s, 5e-3, f"state T={T}")
+        assert torch.equal(pool[0], h0[0]), "another slot changed"
+
+
 PREP_VARIANTS = [(32, 0, False), (16, 4, False), (32, 8, False), (64, 8, False), (32, 0, True), (16, 4, True)]
 
 
