@@ -178,6 +178,28 @@ class StatePool:
         weakref.finalize(staged, self._release_staged, nbytes)
         return staged
 
+    def warm_pinned_host(self, num_snapshots: int) -> int:
+        """Fill torch's caching host allocator with `num_snapshots` page-locked copies of a slot's
+        tensors, then free them; returns how many fit.
+
+        Why: each pinned allocation of a snapshot (48 MiB for a 1.3B model) is a cudaHostAlloc of
+        tens of milliseconds that holds the GIL, so until the host tier had filled once, every
+        prompt-end snapshot stalled the event loop and the engine thread (an H200 measured 40 ms
+        of HTTP time to first token for a 2K prompt that prefills in 12 ms). Freed pinned blocks
+        stay cached by torch and are reused by `to_host` and the Redis decode of the same sizes.
+        """
+        if self.device.type != "cuda" or num_snapshots <= 0:
+            return 0
+        held: list[list[torch.Tensor]] = []
+        try:
+            for _ in range(num_snapshots):
+                held.append([torch.empty(t.shape[1:], dtype=t.dtype, pin_memory=True) for _, t in self._tensors()])
+        except RuntimeError:  # out of page-lockable memory: warm what fit
+            pass
+        n = len(held)
+        del held
+        return n
+
     def _release_staged(self, nbytes: int) -> None:
         with self._staged_lock:
             self._staged_bytes -= nbytes

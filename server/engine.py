@@ -119,6 +119,10 @@ class AsyncEngine:
             model, settings.max_num_seqs, seed=settings.seed, use_cuda_graphs=settings.cuda_graphs,
             num_valid_tokens=num_valid, prefill_graph_buckets=prefill_buckets(settings),
         )
+        # pinned snapshot buffers allocated up front, not one cudaHostAlloc per snapshot in serving
+        per_slot = max(1, self.runner.pool.bytes_per_slot)
+        warm = min(512, settings.host_cache_bytes // per_slot + 8) if self.prefixes is not None else 0
+        self.num_pinned_warm = self.runner.pool.warm_pinned_host(warm)
         self.scheduler = Scheduler(
             settings.max_num_seqs,
             settings.max_num_batched_tokens,

@@ -66,3 +66,23 @@ def test_stage_falls_back_to_read_past_its_byte_bound() -> None:
 
     gc.collect()
     assert isinstance(pool.stage(2), StagedState)  # the bound was released with the snapshot
+
+
+def test_warm_pinned_host_is_a_no_op_off_cuda() -> None:
+    assert _random_pool("cpu").warm_pinned_host(4) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_snapshots_after_warming_pinned_buffers_are_exact() -> None:
+    """Warming hands later snapshots recycled page-locked blocks: each host copy must still be the
+    state at stage time, and two live snapshots must not share memory."""
+    pool = _random_pool("cuda")
+    assert pool.warm_pinned_host(6) == 6
+    want1, staged1 = pool.read(1), pool.stage(1)
+    want2, staged2 = pool.read(2), pool.stage(2)
+    pool.zero_([1, 2])
+    got1, got2 = to_host(staged1, pin=True), to_host(staged2, pin=True)
+    for name in want1:
+        assert got1[name].is_pinned() and got1[name].data_ptr() != got2[name].data_ptr()
+        assert torch.equal(got1[name], want1[name]) and torch.equal(got2[name], want2[name]), name
