@@ -148,11 +148,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sizes (smoke run)")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="decode batch sizes (default 1 16 64, or 1 16 64 256 without --quick)")
+    ap.add_argument("--fla-batches", type=int, nargs="+", default=None,
+                    help="batch sizes of fla + HF generate (default: those <= 16 with --quick, else <= 64)")
     args = ap.parse_args()
     from model import GLAConfig
 
     cfg = GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=24, vocab_size=32000)
-    batches = [1, 16, 64] if args.quick else [1, 16, 64, 256]
+    batches = args.batches or ([1, 16, 64] if args.quick else [1, 16, 64, 256])
     res = run_ours(cfg, batches, args.quick)
     res["meta"] = meta(args)
     save(args.out, res)  # a run cut off inside the fla part still leaves ours
@@ -160,7 +164,8 @@ def main() -> None:
 
     if not args.no_fla:
         res["fla"] = {}
-        run_fla(cfg, batches, args.new_tokens, quick=args.quick, out=res["fla"],
+        fla_batches = args.fla_batches or [b for b in batches if b <= (16 if args.quick else 64)]
+        run_fla(cfg, fla_batches, args.new_tokens, out=res["fla"],
                 save=lambda: save(args.out, res))
         for b, r in res["fla"]["generate"].items():
             ours = res["decode"].get(int(b))
@@ -181,7 +186,10 @@ def meta(args: argparse.Namespace) -> dict:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         or "unknown",
         "command": " ".join(["python benchmarks/e2e.py", *(["--quick"] if args.quick else []),
-                             *(["--no-fla"] if args.no_fla else [])]),
+                             *(["--no-fla"] if args.no_fla else []),
+                             *(["--batches", *map(str, args.batches)] if args.batches else []),
+                             *(["--fla-batches", *map(str, args.fla_batches)] if args.fla_batches else []),
+                             f"--new-tokens {args.new_tokens}"]),
     }
 
 
@@ -190,7 +198,7 @@ def save(path: str, res: dict) -> None:
         json.dump(res, f, indent=2, default=str)
 
 
-def run_fla(cfg, batches: list[int], new_tokens: int, quick: bool, out: dict, save) -> dict:
+def run_fla(cfg, batches: list[int], new_tokens: int, out: dict, save) -> dict:
     """fla's GLAForCausalLM + HF generate(): greedy, 1024-token prompt, `new_tokens` new tokens."""
     import fla
     from fla.models import GLAConfig as FlaConfig
@@ -206,7 +214,7 @@ def run_fla(cfg, batches: list[int], new_tokens: int, quick: bool, out: dict, sa
         out["forward_2048_ms"] = cuda_time_ms(lambda m=m, x=x: m(x, use_cache=True), iters=5, warmup=2)
         print(f"fla forward T=2048: {out['forward_2048_ms']:.2f} ms", flush=True)
         save()
-        for b in [bb for bb in batches if bb <= (16 if quick else 64)]:
+        for b in batches:
             prompt = torch.randint(0, 32000, (b, 1024), device="cuda")
             mask = torch.ones_like(prompt)
             kw = dict(attention_mask=mask, do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)

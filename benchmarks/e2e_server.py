@@ -169,11 +169,12 @@ def bare_prefill_ms(model: GLAForCausalLM, n: int, reps: int = 3) -> float:
 
 
 async def writes_landed(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
-    """Wait until the state cache has no pending writes (the Redis tier writes after the turn)."""
+    """Wait until the state cache has no pending writes (host copies of snapshots, and the Redis
+    tier, run after the turn)."""
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
         cache = (await client.get("/health")).json().get("cache") or {}
-        if not cache.get("pending_write_bytes"):
+        if not cache.get("pending_write_bytes") and not cache.get("pending_writes"):
             return
         await asyncio.sleep(0.005)
 

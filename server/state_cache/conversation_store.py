@@ -185,6 +185,8 @@ class TieredConversationStore:
             "busy": len(self._busy),
         }
         out.update(self.cache.stats())
+        with self._lock:  # host copies of prefix snapshots and commits still in flight
+            out["pending_writes"] = len(self._prefix_writes) + sum(not f.done() for f in self._pending.values())
         return out
 
 

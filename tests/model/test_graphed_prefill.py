@@ -31,7 +31,11 @@ def test_pad_layout_keeps_real_sequences_and_pads_with_one_token_or_more() -> No
 def test_prefill_buckets_cover_the_budget() -> None:
     assert prefill_buckets(Settings(cuda_graph_prefill=False)) is None
     b = prefill_buckets(Settings(cuda_graph_prefill=True, max_num_seqs=32, max_num_batched_tokens=2048))
-    assert b == [64, 128, 256, 512, 1024, 2048, 2048 + 33]
+    assert b == [n + 33 for n in (64, 128, 256, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)]
+    # a full-budget prompt (or one of any listed size) from one sequence fits with 32 padding ones
+    assert b is not None and all(pad_layout(n - 33, [0, n - 33], [0], [False], 33, n, 40) for n in b)
+    b = prefill_buckets(Settings(cuda_graph_prefill=True, max_num_seqs=4, max_num_batched_tokens=300))
+    assert b == [64 + 5, 128 + 5, 256 + 5, 300 + 5]
 
 
 def test_padding_sequences_change_nothing_for_the_real_ones() -> None:
