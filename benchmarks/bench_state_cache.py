@@ -95,6 +95,9 @@ async def resume_rows(size: str, url: str, reps: int) -> list[dict[str, Any]]:
     pool = StatePool(cfg, 2, device=device)
     for t in pool.recurrent:
         t.normal_()
+    # as the engine does at start: pinned buffers come from torch's warmed host cache, not from a
+    # cudaHostAlloc per decoded snapshot (tens of ms each for 48 MiB)
+    pool.warm_pinned_host(8)
     nbytes = pool.bytes_per_slot
     assert nbytes == sum(t.numel() * 4 for t in make_state(*SHAPES[size]).values()), "pool shape drifted"
     log_ids = [i % 32000 for i in range(32_769)]  # 32K-token history + the pending token

@@ -32,6 +32,7 @@ from server.state_cache.snapshot import EncodedSnapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+D = TypeVar("D")
 
 MANIFEST_MAGIC = b"GLAMAN1\x00"
 _MANIFEST = struct.Struct("<8s8sIIQ")  # magic, generation, num_chunks, chunk_bytes, payload_len
@@ -313,6 +314,58 @@ class RedisTier:
         self.snapshot_hits += 1
         self.bytes_read += sum(len(p) for p in parts) + len(manifest)
         return header, parts
+
+    async def stream_snapshot(
+        self,
+        key: str,
+        open_decoder: Callable[[bytes], D],
+        feed: Callable[[D, list[bytes]], Awaitable[None]],
+        group: int = 2,
+    ) -> D | None:
+        """Like `get_snapshot`, but the chunks go to `feed(decoder, parts)` `group` at a time as
+        they arrive, and the next group is fetched while `feed` runs, so the decode (checksum and
+        copy, in a worker thread) overlaps the transfer instead of following it.
+
+        `open_decoder` gets the header first and may raise (another model's fingerprint) to stop
+        before any payload is read. Returns the decoder once every chunk was fed, or None on a
+        miss, a torn write or an outage; a partly fed decoder is then dropped, never returned.
+        Errors raised by `feed` (a corrupt payload) propagate.
+        """
+        manifest = await self.get_bytes(key)
+        if manifest is None:
+            self.snapshot_misses += 1
+            return None
+        try:
+            gen, n, chunk_bytes, _, header = parse_manifest(manifest)
+        except ValueError:
+            self.snapshot_misses += 1
+            return None
+        decoder = open_decoder(header)
+        self.bytes_read += len(manifest)
+        keys = [chunk_key(key, gen, i) for i in range(n)]
+        timeout = self._transfer_timeout(chunk_bytes * group)
+        pending: asyncio.Future[None] | None = None
+        try:
+            for i in range(0, n, max(1, group)):
+                batch = keys[i : i + max(1, group)]
+                parts = await self._call("get_snapshot", lambda r, b=batch: r.mget(b), timeout)
+                if isinstance(parts, _Unavailable) or any(p is None for p in parts):
+                    # chunks expired or were replaced since the manifest was read: a miss
+                    self.snapshot_misses += 1
+                    return None
+                self.bytes_read += sum(len(p) for p in parts)
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(feed(decoder, parts))
+            if pending is not None:
+                await pending
+            pending = None
+        finally:
+            if pending is not None and not pending.done():
+                # the decoder is dropped; its worker finishes on its own, and its outcome is moot
+                pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.snapshot_hits += 1
+        return decoder
 
     async def delete_snapshot(self, key: str) -> None:
         old = await self._call("getdel", lambda r: r.getdel(key))

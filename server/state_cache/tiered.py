@@ -30,10 +30,8 @@ from server.state_cache.host import HostEntry, HostLRU, tensors_nbytes
 from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag
 from server.state_cache.redis_tier import RedisTier
 from server.state_cache.snapshot import (
+    SnapshotDecoder,
     SnapshotError,
-    SnapshotHeader,
-    check_identity,
-    decode_snapshot,
     encode_snapshot,
 )
 
@@ -330,21 +328,20 @@ class TieredStateCache:
     async def _fetch_redis(self, snap_key: str, phash: bytes, n: int, anchor_key: str) -> CacheHit | None:
         assert self.redis is not None
 
-        def accept(header_bytes: bytes) -> None:
-            header = SnapshotHeader.from_bytes(header_bytes)
-            check_identity(header, fingerprint=self.fingerprint, prefix_hash=phash)
+        def open_decoder(header_bytes: bytes) -> SnapshotDecoder:
+            # straight from the Redis chunks into the tensors (pinned on CUDA, so promotion below
+            # needs no second copy and the copy into a device slot is a DMA)
+            return SnapshotDecoder(header_bytes, fingerprint=self.fingerprint, prefix_hash=phash,
+                                   pin_memory=self.host.pin_memory)
+
+        async def feed(decoder: SnapshotDecoder, parts: list[bytes]) -> None:
+            await self._offload(sum(len(p) for p in parts), decoder.feed, parts)
 
         try:
-            got = await self.redis.get_snapshot(snap_key, accept_header=accept)
-            if got is None:
+            decoder = await self.redis.stream_snapshot(snap_key, open_decoder, feed)
+            if decoder is None:
                 return None
-            header_bytes, parts = got
-            # Straight from the Redis chunks into the tensors (pinned on CUDA, so promotion below
-            # needs no second copy and the copy into a device slot is a DMA).
-            snap = await self._offload(
-                sum(len(p) for p in parts), decode_snapshot, header_bytes, parts,
-                fingerprint=self.fingerprint, prefix_hash=phash, pin_memory=self.host.pin_memory,
-            )
+            snap = await self._offload(decoder.header.payload_len, decoder.finish)
         except SnapshotError as e:
             # Never loaded, and deleted so the next lookup does not pay for it again.
             self._count(f"rejected_{e.reason}")

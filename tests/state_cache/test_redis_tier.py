@@ -8,7 +8,7 @@ import redis
 from server.state_cache.breaker import CLOSED, OPEN
 from server.state_cache.keys import prefix_hash
 from server.state_cache.redis_tier import RedisTier, chunk_key, parse_manifest
-from server.state_cache.snapshot import SnapshotCorrupt, decode_snapshot, encode_snapshot
+from server.state_cache.snapshot import SnapshotCorrupt, SnapshotDecoder, decode_snapshot, encode_snapshot
 from tests.state_cache.helpers import assert_state_equal, fp, make_state, state_of_bytes
 from tests.state_cache.tls_proxy import TlsProxy, make_self_signed
 
@@ -242,3 +242,40 @@ def test_tune_malloc_is_harmless():
     from server.state_cache.redis_tier import tune_malloc_for_snapshots
 
     assert tune_malloc_for_snapshots() in (True, False)
+
+
+def test_streamed_snapshot_read_overlaps_fetch_and_decode_and_misses_cleanly(redis_proc):
+    """`stream_snapshot` feeds every chunk in order (groups of 3 here) and decodes to the stored
+    state; a chunk gone mid-read is a miss (None), never a partial state."""
+    key = ns() + "snap"
+    enc = encoded(1 << 20)
+    fed: list[int] = []
+
+    async def feed(dec: SnapshotDecoder, parts: list[bytes]) -> None:
+        fed.append(len(parts))
+        await asyncio.to_thread(dec.feed, parts)
+
+    def opener(header: bytes) -> SnapshotDecoder:
+        return SnapshotDecoder(header, fingerprint=FP)
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=64 << 10)
+        try:
+            assert await tier.put_snapshot(key, enc)
+            dec = await tier.stream_snapshot(key, opener, feed, group=3)
+            snap = dec.finish()
+            fed_ok = list(fed)
+            gen, n, *_ = parse_manifest(sync_client(redis_proc).get(key))
+            sync_client(redis_proc).delete(chunk_key(key, gen, n - 2))
+            fed.clear()
+            missing = await tier.stream_snapshot(key, opener, feed, group=3)
+            absent = await tier.stream_snapshot(ns() + "absent", opener, feed)
+            return snap, fed_ok, n, missing, absent, list(fed), tier.stats()
+        finally:
+            await tier.close()
+
+    snap, fed_ok, n, missing, absent, fed_after, stats = asyncio.run(main())
+    assert_state_equal(snap.tensors, state_of_bytes(1 << 20))
+    assert n == 16 and fed_ok == [3, 3, 3, 3, 3, 1]
+    assert missing is None and absent is None and sum(fed_after) == 12  # stopped at the missing chunk's group
+    assert stats["redis_snapshot_hits"] == 1 and stats["redis_snapshot_misses"] == 2

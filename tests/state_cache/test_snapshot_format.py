@@ -11,6 +11,7 @@ from server.state_cache.snapshot import (
     ModelMismatch,
     PrefixMismatch,
     SnapshotCorrupt,
+    SnapshotDecoder,
     SnapshotError,
     SnapshotHeader,
     decode_blob,
@@ -170,3 +171,43 @@ def test_big_payloads_use_an_owned_writable_buffer():
     snap.tensors["a"].add_(1)  # writable memory of its own, not the (immutable) Redis bytes
     assert torch.equal(snap.tensors["a"], state["a"] + 1)
     assert_state_equal(decode_blob(enc.to_blob(), fingerprint=FP).tensors, state)
+
+
+def _stream(enc, groups, **kw):
+    dec = SnapshotDecoder(enc.header_bytes, fingerprint=FP, **kw)
+    for g in groups:
+        dec.feed(g)
+    return dec.finish()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_streamed_decode_equals_whole_decode(dtype):
+    """Fed in groups of parts that cut through tensors and padding (an empty part too), the
+    streaming decoder gives what `decode_snapshot` gives."""
+    state = make_state() | {"step": torch.tensor([1, 2, 3], dtype=torch.int64), "empty": torch.zeros(0, 4)}
+    enc = _encode(state, storage_dtype=dtype)
+    whole = decode_snapshot(enc.header_bytes, enc.payload, fingerprint=FP, prefix_hash=PH)
+    n = len(enc.payload)
+    for sizes in ([1, 63, 2, 100], [0, n // 3, 1], [7] * (n // 7 - 1)):
+        parts = _split(enc.payload, sizes)
+        got = _stream(enc, [parts[i : i + 2] for i in range(0, len(parts), 2)], prefix_hash=PH)
+        assert got.num_tokens == whole.num_tokens
+        assert_state_equal(got.tensors, whole.tensors)
+    if dtype is None:
+        assert_state_equal(whole.tensors, state)
+
+
+def test_streamed_decode_rejects_bad_payloads_and_headers():
+    enc = _encode()
+    parts = [bytes(c) for c in enc.chunks(40)]
+    bad = [parts[0], bytes([parts[1][0] ^ 1]) + parts[1][1:], *parts[2:]]
+    with pytest.raises(SnapshotCorrupt, match="checksum"):
+        _stream(enc, [bad])
+    with pytest.raises(SnapshotCorrupt, match="bytes"):  # short
+        _stream(enc, [parts[:-1]])
+    with pytest.raises(SnapshotCorrupt, match="exceeds"):  # long: refused before it is copied
+        _stream(enc, [parts, [b"x"]])
+    with pytest.raises(ModelMismatch):
+        SnapshotDecoder(enc.header_bytes, fingerprint=fp("model-b"))
+    with pytest.raises(PrefixMismatch):
+        SnapshotDecoder(enc.header_bytes, fingerprint=FP, prefix_hash=prefix_hash([1]))
