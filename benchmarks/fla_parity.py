@@ -11,6 +11,12 @@ also give each one's distance from the fp32 logits (`*_vs_fp32`, ours and fla's)
 accurate as the peer when its distance is no larger than fla's.
 
     python benchmarks/fla_parity.py --out benchmarks/results/fla-parity.json
+    python benchmarks/fla_parity.py --device cpu --quick   # fla's kernels in Triton's interpreter
+
+On the CPU (`--device cpu`), fla runs its own Triton kernels under TRITON_INTERPRET=1 (numpy, with
+its first autotune config) and ours runs its plain-PyTorch CPU path: the same fla code as on a GPU,
+with CPU arithmetic, so no GPU rounding such as TF32. fla is not a dependency: put fla-core,
+flash-linear-attention and einops on PYTHONPATH (e.g. `pip install --no-deps --target DIR`).
 """
 
 from __future__ import annotations
@@ -34,21 +40,29 @@ def main() -> None:
     ap.add_argument("--out", default="fla-parity.json")
     ap.add_argument("--first-config", action="store_true",
                     help="fla's autotuned kernels use their first config: same math, minutes less compiling")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--quick", action="store_true",
                     help="two variants (plain; tied + short conv + GQA) at T=200 only: 4 of the 16 rows")
     args = ap.parse_args()
-    if args.first_config:
-        import triton
+    if args.device == "cpu":  # before triton is imported: fla's kernels run in the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.first_config = True  # the interpreter cannot benchmark configs
+    if args.first_config:  # every autotuner (triton's and fla's cached subclass) keeps its first config
+        from triton.runtime import autotuner
 
-        autotune = triton.autotune
-        triton.autotune = lambda configs, key, **kw: autotune(configs[:1], key, **kw)
+        init = autotuner.Autotuner.__init__
+
+        def first_only(self, fn, arg_names, configs, *a, **kw):  # type: ignore[no-untyped-def]
+            init(self, fn, arg_names, configs[:1], *a, **kw)
+
+        autotuner.Autotuner.__init__ = first_only
     import fla  # registers fla's "gla" classes first; ours re-register with exist_ok
     from fla.models import GLAConfig as FlaConfig
     from fla.models import GLAForCausalLM as FlaModel
 
     from model import StatePool, load_checkpoint
 
-    dev = "cuda"
+    dev = args.device
     variants = {
         "plain": {},
         "short_conv": {"use_short_conv": True},
@@ -58,6 +72,10 @@ def main() -> None:
     if args.quick:
         variants = {k: variants[k] for k in ("plain", "tied_shortconv_gqa")}
     lengths = (200,) if args.quick else (40, 200)
+    if args.device == "cpu":
+        # fla's chunk kernel (T > 64) calls `.to` on a Python loop index, which the interpreter
+        # refuses; T <= 64 runs fla's fused_recurrent kernel, which interprets fine
+        lengths = (40,)
     results = []
     for name, extra in variants.items():
         torch.manual_seed(0)
@@ -94,7 +112,7 @@ def main() -> None:
                 st = out.past_key_values[0]["recurrent_state"]
                 row[f"{tag}_T{T}_fla_state_shape"] = list(st.shape)
                 row[f"{tag}_T{T}_state"] = rel_rms(pool.recurrent[0][slots.long()], st.float())
-                nxt = torch.randint(0, 1000, (2, 1), device=dev)
+                nxt = torch.randint(0, 1000, (2, 1), device=dev, generator=torch.Generator(dev).manual_seed(T + 1))
                 with torch.no_grad():
                     step = r(nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1].float()
                 mine = o.decode(nxt.flatten(), pool, slots)
@@ -117,12 +135,13 @@ def main() -> None:
 def save(path: str, results: list[dict], args: argparse.Namespace, fla: object) -> None:
     """Written after every variant, so a run cut short still leaves its rows."""
     meta = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "none (CPU, Triton interpreter)",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "fla": getattr(fla, "__version__", "?"),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/fla_parity.py",
+        "command": "python benchmarks/fla_parity.py" + (" --device cpu" if args.device == "cpu" else "")
+        + (" --quick" if args.quick else ""),
         "TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT"),
         "fla_first_config": args.first_config,
         "bounds": {"fp32": 1e-4, "bf16": 5e-3},
