@@ -25,7 +25,7 @@ from server.conversations import (
 )
 from server.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.errors import BadRequest, Unavailable
-from server.flights import PrefillFlights, token_hash
+from server.flights import PrefillFlights
 from server.model_runner import ModelRunner
 from server.sampler import SampleResult
 from server.sampling_params import SamplingParams
@@ -158,6 +158,7 @@ class AsyncEngine:
         self._step_snapshot_s = 0.0
         self.flights = PrefillFlights(settings.single_flight_wait_s)
         self._step_snapshot_bytes = 0
+        self._prefix_stores: list[tuple[str, list[int], dict[str, Any]]] = []
         self.is_stopping = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -355,11 +356,25 @@ class AsyncEngine:
         self._step_snapshot_bytes += nbytes
         t0 = time.perf_counter()
         try:
-            self.prefixes.store_prefix(seq.tenant, token_ids, self.runner.stage_state(seq.slot))
+            # the copy now (the slot moves on), the indexing (hashing the whole context) once this
+            # step's tokens are out: `_flush_prefix_stores`
+            self._prefix_stores.append((seq.tenant, token_ids, self.runner.stage_state(seq.slot)))
         except Exception:  # a lost snapshot only costs a longer prefill later
             log.exception("storing a prefix state failed")
         finally:
             self._step_snapshot_s += time.perf_counter() - t0
+
+    def _flush_prefix_stores(self) -> None:
+        """Hand the step's prefix snapshots to the store, after its outputs were dispatched: indexing
+        one hashes its whole context (a millisecond at 32K tokens), which must not delay the tokens."""
+        stores, self._prefix_stores = self._prefix_stores, []
+        if self.prefixes is None:
+            return
+        for tenant, token_ids, state in stores:
+            try:
+                self.prefixes.store_prefix(tenant, token_ids, state)
+            except Exception:  # a lost snapshot only costs a longer prefill later
+                log.exception("storing a prefix state failed")
 
     def _new_sequence(
         self,
@@ -409,7 +424,8 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 outputs = self._fail_running(exc)
             self._dispatch(outputs)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the streams write their tokens first
+            self._flush_prefix_stores()
 
     def _ingest(self) -> None:
         for seq in self._incoming:
@@ -444,8 +460,10 @@ class AsyncEngine:
             return
         parked = self.scheduler.claim_parked(seq.conversation)
         history = seq.history_token_ids
+        # the log itself, not a hash of it: equal lists of shared ints compare in microseconds, where
+        # hashing a 32K-token log took half a millisecond of this turn's time to first token
         hit = (parked is not None and len(history) >= 1 and parked.num_tokens == len(history) - 1
-               and parked.log_hash == token_hash(history[:-1]))
+               and parked.log_ids == history)
         self._notify("on_cache_lookup", "device", hit)
         if not hit:
             if parked is not None:
@@ -575,7 +593,7 @@ class AsyncEngine:
         self._step_snapshot_s += time.perf_counter() - t0
         if not self.settings.resident_conversations:
             return None
-        return seq.conversation, ParkedState(seq.slot, len(log_ids) - 1, token_hash(log_ids[:-1]))
+        return seq.conversation, ParkedState(seq.slot, len(log_ids) - 1, log_ids)
 
     def _end(self, seq: Sequence, reason: FinishReason) -> None:
         """Bookkeeping common to every way a request ends (the slot is already free)."""

@@ -32,12 +32,12 @@ class PrefillChunk:
 
 @dataclass(slots=True, frozen=True)
 class ParkedState:
-    """A finished turn's state left in its slot: it summarises exactly `num_tokens` log tokens
-    whose hash is `log_hash` (the conversation's log minus its pending last token)."""
+    """A finished turn's state left in its slot: it summarises exactly the first `num_tokens` of
+    `log_ids`, the conversation's log when it was parked (all but its pending last token)."""
 
     slot: int
     num_tokens: int
-    log_hash: bytes
+    log_ids: list[int]
 
 
 @dataclass(slots=True)

@@ -9,9 +9,11 @@ hash of any prefix is one more hash over the anchor and the tail.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ SCHEME = "v1"
 
 _SAFE_PART = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _MAX_TOKEN_ID = 2**32 - 1
+assert array.array("I").itemsize == 4, "token logs are uint32"
+_SWAP = sys.byteorder != "little"
 
 
 def key_part(value: str) -> str:
@@ -41,15 +45,23 @@ def key_part(value: str) -> str:
 
 def tokens_to_bytes(token_ids: Sequence[int]) -> bytes:
     """Token ids as little-endian uint32, the byte form every hash and token log uses."""
+    if isinstance(token_ids, list):  # the hot path (token logs): 2.5x numpy's list conversion
+        try:
+            arr = array.array("I", token_ids)  # rejects negatives, > 2**32 - 1, floats and nesting
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"token ids must be integers in [0, {_MAX_TOKEN_ID}]") from e
+        if _SWAP:
+            arr.byteswap()
+        return arr.tobytes()
     try:
-        arr = np.asarray(token_ids, dtype=np.int64)
+        nd = np.asarray(token_ids, dtype=np.int64)
     except (OverflowError, TypeError, ValueError) as e:
         raise ValueError(f"token ids must be integers in [0, {_MAX_TOKEN_ID}]") from e
-    if arr.ndim != 1:
-        raise ValueError(f"token ids must be a flat sequence, got shape {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() > _MAX_TOKEN_ID):
+    if nd.ndim != 1:
+        raise ValueError(f"token ids must be a flat sequence, got shape {nd.shape}")
+    if nd.size and (nd.min() < 0 or nd.max() > _MAX_TOKEN_ID):
         raise ValueError(f"token ids must be integers in [0, {_MAX_TOKEN_ID}]")
-    return arr.astype("<u4").tobytes()
+    return nd.astype("<u4").tobytes()
 
 
 def bytes_to_tokens(data: bytes | bytearray | memoryview) -> list[int]:

@@ -85,9 +85,9 @@ def test_scheduler_parking_never_loses_a_slot() -> None:
         return sorted(sched.free_slots + running + [p.slot for p in sched.parked.values()])
 
     a = run_one()
-    sched.finish(a, park=("conv", ParkedState(a.slot, 2, b"h")))
+    sched.finish(a, park=("conv", ParkedState(a.slot, 2, [5, 6, 7])))
     b = run_one()
-    sched.finish(b, park=("conv", ParkedState(b.slot, 3, b"h2")))  # a second park of one key
+    sched.finish(b, park=("conv", ParkedState(b.slot, 3, [5, 6, 7, 8])))  # a second park of one key
     assert all_slots() == [0, 1] and len(sched.parked) == 1
     c, d = run_one(), run_one()  # the second one takes the parked slot
     assert sched.num_parked_evictions == 1 and all_slots() == [0, 1]

@@ -32,6 +32,10 @@ async def _run(budget: int) -> tuple[int, int, dict]:
         for s in streams:
             async for _ in s:
                 pass
+        for _ in range(100):  # prefix states are indexed just after the step's tokens are dispatched
+            if engine.conversations.stats()["prefix_states"]:
+                break
+            await asyncio.sleep(0.01)
         return engine.num_steps, engine.num_prefix_snapshots_skipped, engine.conversations.stats()
     finally:
         await engine.stop()
