@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -92,7 +93,12 @@ class ConversationStore(Protocol):
 
     def release(self, key: ConversationKey) -> None: ...
 
-    async def load(self, key: ConversationKey) -> ConversationSnapshot | None: ...
+    async def load(
+        self, key: ConversationKey, resident: Callable[[list[int]], bool] | None = None
+    ) -> ConversationSnapshot | None:
+        """The log and its state. `resident(log)` true means the engine still holds that state in
+        a slot: a store whose state costs a fetch may then return the log alone."""
+        ...
 
     def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
         """Store a finished turn. Called from the engine loop: must not block on I/O."""
@@ -159,8 +165,10 @@ class LRUConversationStore:
         with self._lock:
             self._busy.discard(key)
 
-    async def load(self, key: ConversationKey) -> ConversationSnapshot | None:
-        await asyncio.sleep(0)
+    async def load(
+        self, key: ConversationKey, resident: Callable[[list[int]], bool] | None = None
+    ) -> ConversationSnapshot | None:
+        await asyncio.sleep(0)  # in-process states cost nothing to hand over: `resident` is moot
         with self._lock:
             snap = self._entries.get(key)
             if snap is None:

@@ -159,6 +159,7 @@ class AsyncEngine:
         self.flights = PrefillFlights(settings.single_flight_wait_s)
         self._step_snapshot_bytes = 0
         self._prefix_stores: list[tuple[str, list[int], dict[str, Any]]] = []
+        self.num_resident_lost = 0  # resident turns whose slot was evicted before they claimed it
         self.is_stopping = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -231,12 +232,18 @@ class AsyncEngine:
             self.conversations.acquire(conversation)
         seq: Sequence | None = None
         try:
-            snapshot = await self.conversations.load(conversation) if conversation is not None else None
+            resident: list[bool] = []
+            snapshot = (await self.conversations.load(conversation, self._resident_check(conversation, resident))
+                        if conversation is not None else None)
             if snapshot is None and first_turn_prompt_token_ids is not None:
                 prompt_token_ids = first_turn_prompt_token_ids
             seq = self._new_sequence(request_id, prompt_token_ids, params, conversation, snapshot)
             seq.tenant = conversation.tenant if conversation is not None else tenant
-            if seq.initial_state is None:
+            if resident:  # the slot's state: `_resume_in_slot` claims it; admitted at its real size
+                seq.resident_expected = True
+                seq.num_restored_tokens = len(seq.history_token_ids) - 1
+                seq.input_token_ids = [seq.history_token_ids[-1], *seq.prompt_token_ids]
+            elif seq.initial_state is None:
                 await self._restore_prefix(seq)
             if conversation is None and self.runner.supports_checkpoints:
                 await self.flights.join_or_lead(seq)
@@ -449,6 +456,24 @@ class AsyncEngine:
             outs.append(self._final_output(seq, ""))
         self._dispatch(outs)
 
+    def _resident_check(self, key: ConversationKey, seen: list[bool]) -> Callable[[list[int]], bool] | None:
+        """For `load`: does a slot hold the state of exactly this log (so the store need not fetch it)?
+
+        Only a peek: `_resume_in_slot` claims the slot between steps. Should a step evict it first,
+        the turn prefills its log, as for any lost state. Appends to `seen` when it answers yes.
+        """
+        if not self.settings.resident_conversations:
+            return None
+
+        def check(log: list[int]) -> bool:
+            parked = self.scheduler.parked.get(key)
+            hit = parked is not None and len(log) >= 1 and parked.num_tokens == len(log) - 1 and parked.log_ids == log
+            if hit:
+                seen.append(True)
+            return hit
+
+        return check
+
     def _resume_in_slot(self, seq: Sequence) -> None:
         """The device tier: continue a conversation from the state its last turn left in its slot.
 
@@ -468,6 +493,10 @@ class AsyncEngine:
         if not hit:
             if parked is not None:
                 self.scheduler.free_slot(parked.slot)
+            if seq.resident_expected:  # evicted since `load` saw it: rebuild from the log
+                self.num_resident_lost += 1
+                seq.num_restored_tokens = 0
+                seq.input_token_ids = history + seq.prompt_token_ids
             return
         assert parked is not None
         self.num_device_hits += 1
@@ -649,6 +678,7 @@ class AsyncEngine:
             "free_slots": self.scheduler.num_free_slots,
             "resident_conversations": len(self.scheduler.parked),
             "device_hits": self.num_device_hits,
+            "resident_lost": self.num_resident_lost,
             "device_evictions": self.scheduler.num_parked_evictions,
             "prefix_snapshots_skipped": self.num_prefix_snapshots_skipped,
             "prefill_flights_joined": self.flights.num_joined,

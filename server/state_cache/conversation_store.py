@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from server.conversations import ConversationKey, ConversationSnapshot, PrefixHit
@@ -49,6 +49,7 @@ class TieredConversationStore:
         self._prefix_writes: set[concurrent.futures.Future] = set()
         self.num_loads = 0
         self.num_resumed = 0
+        self.num_resident = 0  # loads that skipped the lookup: the engine's slot holds the state
         self.num_rebuilds = 0
         self.num_new = 0
 
@@ -58,8 +59,14 @@ class TieredConversationStore:
                 raise _busy(key)
             self._busy.add(key)
 
-    async def load(self, key: ConversationKey) -> ConversationSnapshot | None:
+    async def load(
+        self, key: ConversationKey, resident: Callable[[list[int]], bool] | None = None
+    ) -> ConversationSnapshot | None:
         """The log and, when a state for exactly `log[:-1]` is cached, that state.
+
+        When `resident(log)` says the engine's slot still holds that state, the lookup is skipped:
+        it would hash the whole log and, with the host copy evicted, read 48 MiB from Redis only
+        for the engine to discard it.
 
         Raises ConversationBusy when another replica holds the turn lease.
         """
@@ -78,6 +85,9 @@ class TieredConversationStore:
         if not log:
             self.num_new += 1
             return None
+        if resident is not None and resident(log):
+            self.num_resident += 1
+            return ConversationSnapshot(log, None)
         hit = await self.cache.lookup(key.tenant, key.conversation_id, log[:-1])
         if hit is None or hit.num_tokens != len(log) - 1:
             # Missing, evicted, corrupt, foreign or stale: the engine prefills the log instead.
@@ -179,6 +189,7 @@ class TieredConversationStore:
         out: dict[str, Any] = {
             "conversation_loads": self.num_loads,
             "conversation_resumed": self.num_resumed,
+            "conversation_resident": self.num_resident,
             "conversation_rebuilds": self.num_rebuilds,
             "conversation_new": self.num_new,
             "conversations": self.cache.num_local_conversations,

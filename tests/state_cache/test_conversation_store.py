@@ -122,8 +122,10 @@ FINGERPRINT = fingerprint_from_model_dir(None)
 
 @pytest.mark.slow
 def test_conversation_moves_between_servers_and_survives_a_redis_outage(own_redis):
+    # no device tier: turn 3 on B must come from B's host tier (test_resident_* cover the slots)
     settings = Settings(**BASE_SETTINGS, redis_url=own_redis.url, redis_key_prefix=ns().rstrip(":"),
-                        redis_breaker_reset_s=0.1, redis_breaker_failures=1, redis_timeout_s=5)
+                        redis_breaker_reset_s=0.1, redis_breaker_failures=1, redis_timeout_s=5,
+                        resident_conversations=False)
     a, b = start_with_store(settings), start_with_store(settings)
     try:
         ca, cb = httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)
@@ -143,3 +145,59 @@ def test_conversation_moves_between_servers_and_survives_a_redis_outage(own_redi
     finally:
         a.stop()
         b.stop()
+
+
+def test_resident_turn_skips_the_store_lookup_and_equals_replay(own_redis):
+    """The slot holds turn 1's state: turn 2 neither hashes the log for a lookup nor reads Redis."""
+    settings = Settings(**BASE_SETTINGS, redis_url=own_redis.url, redis_key_prefix=ns().rstrip(":"))
+    srv = start_with_store(settings)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            body = {"conversation_id": "resident", **GREEDY}
+            turns = [c.post("/generate", json={"prompt": TURNS[0], **body}).json()]
+            lookups = srv.health()["cache"]["lookups"]
+            turns.append(c.post("/generate", json={"prompt": TURNS[1], **body}).json())
+            h = srv.health()
+            assert turns[1]["state_cached"] and h["device_hits"] == 1
+            assert h["cache"]["conversation_resident"] == 1 and h["cache"]["lookups"] == lookups
+            replay = c.post("/generate", json={"prompt_token_ids": _replay_ids(srv, turns, 1), **GREEDY}).json()
+            assert replay["token_ids"] == turns[1]["token_ids"]
+    finally:
+        srv.stop()
+
+
+def test_resident_slot_evicted_before_the_turn_claims_it_rebuilds_from_the_log():
+    """`load` saw the state in its slot, then a step gave the slot away: the turn prefills its log."""
+    from model import load_checkpoint, load_tokenizer
+    from model.loader import bundled_model_path
+    from server.engine import AsyncEngine
+    from server.sampling_params import SamplingParams
+
+    async def main() -> tuple[list[int], list[int], dict]:
+        settings = Settings(**BASE_SETTINGS)
+        tok = load_tokenizer(bundled_model_path())
+        engine = AsyncEngine(load_checkpoint(bundled_model_path()), tok, settings,
+                             build_conversation_store(settings, FINGERPRINT))
+        await engine.start()
+        try:
+            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            key = ConversationKey("default", "evicted-late")
+            first = tok(TURNS[0])["input_ids"]
+            second = tok(TURNS[1], add_special_tokens=False)["input_ids"]
+            out1 = [t async for o in await engine.add_request(first, params, key) for t in o.token_ids]
+            for _ in range(200):  # the commit lands off the step
+                if engine.scheduler.parked.get(key) is not None:
+                    break
+                await asyncio.sleep(0.01)
+            stream = await engine.add_request(second, params, key)  # load saw the parked state
+            parked = engine.scheduler.claim_parked(key)  # ... and a step evicts it before ingest
+            assert parked is not None
+            engine.scheduler.free_slot(parked.slot)
+            out2 = [t async for o in stream for t in o.token_ids]
+            replay = [t async for o in await engine.add_request(first + out1 + second, params) for t in o.token_ids]
+            return out2, replay, engine.stats()
+        finally:
+            await engine.stop()
+
+    resumed, replayed, stats = asyncio.run(main())
+    assert resumed == replayed and stats["resident_lost"] == 1
