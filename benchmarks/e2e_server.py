@@ -179,6 +179,39 @@ async def writes_landed(client: httpx.AsyncClient, timeout_s: float = 10.0) -> N
         await asyncio.sleep(0.005)
 
 
+async def server_times(client: httpx.AsyncClient) -> dict[str, float]:
+    """Sums and counts of the server's own latency histograms (`/metrics`), to split a client's
+    time to first token into the engine's part (arrival after the state load -> first token) and
+    the rest (HTTP, the conversation load, SSE)."""
+    want = ("time_to_first_token_seconds", "request_queue_time_seconds", "engine_step_phase_seconds")
+    out: dict[str, float] = {}
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith("#") or not any(w in line for w in want):
+            continue
+        name, _, value = line.rpartition(" ")
+        if "_sum" in name or "_count" in name:
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def _mean_ms(before: dict[str, float], after: dict[str, float], metric: str) -> float | None:
+    s = [k for k in after if metric in k and "_sum" in k]
+    c = [k for k in after if metric in k and "_count" in k]
+    if not s or not c:
+        return None
+    dn = sum(after[k] - before.get(k, 0.0) for k in c)
+    return 1e3 * sum(after[k] - before.get(k, 0.0) for k in s) / dn if dn else None
+
+
+def _phase_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Engine step time by phase over a window (sum, ms)."""
+    out = {}
+    for k, v in after.items():
+        if "engine_step_phase_seconds_sum" in k and 'phase="' in k:
+            out[k.split('phase="')[1].split('"')[0]] = 1e3 * (v - before.get(k, 0.0))
+    return out
+
+
 async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int,
                      max_tokens: int = 2) -> list[dict[str, Any]]:
     """Turn k+1 of a conversation whose state is cached vs re-prefilling its whole history.
@@ -201,18 +234,33 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
             await ttft(client, {**base, "prompt_token_ids": hist() + new})  # warm-up of this length
             full = [(await ttft(client, {**base, "prompt_token_ids": hist() + new}))[0] for _ in range(3)]
             resumed = []
+            server_ttft: list[float | None] = []
+            server_queue: list[float | None] = []
+            phases: list[dict[str, float]] = []
             for i in range(3):
                 cid = f"resume-{n}-{i}"
                 await ttft(client, {**base, "prompt_token_ids": hist(), "conversation_id": cid})
                 await writes_landed(client)
+                before = await server_times(client)
                 t, last = await ttft(client, {**base, "prompt_token_ids": new, "conversation_id": cid})
+                after = await server_times(client)
                 resumed.append(t)
+                server_ttft.append(_mean_ms(before, after, "time_to_first_token_seconds"))
+                server_queue.append(_mean_ms(before, after, "request_queue_time_seconds"))
+                phases.append(_phase_ms(before, after))
             row = {"history_tokens": n, "new_tokens": new_tokens,
                    "reprefill_ttft_ms": 1e3 * statistics.median(full),
-                   "resumed_ttft_ms": 1e3 * statistics.median(resumed), "last_event": last}
+                   "resumed_ttft_ms": 1e3 * statistics.median(resumed), "last_event": last,
+                   # the engine's part of the resumed turn (arrival after the load -> first token),
+                   # its queueing, and its steps by phase (the whole 2-token request)
+                   "resumed_server_ttft_ms": [x for x in server_ttft], "resumed_queue_ms": server_queue,
+                   "resumed_step_phases_ms": phases}
             row["speedup"] = row["reprefill_ttft_ms"] / row["resumed_ttft_ms"]
+            srv = [x for x in server_ttft if x is not None]
             print(f"history {n:6d}: re-prefill TTFT {row['reprefill_ttft_ms']:8.1f} ms, resumed "
-                  f"{row['resumed_ttft_ms']:7.1f} ms, x{row['speedup']:.1f}", flush=True)
+                  f"{row['resumed_ttft_ms']:7.1f} ms, x{row['speedup']:.1f}"
+                  + (f" (engine part {statistics.median(srv):.2f} ms, phases {phases[-1]})" if srv else ""),
+                  flush=True)
             rows.append(row)
     return rows
 

@@ -42,6 +42,28 @@ def _copy_stream(device: torch.device) -> Any:
     return stream
 
 
+def clone_slot(tensors: list[tuple[str, torch.Tensor]], slot: int) -> list[tuple[str, torch.Tensor]]:
+    """Copies of `slot` of every pool tensor: one buffer per dtype and one multi-tensor copy.
+
+    Why: a clone per layer tensor was ~50 allocations and copy launches for a 1.3B model, about a
+    millisecond of host time in the step that ends a prompt, ahead of its first token.
+    """
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in tensors:
+        by_dtype.setdefault(t.dtype, []).append((name, t[slot]))
+    out: dict[str, torch.Tensor] = {}
+    for dtype, items in by_dtype.items():
+        flat = torch.empty(sum(src.numel() for _, src in items), dtype=dtype, device=items[0][1].device)
+        dsts, off = [], 0
+        for name, src in items:
+            dst = flat[off : off + src.numel()].view(src.shape)
+            off += src.numel()
+            out[name] = dst
+            dsts.append(dst)
+        torch._foreach_copy_(dsts, [src for _, src in items])
+    return [(name, out[name]) for name, _ in tensors]
+
+
 def to_host(tensors: Mapping[str, torch.Tensor], pin: bool = False) -> dict[str, torch.Tensor]:
     """CPU copies of a snapshot (page-locked when `pin`); CPU tensors pass through uncopied.
 
@@ -169,7 +191,7 @@ class StatePool:
                 return self.read(slot)
             self._staged_bytes += nbytes
         try:
-            staged = StagedState((name, t[slot].clone()) for name, t in self._tensors())
+            staged = StagedState(clone_slot(self._tensors(), slot))
         except torch.cuda.OutOfMemoryError:
             self._release_staged(nbytes)
             return self.read(slot)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import StatePool
-from model.state import StagedState, to_host
+from model.state import StagedState, clone_slot, to_host
 from tests.model.conftest import tiny_config
 
 CUDA = torch.cuda.is_available()
@@ -33,6 +33,18 @@ def test_stage_on_cpu_is_an_owned_copy_equal_to_read() -> None:
     assert set(got) == set(want)
     for name, t in want.items():
         assert torch.equal(got[name], t), name
+
+
+def test_clone_slot_copies_every_tensor_of_one_slot_whatever_its_dtype() -> None:
+    """The staged copy packs tensors into one buffer per dtype: names, shapes, values, ownership."""
+    pool = _random_pool("cpu")
+    mixed = pool._tensors() + [("extra.half", torch.randn(3, 5, 7).to(torch.bfloat16))]
+    got = clone_slot(mixed, 2)
+    assert [n for n, _ in got] == [n for n, _ in mixed]
+    for (name, src), (_, dst) in zip(mixed, got, strict=True):
+        assert dst.dtype == src.dtype and dst.shape == src[2].shape and torch.equal(dst, src[2]), name
+    pool.zero_([2])
+    assert any(t.abs().sum() > 0 for n, t in got if n != "extra.half")  # copies, not views of the pool
 
 
 @pytest.mark.gpu
