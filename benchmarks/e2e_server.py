@@ -253,7 +253,7 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
                    "resumed_ttft_ms": 1e3 * statistics.median(resumed), "last_event": last,
                    # the engine's part of the resumed turn (arrival after the load -> first token),
                    # its queueing, and its steps by phase (the whole 2-token request)
-                   "resumed_server_ttft_ms": [x for x in server_ttft], "resumed_queue_ms": server_queue,
+                   "resumed_server_ttft_ms": server_ttft, "resumed_queue_ms": server_queue,
                    "resumed_step_phases_ms": phases}
             row["speedup"] = row["reprefill_ttft_ms"] / row["resumed_ttft_ms"]
             srv = [x for x in server_ttft if x is not None]

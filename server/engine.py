@@ -232,9 +232,10 @@ class AsyncEngine:
             self.conversations.acquire(conversation)
         seq: Sequence | None = None
         try:
-            resident: list[bool] = []
-            snapshot = (await self.conversations.load(conversation, self._resident_check(conversation, resident))
+            snapshot = (await self.conversations.load(conversation, self._resident_check(conversation))
                         if conversation is not None else None)
+            resident = (snapshot is not None and snapshot.state is None
+                        and self._parked_holds(conversation, snapshot.token_ids))
             if snapshot is None and first_turn_prompt_token_ids is not None:
                 prompt_token_ids = first_turn_prompt_token_ids
             seq = self._new_sequence(request_id, prompt_token_ids, params, conversation, snapshot)
@@ -456,23 +457,19 @@ class AsyncEngine:
             outs.append(self._final_output(seq, ""))
         self._dispatch(outs)
 
-    def _resident_check(self, key: ConversationKey, seen: list[bool]) -> Callable[[list[int]], bool] | None:
+    def _resident_check(self, key: ConversationKey) -> Callable[[list[int]], bool] | None:
         """For `load`: does a slot hold the state of exactly this log (so the store need not fetch it)?
 
         Only a peek: `_resume_in_slot` claims the slot between steps. Should a step evict it first,
-        the turn prefills its log, as for any lost state. Appends to `seen` when it answers yes.
+        the turn prefills its log, as for any lost state.
         """
         if not self.settings.resident_conversations:
             return None
+        return lambda log: self._parked_holds(key, log)
 
-        def check(log: list[int]) -> bool:
-            parked = self.scheduler.parked.get(key)
-            hit = parked is not None and len(log) >= 1 and parked.num_tokens == len(log) - 1 and parked.log_ids == log
-            if hit:
-                seen.append(True)
-            return hit
-
-        return check
+    def _parked_holds(self, key: ConversationKey | None, log: list[int]) -> bool:
+        parked = self.scheduler.parked.get(key) if self.settings.resident_conversations else None
+        return parked is not None and parked.summarises(log)
 
     def _resume_in_slot(self, seq: Sequence) -> None:
         """The device tier: continue a conversation from the state its last turn left in its slot.
@@ -485,10 +482,7 @@ class AsyncEngine:
             return
         parked = self.scheduler.claim_parked(seq.conversation)
         history = seq.history_token_ids
-        # the log itself, not a hash of it: equal lists of shared ints compare in microseconds, where
-        # hashing a 32K-token log took half a millisecond of this turn's time to first token
-        hit = (parked is not None and len(history) >= 1 and parked.num_tokens == len(history) - 1
-               and parked.log_ids == history)
+        hit = parked is not None and parked.summarises(history)
         self._notify("on_cache_lookup", "device", hit)
         if not hit:
             if parked is not None:

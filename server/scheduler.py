@@ -39,6 +39,12 @@ class ParkedState:
     num_tokens: int
     log_ids: list[int]
 
+    def summarises(self, log: list[int]) -> bool:
+        """Is this the state of `log` (all but its pending last token)? The log itself is compared,
+        not a hash of it: equal lists of shared ints compare in microseconds, where hashing a
+        32K-token log took half a millisecond of a resumed turn's time to first token."""
+        return len(log) >= 1 and self.num_tokens == len(log) - 1 and self.log_ids == log
+
 
 @dataclass(slots=True)
 class ScheduledBatch:
