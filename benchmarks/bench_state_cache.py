@@ -25,7 +25,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,9 @@ async def timeit_cold(setup: Callable[[], Any], fn: Callable[[], Awaitable[Any]]
     return out
 
 
-async def resume_rows(size: str, url: str, reps: int) -> list[dict[str, Any]]:
-    """The Redis resume read path end to end, as the server runs it (see the module docstring)."""
+async def resume_rows(size: str, url: str, reps: int, bulk: Sequence[int] = (4, 0)) -> list[dict[str, Any]]:
+    """The Redis resume read path end to end, as the server runs it (see the module docstring),
+    once per `bulk` value: the reader's `bulk_connections` (0 = redis-py MGET)."""
     from model import GLAConfig, StatePool
 
     layers, h, v, k = SHAPES[size]
@@ -106,8 +107,8 @@ async def resume_rows(size: str, url: str, reps: int) -> list[dict[str, Any]]:
     for dtype in (None, torch.bfloat16):
         tag = "bf16" if dtype else "fp32"
 
-        def tier() -> RedisTier:
-            return RedisTier(url, op_timeout_s=5)
+        def tier(bulk_connections: int = 4) -> RedisTier:
+            return RedisTier(url, op_timeout_s=5, bulk_connections=bulk_connections)
 
         writer = TieredConversationStore(TieredStateCache(
             FP, host_budget_bytes=4 * nbytes, redis=tier(), key_prefix=f"bench-resume-{tag}:",
@@ -115,37 +116,39 @@ async def resume_rows(size: str, url: str, reps: int) -> list[dict[str, Any]]:
         await writer.cache.set_token_log(key.tenant, key.conversation_id, log_ids)
         await writer.cache.store(key.tenant, log_ids[:-1], pool.read(0), conversation_id=key.conversation_id,
                                  wait_for_redis=True)
-        reader = TieredConversationStore(TieredStateCache(
-            FP, host_budget_bytes=4 * nbytes, redis=tier(), key_prefix=f"bench-resume-{tag}:"))
-        await reader.cache.redis.ping()  # a running replica: its connection is open
+        for b in bulk:
+            how = f"bulk {b}" if b else "mget"
+            reader = TieredConversationStore(TieredStateCache(
+                FP, host_budget_bytes=4 * nbytes, redis=tier(b), key_prefix=f"bench-resume-{tag}:"))
+            await reader.cache.redis.ping()  # a running replica: its connection is open
 
-        def cold(store: TieredConversationStore = reader) -> None:
-            for k in store.cache.host.keys():
-                store.cache._on_host_evict(k, store.cache.host.pop(k))
+            def cold(store: TieredConversationStore = reader) -> None:
+                for k in store.cache.host.keys():
+                    store.cache._on_host_evict(k, store.cache.host.pop(k))
 
-        def restore(tensors: dict[str, torch.Tensor]) -> None:
-            pool.write(1, tensors)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            def restore(tensors: dict[str, torch.Tensor]) -> None:
+                pool.write(1, tensors)
+                if device == "cuda":
+                    torch.cuda.synchronize()
 
-        async def load(store: TieredConversationStore = reader) -> None:
-            store.acquire(key)
-            snap = await store.load(key)
-            assert snap is not None and snap.state is not None, "resume missed"
-            restore(snap.state)
-            store.release(key)
+            async def load(store: TieredConversationStore = reader) -> None:
+                store.acquire(key)
+                snap = await store.load(key)
+                assert snap is not None and snap.state is not None, "resume missed"
+                restore(snap.state)
+                store.release(key)
 
-        async def prefix(store: TieredConversationStore = reader) -> None:
-            hit = await store.lookup_prefix(key.tenant, log_ids)
-            assert hit is not None and hit.num_tokens == len(log_ids) - 1, "prefix lookup missed"
-            restore(hit.state)
+            async def prefix(store: TieredConversationStore = reader) -> None:
+                hit = await store.lookup_prefix(key.tenant, log_ids)
+                assert hit is not None and hit.num_tokens == len(log_ids) - 1, "prefix lookup missed"
+                restore(hit.state)
 
-        rows.append(row(f"redis: resume conversation cold ({tag}: load + restore)", size, nbytes,
-                        await timeit_cold(cold, load, reps)))
-        rows.append(row(f"redis: resume prefix cold ({tag}: lookup_prefix + restore)", size, nbytes,
-                        await timeit_cold(cold, prefix, reps)))
-        await reader.flush()
-        await reader.cache.close()
+            rows.append(row(f"redis: resume conversation cold ({tag}, {how}: load + restore)", size, nbytes,
+                            await timeit_cold(cold, load, reps)))
+            rows.append(row(f"redis: resume prefix cold ({tag}, {how}: lookup_prefix + restore)", size, nbytes,
+                            await timeit_cold(cold, prefix, reps)))
+            await reader.flush()
+            await reader.cache.close()
         await writer.cache.close()
     return rows
 
@@ -314,6 +317,8 @@ async def main() -> None:
                     help="skip tune_malloc_for_snapshots (the server's factory applies it with Redis)")
     ap.add_argument("--chunk-sweep", nargs="*", type=int, default=[], metavar="MIB",
                     help="also time put/get/get+decode at these chunk sizes (MiB)")
+    ap.add_argument("--bulk", nargs="+", type=int, default=[4, 0], metavar="N",
+                    help="--resume-only: readers with these bulk_connections (0 = redis-py MGET)")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
     if not args.no_malloc_tuning:
@@ -333,7 +338,7 @@ async def main() -> None:
     try:
         for size in args.sizes:
             if args.resume_only:
-                rows += await resume_rows(size, url, args.reps)
+                rows += await resume_rows(size, url, args.reps, args.bulk)
                 continue
             rows += await bench_size(size, url, args.reps)
             if args.chunk_sweep:

@@ -33,6 +33,7 @@ def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCach
             failure_threshold=settings.redis_breaker_failures,
             base_backoff_s=settings.redis_breaker_reset_s,
             max_backoff_s=max(30.0, 8 * settings.redis_breaker_reset_s),
+            bulk_connections=settings.redis_bulk_connections,
         )
     return TieredStateCache(
         fingerprint,

