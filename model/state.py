@@ -227,7 +227,9 @@ class StatePool:
             self._staged_bytes -= nbytes
 
     def write(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Load a snapshot from `read` into a slot; the names, shapes and dtypes must match exactly."""
+        """Load a snapshot from `read` into a slot. Names and shapes must match exactly, dtypes
+        too, except that a narrower float copy (a bf16-stored state) is widened as it is copied
+        (on the GPU, for a CUDA pool: the host skips a widening pass over the whole state)."""
         expected = dict(self._tensors())
         if set(tensors) != set(expected):
             missing = sorted(set(expected) - set(tensors))
@@ -235,10 +237,16 @@ class StatePool:
             raise ValueError(f"state snapshot does not match the pool: missing {missing}, unexpected {extra}")
         for name, t in expected.items():
             src = tensors[name]
-            if tuple(src.shape) != tuple(t.shape[1:]) or src.dtype != t.dtype:
+            widens = src.dtype.is_floating_point and t.dtype.is_floating_point and src.itemsize < t.itemsize
+            if tuple(src.shape) != tuple(t.shape[1:]) or (src.dtype != t.dtype and not widens):
                 raise ValueError(
                     f"state tensor {name}: got {tuple(src.shape)} {src.dtype}, "
                     f"expected {tuple(t.shape[1:])} {t.dtype}"
                 )
         for name, t in expected.items():
-            t[slot].copy_(tensors[name], non_blocking=True)
+            src = tensors[name]
+            if src.dtype != t.dtype and src.device != t.device:
+                # copy_ across devices would widen on the host first (and from pageable memory):
+                # move the narrow bytes, then widen where the slot lives
+                src = src.to(t.device, non_blocking=True)
+            t[slot].copy_(src, non_blocking=True)

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     redis_breaker_failures: int = Field(5, ge=1, description="consecutive Redis failures that open the breaker")
     redis_breaker_reset_s: float = Field(10.0, gt=0, description="seconds before an open breaker retries")
     redis_bulk_connections: int = Field(
-        4, ge=0, le=64, description="plain sockets that read one snapshot in parallel; 0 reads with redis-py's MGET"
+        16, ge=0, le=64, description="plain sockets that read one snapshot in parallel; 0 reads with redis-py's MGET"
     )
     conversation_lease_s: float = Field(600.0, gt=0, description="expiry of a turn's conversation lease")
 

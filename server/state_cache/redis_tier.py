@@ -142,7 +142,7 @@ class RedisTier:
         base_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         max_connections: int = 64,
-        bulk_connections: int = 4,
+        bulk_connections: int = 16,
         client_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if ttl_s <= 0 or op_timeout_s <= 0 or chunk_bytes <= 0:

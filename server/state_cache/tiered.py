@@ -71,7 +71,11 @@ class TieredStateCache:
         redis: a `RedisTier`, or None for a single-replica, host-only cache.
         key_prefix: namespace shared by the replicas of one deployment.
         storage_dtype: torch.bfloat16 halves Redis bytes (lossy); None (default) stores exactly.
-            The host tier always keeps exact tensors.
+            The host tier keeps exact tensors of what it stored itself.
+        widen_on_host: whether states read back from Redis in `storage_dtype` are widened to their
+            original dtype on the host. None = unless the host tier pins (CUDA): there they stay
+            narrow (half the host memory, no widening pass ahead of the turn) and
+            `StatePool.write` widens them on the GPU as it copies them in.
         max_pending_write_bytes: background Redis writes beyond this are skipped (and counted),
             so a slow Redis cannot grow memory without bound.
         max_local_conversations: bound on in-process conversation pointers and token logs.
@@ -93,6 +97,7 @@ class TieredStateCache:
         key_prefix: str = "gla:",
         storage_dtype: torch.dtype | None = None,
         pin_memory: bool | None = None,
+        widen_on_host: bool | None = None,
         max_pending_write_bytes: int = 1 << 30,
         max_local_conversations: int = 100_000,
         thread_threshold_bytes: int = 1 << 20,
@@ -105,6 +110,7 @@ class TieredStateCache:
         self.host = HostLRU(host_budget_bytes, pin_memory=pin_memory, on_evict=self._on_host_evict)
         self.redis = redis
         self.storage_dtype = storage_dtype
+        self.widen_on_host = not self.host.pin_memory if widen_on_host is None else widen_on_host
         self.max_pending_write_bytes = max_pending_write_bytes
         self.max_local_conversations = max_local_conversations
         self.thread_threshold_bytes = thread_threshold_bytes
@@ -332,7 +338,7 @@ class TieredStateCache:
             # straight from the Redis chunks into the tensors (pinned on CUDA, so promotion below
             # needs no second copy and the copy into a device slot is a DMA)
             return SnapshotDecoder(header_bytes, fingerprint=self.fingerprint, prefix_hash=phash,
-                                   pin_memory=self.host.pin_memory)
+                                   pin_memory=self.host.pin_memory, restore_dtype=self.widen_on_host)
 
         async def feed(decoder: SnapshotDecoder, parts: list[bytes]) -> None:
             await self._offload(sum(len(p) for p in parts), decoder.feed, parts)

@@ -127,3 +127,24 @@ def test_prefill_checkpoints_are_refused_with_short_conv() -> None:
     pool = StatePool(model.config, num_slots=1)
     with pytest.raises(ValueError, match="use_short_conv"):
         model.prefill(torch.arange(5), i32(0, 5), pool, i32(0), checkpoint_positions=[2])
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+)
+def test_pool_write_widens_a_bf16_stored_state_and_refuses_narrowing(device: str) -> None:
+    model = tiny_model(use_short_conv=True)
+    pool = StatePool(model.config, num_slots=2, device=device)
+    gen = torch.Generator().manual_seed(3)
+    exact = {k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in pool.read(0).items()}
+    narrow = {k: v.to(torch.bfloat16) for k, v in exact.items()}
+    if device == "cuda":
+        narrow = {k: v.pin_memory() for k, v in narrow.items()}
+    pool.write(1, narrow)
+    back = pool.read(1)
+    for name, t in exact.items():
+        assert back[name].dtype == t.dtype
+        torch.testing.assert_close(back[name].cpu(), narrow[name].cpu().to(t.dtype), rtol=0, atol=0)
+    wide = {k: v.to(torch.float64) for k, v in exact.items()}
+    with pytest.raises(ValueError, match="expected"):
+        pool.write(1, wide)  # a wider copy would be rounded silently: refused

@@ -262,6 +262,34 @@ def test_bf16_storage_through_redis_restores_float32(redis_proc):
     assert written < sum(t.numel() * t.element_size() for t in state.values())
 
 
+def test_bf16_storage_can_stay_narrow_for_the_pool_to_widen(redis_proc):
+    """What CUDA hosts do (widen_on_host defaults to False where the host tier pins)."""
+    from model import GLAConfig, StatePool
+
+    prefix = ns()
+    hist = tokens(10)
+    pool = StatePool(GLAConfig(hidden_size=64, num_heads=2, num_hidden_layers=2, vocab_size=32), num_slots=2)
+    gen = torch.Generator().manual_seed(4)
+    state = {k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in pool.read(0).items()}
+
+    async def main():
+        a = new_cache(redis_proc.url, prefix, storage_dtype=torch.bfloat16)
+        await a.store("t", hist, state, wait_for_redis=True)
+        b = new_cache(redis_proc.url, prefix, widen_on_host=False)
+        hit = await b.lookup_prefix("t", hist)
+        await a.close()
+        await b.close()
+        return hit
+
+    hit = asyncio.run(main())
+    assert hit is not None and hit.tier == "redis"
+    assert {t.dtype for t in hit.tensors.values()} == {torch.bfloat16}  # half the host bytes
+    pool.write(1, hit.tensors)
+    for name, t in pool.read(1).items():
+        assert t.dtype == state[name].dtype
+        torch.testing.assert_close(t, state[name].to(torch.bfloat16).to(t.dtype), rtol=0, atol=0)
+
+
 def test_host_budget_evicts_oldest_and_its_prefix_index():
     async def main():
         one = sum(t.numel() * t.element_size() for t in make_state().values())
