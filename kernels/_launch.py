@@ -11,7 +11,6 @@ convention, the first direct call raises and we fall back to the normal path for
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import torch
@@ -74,55 +73,3 @@ def aligned(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         acc |= t.data_ptr()
     return acc % 16 == 0
-
-
-def _capture_check() -> Any:
-    raw = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
-    return raw if raw is not None else torch.cuda.is_current_stream_capturing
-
-
-_capturing = _capture_check()
-
-
-_CACHES: list[ScratchCache] = []
-
-
-def clear_scratch() -> None:
-    """Drops every cached scratch tensor (tests that poison fresh allocations call this first)."""
-    for cache in _CACHES:
-        cache.clear()
-
-
-class ScratchCache:
-    """Scratch tensors of one kernel pipeline, kept from one call to the next while their shapes
-    stay the same.
-
-    Why: the engine calls prefill once per layer with the same sizes, and each `torch.empty` on
-    CUDA costs ~4 us of host time (6 of them: a third of a prefill call's host overhead).
-    Reuse is safe because the next call is ordered after the last on the same stream; the cache
-    is per (device, stream, thread), so two threads never share a buffer, and calls made while a
-    CUDA graph is being captured always get fresh tensors (a graph must not bake in a buffer that a
-    later call could free). Scratch must be fully written before it is read, as any `empty` is.
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[tuple, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
-        _CACHES.append(self)
-
-    def get(
-        self, device: torch.device, specs: tuple[tuple[tuple[int, ...], torch.dtype], ...]
-    ) -> tuple[torch.Tensor, ...]:
-        cuda = device.type == "cuda"
-        if cuda and _capturing():
-            return tuple(torch.empty(shape, dtype=dt, device=device) for shape, dt in specs)
-        where = (device.type, device.index, _current_stream(device.index) if cuda else 0, threading.get_ident())
-        last = self._last.get(where)
-        if last is not None and last[0] == specs:
-            return last[1]
-        self._last.pop(where, None)  # free the old set before allocating the new one
-        bufs = tuple(torch.empty(shape, dtype=dt, device=device) for shape, dt in specs)
-        self._last[where] = (specs, bufs)
-        return bufs
-
-    def clear(self) -> None:
-        self._last.clear()

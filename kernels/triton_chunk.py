@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import Launcher, ScratchCache, aligned, cdiv, next_pow2
+from kernels._launch import Launcher, aligned, cdiv, next_pow2
 
 BT = 64  # chunk length
 BC = 16  # diagonal sub-block length
@@ -347,9 +347,6 @@ _scan = Launcher(_scan_kernel)
 _output = Launcher(_output_kernel)
 
 
-_SCRATCH = ScratchCache()  # A, qg, kd, gl (and W, Wd) of the last call per stream
-
-
 def chunk_gla_prefill_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -397,14 +394,11 @@ def chunk_gla_prefill_triton(
     # few chunks: one program per key block too, summing A with fp32 atomics (short prompts, where
     # chunks x heads alone would leave most SMs idle)
     split = BK > bkc and n_chunks * H <= PREP["SPLIT_MAX_PROGRAMS"]
-    n_segs = T // seg + N
-    specs = ((T, H, BT), torch.float32 if split else dt), ((T, H, K), dt), ((T, H, K), dt), \
-        ((n_chunks, H, K), torch.float32)
-    if multi:
-        specs += ((n_segs, H, V, K), torch.float32), ((n_segs, H, K), torch.float32)
-    A, qg, kd, gl, *segment_states = _SCRATCH.get(dev, specs)
-    if split:
-        A.zero_()  # summed into with atomics
+    A = torch.zeros(T, H, BT, dtype=torch.float32, device=dev) if split else torch.empty(T, H, BT, dtype=dt,
+                                                                                          device=dev)
+    qg = torch.empty(T, H, K, dtype=dt, device=dev)
+    kd = torch.empty(T, H, K, dtype=dt, device=dev)
+    gl = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
     o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     ok = aligned(q, k, v, g, cu_seqlens, state_pool, state_slots, h0_mask)
     # everything but the sizes that are runtime arguments selects the compiled code
@@ -419,9 +413,11 @@ def chunk_gla_prefill_triton(
     _prep(grid, key + (bkc, bkd, PREP["num_warps"], split) if key else None,
           (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec, split),
           num_warps=PREP["num_warps"])
+    n_segs = T // seg + N
     W = Wd = state_pool
     if multi:
-        W, Wd = segment_states
+        W = torch.empty(n_segs, H, V, K, dtype=torch.float32, device=dev)
+        Wd = torch.empty(n_segs, H, K, dtype=torch.float32, device=dev)
         _state((NV, H, n_segs), key, (k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, W,
                                       cu_seqlens, cu_seqlens, N, seg, H, K, V, BK, BV, BT, False,
                                       has_mask, prec), **opts)
