@@ -298,15 +298,10 @@ class RedisTier:
         `accept_header` sees the header before the payload is fetched and may raise (e.g. a
         `SnapshotError` for another model's fingerprint) to stop early; that exception propagates.
         """
-        manifest = await self.get_bytes(key)
-        if manifest is None:
-            self.snapshot_misses += 1
+        got = await self._manifest(key)
+        if got is None:
             return None
-        try:
-            gen, n, _, payload_len, header = parse_manifest(manifest)
-        except ValueError:
-            self.snapshot_misses += 1
-            return None
+        manifest_len, (gen, n, _, payload_len, header) = got
         if accept_header is not None:
             accept_header(header)
         if n == 0:
@@ -322,7 +317,7 @@ class RedisTier:
             self.snapshot_misses += 1
             return None
         self.snapshot_hits += 1
-        self.bytes_read += sum(len(p) for p in parts) + len(manifest)
+        self.bytes_read += sum(len(p) for p in parts) + manifest_len
         return header, parts
 
     async def _manifest(self, key: str) -> tuple[int, tuple[bytes, int, int, int, bytes]] | None:
@@ -387,20 +382,22 @@ class RedisTier:
         self.snapshot_hits += 1
         return decoder
 
-    async def read_snapshot_into(self, key: str, open_decoder: Callable[[bytes], D]) -> D | None:
+    async def read_snapshot_into(
+        self,
+        key: str,
+        open_decoder: Callable[[bytes], D],
+        feed: Callable[[D, list[bytes]], Awaitable[None]],
+    ) -> D | None:
         """Like `stream_snapshot`, but the chunks land in the decoder's own memory: the decoder
         must be a `ChunkSink` (`SnapshotDecoder`), and `bulk_read` fills it over plain sockets,
-        checksumming each chunk in order as it arrives. Without a bulk reader (bulk_connections=0,
-        or a URL it does not handle) this is `stream_snapshot` with the decoder's `feed`.
+        each chunk checksummed by its reader thread. Without a bulk reader (bulk_connections=0,
+        or a URL it does not handle) this is `stream_snapshot(key, open_decoder, feed)`.
 
         Returns the filled decoder, or None on a miss, a torn write, an outage or a timeout (a
         partly filled decoder is dropped). `open_decoder` may raise to refuse the header;
         a chunk of the wrong length raises `SnapshotCorrupt`.
         """
         if self.bulk is None:
-            async def feed(decoder: D, parts: list[bytes]) -> None:
-                await asyncio.to_thread(decoder.feed, parts)  # type: ignore[attr-defined]
-
             return await self.stream_snapshot(key, open_decoder, feed)
         got = await self._manifest(key)
         if got is None:

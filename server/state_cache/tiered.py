@@ -344,10 +344,8 @@ class TieredStateCache:
             await self._offload(sum(len(p) for p in parts), decoder.feed, parts)
 
         try:
-            if self.redis.bulk is not None:  # chunks received in place over plain sockets
-                decoder = await self.redis.read_snapshot_into(snap_key, open_decoder)
-            else:
-                decoder = await self.redis.stream_snapshot(snap_key, open_decoder, feed)
+            # chunks received in place over plain sockets, or streamed through `feed` without them
+            decoder = await self.redis.read_snapshot_into(snap_key, open_decoder, feed)
             if decoder is None:
                 return None
             snap = await self._offload(decoder.header.payload_len, decoder.finish)

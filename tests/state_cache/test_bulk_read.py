@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis
 
-from server.state_cache.bulk_read import Endpoint
+from server.state_cache.bulk_read import Endpoint, chunk_ranges
 from server.state_cache.keys import prefix_hash
 from server.state_cache.redis_tier import RedisTier, chunk_key, parse_manifest
 from server.state_cache.snapshot import (
@@ -40,6 +40,11 @@ def opener(per_tensor: bool = False):
     return open_decoder
 
 
+async def feed(decoder: SnapshotDecoder, parts: list[bytes]) -> None:
+    """The MGET fallback's feed (unused while the bulk reader is on, as in these tests)."""
+    decoder.feed(parts)
+
+
 def enc(state=STATE, checksum_alg=CHECKSUM_CRC32):
     return encode_snapshot(state, num_tokens=9, prefix_hash=PH, fingerprint=FP, checksum_alg=checksum_alg)
 
@@ -54,9 +59,9 @@ def test_read_in_place_equals_the_stored_state(redis_proc, connections, per_tens
         try:
             assert tier.bulk is not None
             assert await tier.put_snapshot(key, enc())
-            first = await tier.read_snapshot_into(key, opener(per_tensor))
-            again = await tier.read_snapshot_into(key, opener(per_tensor))  # pooled sockets reused
-            absent = await tier.read_snapshot_into(ns() + "absent", opener(per_tensor))
+            first = await tier.read_snapshot_into(key, opener(per_tensor), feed)
+            again = await tier.read_snapshot_into(key, opener(per_tensor), feed)  # pooled sockets reused
+            absent = await tier.read_snapshot_into(ns() + "absent", opener(per_tensor), feed)
             return first.finish(), again.finish(), absent, tier.stats(), tier.bulk.reconnects, tier.bulk.reads
         finally:
             await tier.close()
@@ -67,6 +72,27 @@ def test_read_in_place_equals_the_stored_state(redis_proc, connections, per_tens
     assert first.num_tokens == 9 and absent is None
     assert stats["redis_snapshot_hits"] == 2 and stats["redis_snapshot_misses"] == 1
     assert reads == 2 and reconnects == connections  # the second read opened no new socket
+
+
+def test_without_a_bulk_reader_the_chunks_stream_through_feed(redis_proc):
+    key = ns() + "snap"
+    fed: list[int] = []
+
+    async def counting_feed(decoder: SnapshotDecoder, parts: list[bytes]) -> None:
+        fed.append(len(parts))
+        decoder.feed(parts)
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=0)
+        try:
+            assert tier.bulk is None
+            assert await tier.put_snapshot(key, enc())
+            return (await tier.read_snapshot_into(key, opener(), counting_feed)).finish()
+        finally:
+            await tier.close()
+
+    assert_state_equal(asyncio.run(main()).tensors, STATE)
+    assert sum(fed) == len(chunk_ranges(len(enc().payload), 100)) and len(fed) > 1
 
 
 def test_a_missing_chunk_is_a_miss_and_the_next_read_still_works(redis_proc):
@@ -80,9 +106,9 @@ def test_a_missing_chunk_is_a_miss_and_the_next_read_still_works(redis_proc):
             gen, n, *_ = parse_manifest(sync.get(key))
             saved = sync.get(chunk_key(key, gen, n - 3))
             sync.delete(chunk_key(key, gen, n - 3))
-            missing = await tier.read_snapshot_into(key, opener())
+            missing = await tier.read_snapshot_into(key, opener(), feed)
             sync.set(chunk_key(key, gen, n - 3), saved)
-            back = await tier.read_snapshot_into(key, opener())
+            back = await tier.read_snapshot_into(key, opener(), feed)
             return n, missing, back.finish(), tier.breaker.consecutive_failures
         finally:
             await tier.close()
@@ -108,13 +134,13 @@ def test_a_chunk_of_the_wrong_length_is_corrupt_and_a_bad_checksum_fails_finish(
             gen, *_ = parse_manifest(sync.get(key))
             sync.setrange(chunk_key(key, gen, 4), 100, b"x")  # one byte too long
             with pytest.raises(SnapshotCorrupt):
-                await tier.read_snapshot_into(key, opener())
+                await tier.read_snapshot_into(key, opener(), feed)
             sync.set(chunk_key(key, gen, 4), b"y" * 100)  # right length, wrong bytes
-            dec = await tier.read_snapshot_into(key, opener())
+            dec = await tier.read_snapshot_into(key, opener(), feed)
             with pytest.raises(SnapshotCorrupt, match="checksum"):
                 dec.finish()
             assert await tier.put_snapshot(key, enc_alg())  # rewritten: readable again
-            return (await tier.read_snapshot_into(key, opener())).finish()
+            return (await tier.read_snapshot_into(key, opener(), feed)).finish()
         finally:
             await tier.close()
 
@@ -136,11 +162,11 @@ def test_frozen_redis_mid_read_times_out_as_a_miss_without_hanging(own_redis):
                 return opener()(header)
 
             t0 = time.monotonic()
-            frozen = await tier.read_snapshot_into(key, freeze_after_manifest)
+            frozen = await tier.read_snapshot_into(key, freeze_after_manifest, feed)
             took = time.monotonic() - t0
             own_redis.proc.send_signal(signal.SIGCONT)
             timeouts = tier.num_timeouts
-            after = await tier.read_snapshot_into(key, opener())
+            after = await tier.read_snapshot_into(key, opener(), feed)
             return frozen, took, timeouts, after.finish()
         finally:
             own_redis.proc.send_signal(signal.SIGCONT)
@@ -158,14 +184,14 @@ def test_pooled_sockets_from_before_a_redis_restart_are_replaced(own_redis):
         tier = RedisTier(own_redis.url, op_timeout_s=2, chunk_bytes=100, bulk_connections=2)
         try:
             assert await tier.put_snapshot(key, enc())
-            assert (await tier.read_snapshot_into(key, opener())) is not None
+            assert (await tier.read_snapshot_into(key, opener(), feed)) is not None
             own_redis.stop()
             own_redis.start()  # same port, empty: the pooled sockets are dead
             deadline = time.monotonic() + 5
             while not await tier.put_snapshot(key, enc()):
                 assert time.monotonic() < deadline, "tier did not recover"
                 await asyncio.sleep(0.05)
-            dec = await tier.read_snapshot_into(key, opener())
+            dec = await tier.read_snapshot_into(key, opener(), feed)
             return dec.finish(), tier.bulk.reconnects
         finally:
             await tier.close()
@@ -189,7 +215,7 @@ def test_bulk_read_through_tls(redis_proc, tmp_path):
             try:
                 assert tier.bulk is not None and tier.bulk.endpoint.ssl_context is not None
                 assert await tier.put_snapshot(key, enc())
-                return (await tier.read_snapshot_into(key, opener(per_tensor=True))).finish()
+                return (await tier.read_snapshot_into(key, opener(per_tensor=True), feed)).finish()
             finally:
                 await tier.close()
 
@@ -205,7 +231,7 @@ def test_wrong_password_on_the_bulk_path_is_a_miss(redis_proc):
             assert await tier.put_snapshot(key, enc())
             ep = tier.bulk.endpoint
             tier.bulk.endpoint = Endpoint(**{**ep.__dict__, "password": "wrong"})
-            return await tier.read_snapshot_into(key, opener()), tier.num_errors
+            return await tier.read_snapshot_into(key, opener(), feed), tier.num_errors
         finally:
             await tier.close()
 
