@@ -37,9 +37,11 @@ __all__ = [
     "add_rms_norm",
     "chunk_gla_prefill",
     "chunk_gla_torch",
+    "DECODE_PROJ",
     "GEMV_ROUTE",
     "fused_recurrent_gla_decode",
     "gemv",
+    "gla_decode_proj",
     "gla_prep",
     "linear",
     "naive_recurrent_gla",
@@ -106,6 +108,43 @@ def _load_triton() -> tuple[_Guarded | None, _Guarded | None]:
 
 
 _TRITON_PREFILL, _TRITON_DECODE = _load_triton()
+
+
+def gla_decode_proj_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    lowrank: torch.Tensor,
+    gk_weight: torch.Tensor,
+    gk_bias: torch.Tensor | None,
+    num_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    normalizer: float,
+    clamp_min: float | None,
+    state_pool: torch.Tensor,
+    state_slots: torch.Tensor,
+    scale: float | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """`gla_decode_proj` as its two parts: `gla_prep` then the decode step (the spec of the fused kernel)."""
+    q, k, v, gk, gate = gla_prep_torch(q, k, v, gate, lowrank, gk_weight, gk_bias, num_heads, head_k_dim,
+                                       head_v_dim, normalizer, clamp_min)
+    return fused_recurrent_gla_decode_torch(q, k, v, gk, state_pool, state_slots, scale, gate, norm_weight,
+                                            norm_eps)
+
+
+def _load_decode_proj() -> _Guarded | None:
+    if _TRITON_DECODE is None:
+        return None
+    from kernels.triton_recurrent import gla_decode_proj_triton
+
+    return _Guarded("gla_decode_proj", gla_decode_proj_triton, gla_decode_proj_torch, _triton_errors())
+
+
+_TRITON_DECODE_PROJ = _load_decode_proj()
 
 
 def chunk_gla_prefill(
@@ -177,6 +216,45 @@ def fused_recurrent_gla_decode(
                               scale, gate, norm_weight, norm_eps)
     return fused_recurrent_gla_decode_torch(q, k, v, g, state_pool, state_slots, scale,
                                             gate, norm_weight, norm_eps)
+
+
+# Whether the model's decode step uses `gla_decode_proj` (prep fused into the decode kernel) where it
+# applies; env GLA_FUSED_DECODE_PREP=0 turns it off (for A/B runs). Set before CUDA-graph capture.
+DECODE_PROJ: dict[str, bool] = {
+    "enabled": os.environ.get("GLA_FUSED_DECODE_PREP", "1").lower() not in ("0", "false", "no", "off"),
+}
+
+
+def gla_decode_proj(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    lowrank: torch.Tensor,
+    gk_weight: torch.Tensor,
+    gk_bias: torch.Tensor | None,
+    num_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    normalizer: float,
+    clamp_min: float | None,
+    state_pool: torch.Tensor,
+    state_slots: torch.Tensor,
+    scale: float | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """`gla_prep` + `fused_recurrent_gla_decode` (gate given: RMSNorm x swish gate fused) in one kernel on
+    CUDA, straight from the fused input projection's column slices [B, C].
+
+    Why: at batch 1 a decode step is bound by kernel count, and the prep kernel was one of ten per
+    layer (24 launches and their gaps per step for a 1.3B model).
+    """
+    args = (q, k, v, gate, lowrank, gk_weight, gk_bias, num_heads, head_k_dim, head_v_dim, normalizer, clamp_min,
+            state_pool, state_slots, scale, norm_weight, norm_eps)
+    if q.is_cuda and _TRITON_DECODE_PROJ is not None:
+        return _TRITON_DECODE_PROJ((gate is None, gk_bias is None, clamp_min is None, norm_weight is None), *args)
+    return gla_decode_proj_torch(*args)
 
 
 # ---- fused layer ops (kernels/triton_fused.py; PyTorch forms in kernels/fused_torch.py) -----------

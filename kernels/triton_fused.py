@@ -50,6 +50,21 @@ def _swiglu_kernel(x, y, NI: tl.constexpr, BI: tl.constexpr):
     tl.store(y + row * NI + o_i, (b_g * tl.sigmoid(b_g) * b_u).to(y.dtype.element_ty), mask=m_i)
 
 
+@triton.jit
+def log_gate(b_z, dtype: tl.constexpr, normalizer, clamp_min, HAS_CLAMP: tl.constexpr):
+    """fp32 pre-activations z of the log-gate (the second low-rank projection + bias) -> the gate as
+    the unfused model computes it: z rounded like the Linear's output, logsigmoid rounded, divided by
+    the normalizer, clamped (callers round the result to `dtype` where they store it)."""
+    b_z = b_z.to(dtype).to(tl.float32)
+    # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)); a series for tiny e keeps log1p's accuracy
+    e = tl.exp(-tl.abs(b_z))
+    b_a = tl.minimum(b_z, 0.) - tl.where(e < 1e-4, e * (1. - 0.5 * e), tl.log(1. + e))
+    b_a = b_a.to(dtype).to(tl.float32) / normalizer
+    if HAS_CLAMP:
+        b_a = tl.maximum(b_a, clamp_min)
+    return b_a
+
+
 @triton.jit(do_not_specialize=["sq", "sk", "sv", "sg", "sl"])
 def _gla_prep_kernel(qs, ks, vs, gs, ls, w1, b1, q, k, v, gk, gate, sq, sk, sv, sg, sl, normalizer, clamp_min,
                      H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
@@ -77,13 +92,7 @@ def _gla_prep_kernel(qs, ks, vs, gs, ls, w1, b1, q, k, v, gk, gate, sq, sk, sv, 
     b_z = tl.sum(b_w * b_l[None, :], axis=1)
     if HAS_BIAS:
         b_z += tl.load(b1 + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
-    b_z = b_z.to(gk.dtype.element_ty).to(tl.float32)
-    # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)); a series for tiny e keeps log1p's accuracy
-    e = tl.exp(-tl.abs(b_z))
-    b_a = tl.minimum(b_z, 0.) - tl.where(e < 1e-4, e * (1. - 0.5 * e), tl.log(1. + e))
-    b_a = b_a.to(gk.dtype.element_ty).to(tl.float32) / normalizer
-    if HAS_CLAMP:
-        b_a = tl.maximum(b_a, clamp_min)
+    b_a = log_gate(b_z, gk.dtype.element_ty, normalizer, clamp_min, HAS_CLAMP)
     tl.store(gk + row * K + o_k, b_a.to(gk.dtype.element_ty), mask=m_k)
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels._launch import Launcher, aligned, cdiv, next_pow2
+from kernels.triton_fused import log_gate
 
 # State elements per program (4K fp32 = 16 KB read and written) and warps; the benchmark sweeps them.
 # H200 sweep (benchmarks/results/kernels-h200-run1.json): 4096 elements on 2 warps was best at B=1, 64, 256.
@@ -23,14 +24,21 @@ DECODE: dict[str, int] = {"TILE_ELEMS": 4096, "num_warps": 2}
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-@triton.jit
-def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, scale, eps,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr, HAS_GATE: tl.constexpr,
-                   HAS_WEIGHT: tl.constexpr):
+@triton.jit(do_not_specialize=["sq", "sk", "sv", "sz", "sl"])
+def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, lowrank, w1, b1,
+                   sq, sk, sv, sz, sl, scale, eps, normalizer, clamp_min,
+                   H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
+                   BR: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, PREP: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr):
+    """q, k, v, gate rows at batch strides sq, sk, sv, sz (head h reads kv head h // G). With PREP
+    they are column slices of the fused input projection and the log-gate is computed here from its
+    low-rank part (lowrank rows at stride sl, w1 [H/G * K, R], b1) as `gla_prep` would; else g is
+    the log-gate [B, H, K]."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b = i_bh // H
+    i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
+    i_kv = i_h // G
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
@@ -40,10 +48,22 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, sca
     m_h = m_v[:, None] & m_k[None, :]
     b_h = tl.load(p_h, mask=m_h, other=0., eviction_policy="evict_first")
     row = i_bh.to(tl.int64)
-    b_q = tl.load(q + row * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
-    b_k = tl.load(k + row * K + o_k, mask=m_k, other=0.).to(tl.float32)
-    b_g = tl.load(g + row * K + o_k, mask=m_k, other=0.).to(tl.float32)
-    b_v = tl.load(v + row * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    b_q = tl.load(q + i_b * sq + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+    b_k = tl.load(k + i_b * sk + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_v = tl.load(v + i_b * sv + i_kv * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    if PREP:
+        o_r = tl.arange(0, BR)
+        m_r = o_r < R
+        b_l = tl.load(lowrank + i_b * sl + o_r, mask=m_r, other=0.).to(tl.float32)
+        b_w = tl.load(w1 + (i_kv * K + o_k)[:, None] * R + o_r[None, :], mask=m_k[:, None] & m_r[None, :],
+                      other=0.).to(tl.float32)
+        b_z = tl.sum(b_w * b_l[None, :], axis=1)
+        if HAS_BIAS:
+            b_z += tl.load(b1 + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_g = log_gate(b_z, lowrank.dtype.element_ty, normalizer, clamp_min, HAS_CLAMP)
+        b_g = b_g.to(lowrank.dtype.element_ty).to(tl.float32)
+    else:
+        b_g = tl.load(g + row * K + o_k, mask=m_k, other=0.).to(tl.float32)
     b_h = b_h * tl.exp(b_g)[None, :] + b_v[:, None] * b_k[None, :]
     tl.store(p_h, b_h, mask=m_h, eviction_policy="evict_first")
     b_o = tl.sum(b_h * b_q[None, :], axis=1)  # [BV]
@@ -63,7 +83,7 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, sca
             b_y = b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=0) / V + eps)
             if HAS_WEIGHT:
                 b_y *= tl.load(weight + o_f, mask=m_f, other=0.).to(tl.float32)
-            b_z = tl.load(gate + row * V + o_f, mask=m_f, other=0.).to(tl.float32)
+            b_z = tl.load(gate + i_b * sz + i_h * V + o_f, mask=m_f, other=0.).to(tl.float32)
             b_y = b_y * b_z * tl.sigmoid(b_z)
             tl.store(o + row * V + o_f, b_y.to(o.dtype.element_ty), mask=m_f)
 
@@ -78,6 +98,42 @@ def _counters(device: torch.device, nv: int, rows: int) -> torch.Tensor:
         buf = torch.zeros(max(rows, 4096), dtype=torch.int32, device=device)
         _COUNTERS[(device, nv)] = buf
     return buf
+
+
+def _launch_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, strides: tuple[int, ...],
+                   prep: tuple | None, B: int, H: int, G: int, K: int, V: int, state_pool: torch.Tensor,
+                   state_slots: torch.Tensor, scale: float | None, gate: torch.Tensor | None,
+                   norm_weight: torch.Tensor | None, norm_eps: float) -> torch.Tensor:
+    """One launch of `_decode_kernel`; `prep` = (lowrank, w1, b1 or None, normalizer, clamp_min or None)
+    computes the log-gate in the kernel (then g is unused)."""
+    if scale is None:
+        scale = K**-0.5
+    BK = next_pow2(K)
+    BV = min(next_pow2(V), max(16, DECODE["TILE_ELEMS"] // BK))
+    nw = DECODE["num_warps"]
+    NV = next_pow2(cdiv(V, BV))
+    o = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
+    has_gate = gate is not None
+    o_raw = torch.empty(B, H, V, dtype=torch.float32, device=v.device) if has_gate else o
+    counter = _counters(v.device, NV, B * H) if has_gate else o
+    weight = norm_weight if norm_weight is not None else o
+    z = gate if has_gate else o
+    if prep is not None:
+        lowrank, w1, b1, normalizer, clamp_min = prep
+        R = w1.shape[-1]
+        flags = (True, b1 is not None, clamp_min is not None)
+        b1 = b1 if b1 is not None else w1
+        sl = lowrank.stride(0)
+    else:
+        lowrank = w1 = b1 = g
+        R, sl, normalizer, clamp_min, flags = 1, 0, 1.0, None, (False, False, False)
+    ptrs = (q, k, v, g, state_pool, state_slots, o, o_raw, z, weight, counter, lowrank, w1, b1)
+    key = (v.device.index, *(t.dtype for t in ptrs), H, G, K, V, R, BV, nw, has_gate, norm_weight is not None,
+           *flags) if aligned(*ptrs) else None
+    _decode((NV, B * H), key, (*ptrs, *strides, sl, scale, norm_eps, float(normalizer), float(clamp_min or 0.),
+                               H, G, K, V, R, BK, BV, NV, next_pow2(V), next_pow2(R), has_gate,
+                               norm_weight is not None, *flags), num_warps=nw)
+    return o
 
 
 def fused_recurrent_gla_decode_triton(
@@ -99,28 +155,43 @@ def fused_recurrent_gla_decode_triton(
     """
     B, H, K = q.shape
     V = v.shape[-1]
-    if scale is None:
-        scale = K**-0.5
-    BK = next_pow2(K)
-    BV = min(next_pow2(V), max(16, DECODE["TILE_ELEMS"] // BK))
-    nw = DECODE["num_warps"]
-    NV = next_pow2(cdiv(V, BV))
-    o = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
-    if gate is None:
-        key = (v.device.index, q.dtype, v.dtype, g.dtype, state_slots.dtype, H, K, V, BV, nw)
-        if not aligned(q, k, v, g, state_pool, state_slots):
-            key = None
-        _decode((NV, B * H), key, (q, k, v, g, state_pool, state_slots, o, o, o, o, o, scale, norm_eps,
-                                   H, K, V, BK, BV, NV, 16, False, False), num_warps=nw)
-        return o
-    o_raw = torch.empty(B, H, V, dtype=torch.float32, device=v.device)
-    counter = _counters(v.device, NV, B * H)
-    weight = o if norm_weight is None else norm_weight
-    key = (v.device.index, q.dtype, v.dtype, g.dtype, state_slots.dtype, gate.dtype, weight.dtype, H, K, V, BV,
-           norm_weight is None, nw)
-    if not aligned(q, k, v, g, state_pool, state_slots, gate, weight):
-        key = None
-    _decode((NV, B * H), key, (q, k, v, g, state_pool, state_slots, o, o_raw, gate, weight, counter, scale,
-                               norm_eps, H, K, V, BK, BV, NV, next_pow2(V), True,
-                               norm_weight is not None), num_warps=nw)
-    return o
+    strides = (H * K, H * K, H * V, H * V)
+    return _launch_decode(q, k, v, g, strides, None, B, H, 1, K, V, state_pool, state_slots, scale, gate,
+                          norm_weight, norm_eps)
+
+
+def gla_decode_proj_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    lowrank: torch.Tensor,
+    gk_weight: torch.Tensor,
+    gk_bias: torch.Tensor | None,
+    num_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    normalizer: float,
+    clamp_min: float | None,
+    state_pool: torch.Tensor,
+    state_slots: torch.Tensor,
+    scale: float | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """The Triton implementation of `kernels.gla_decode_proj`: `gla_prep` and the decode step in one
+    launch, reading q, k, v, gate and the low-rank gate input straight from the fused projection.
+
+    q [B, H*K], k [B, Hkv*K], v [B, Hkv*V], gate [B, H*V] (or None), lowrank [B, R]: row-major with
+    unit column stride (column slices of one GEMM output are fine).
+    """
+    B = q.shape[0]
+    H, K, V = num_heads, head_k_dim, head_v_dim
+    G = H // (k.shape[-1] // K)
+    for t in (q, k, v, lowrank) + ((gate,) if gate is not None else ()):
+        if t.stride(-1) != 1:
+            raise ValueError("gla_decode_proj needs unit column strides")
+    strides = (q.stride(0), k.stride(0), v.stride(0), gate.stride(0) if gate is not None else 0)
+    w1 = gk_weight if gk_weight.is_contiguous() else gk_weight.contiguous()
+    return _launch_decode(q, k, v, q, strides, (lowrank, w1, gk_bias, normalizer, clamp_min), B, H, G, K, V,
+                          state_pool, state_slots, scale, gate, norm_weight, norm_eps)

@@ -331,6 +331,16 @@ class GatedLinearAttention(nn.Module):
                 conv[slots] = tails
                 return y
 
+        if conv_fn is None and self.feature_map is None and self.fused_gate_norm and kernels.DECODE_PROJ["enabled"]:
+            # prep, recurrence and norm x swish gate in one kernel, from the projection's columns
+            parts, _ = self._in_proj(x)
+            lin, norm = self.gk_proj[1], self.g_norm_swish_gate
+            o = kernels.gla_decode_proj(
+                parts[0], parts[1], parts[2], parts[3], parts[-1], lin.weight, lin.bias, self.num_heads,
+                self.head_k_dim, self.head_v_dim, GATE_LOGIT_NORMALIZER, self.clamp_min, recurrent, slots,
+                scale=self.scale, norm_weight=norm.weight, norm_eps=norm.eps,
+            )
+            return kernels.linear(o.flatten(-2), self.o_proj.weight)
         q, k, v, gk, gate = self._project(x, conv_fn)
         if self.fused_gate_norm:  # the norm x swish gate runs inside the decode kernel
             norm = self.g_norm_swish_gate

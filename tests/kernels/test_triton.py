@@ -243,3 +243,52 @@ def test_prefill_prep_variants_match_naive(bkc: int, bkd: int, split: bool, nan_
                                            initial_state=h0[s:s + 1].double(), output_final_state=True)
         assert_close(o[a:b], ref_o[0], prefill_bound(torch.float32), f"o[{i}]")
         assert_close(pool[s:s + 1], ref_s, prefill_bound(torch.float32), f"state[{i}]")
+
+
+# (B, H, G, K, V, bias, clamp, dtype): prep fused into the decode kernel, from strided projection columns
+DECODE_PROJ_SMALL = [(1, 2, 1, 60, 60, True, None, "f32"), (3, 4, 2, 32, 48, False, -0.5, "f32"),
+                     (2, 2, 1, 32, 48, True, None, "f16")]
+DECODE_PROJ_GPU = [(B, 4, G, 256, 512, True, None, dt) for B in (1, 64) for G in (1, 2) for dt in ("f32", "bf16")]
+
+
+@pytest.mark.parametrize("B,H,G,K,V,bias,clamp,dt", _params(
+    DECODE_PROJ_SMALL, DECODE_PROJ_GPU,
+    lambda c: f"B{c[0]}-H{c[1]}-G{c[2]}-K{c[3]}-V{c[4]}-{'bias' if c[5] else 'nobias'}-clamp{c[6]}-{c[7]}"))
+def test_decode_proj_matches_naive_in_place(B: int, H: int, G: int, K: int, V: int, bias: bool,
+                                            clamp: float | None, dt: str, nan_poison: None) -> None:
+    """gla_decode_proj == gla_prep + decode: log-gate from the low-rank columns, GQA heads, the norm x
+    swish gate, all read from column slices of one wide projection output (as the fused GEMM gives)."""
+    from kernels.triton_recurrent import gla_decode_proj_triton
+
+    dtype = DTYPES[dt]
+    hkv, R = H // G, 16
+    S = 2 * B + 3
+    pool = random_state(S, H, V, K, dtype=torch.float32, device=DEV)
+    slots = torch.randperm(S, generator=torch.Generator().manual_seed(B))[:B].to(torch.int32).to(DEV)
+    gen = torch.Generator().manual_seed(B * 10 + G)
+    widths = [H * K, hkv * K, hkv * V, H * V, R]
+    y = torch.randn(B, sum(widths) + 8, generator=gen, dtype=torch.float64)  # 8 spare columns: strided rows
+    w1 = torch.randn(hkv * K, R, generator=gen, dtype=torch.float64) / 4
+    b1 = torch.randn(hkv * K, generator=gen, dtype=torch.float64) if bias else None
+    w = torch.rand(V, generator=gen, dtype=torch.float64) + 0.5
+    y, w1, w = y.to(dtype).to(DEV), w1.to(dtype).to(DEV), w.to(dtype).to(DEV)
+    b1 = b1.to(dtype).to(DEV) if b1 is not None else None
+    q, k, v, gate, low = y[:, :sum(widths)].split(widths, dim=-1)
+    for step in range(2):  # twice: the fused gate's counters must stay in phase across calls
+        before = pool.clone()
+        o = gla_decode_proj_triton(q, k, v, gate, low, w1, b1, H, K, V, 16.0, clamp, pool, slots, norm_weight=w)
+        # float64 reference from the same rounded inputs (the log-gate rounded like the model's)
+        gk = torch.nn.functional.logsigmoid(torch.nn.functional.linear(low, w1, b1)) / 16.0
+        if clamp is not None:
+            gk = gk.clamp_min(clamp)
+        rep = (lambda t, d: t.reshape(B, hkv, d).repeat_interleave(G, dim=1).double())
+        qh = q.reshape(B, H, K).double()
+        ref_o, ref_s = naive_recurrent_gla(qh[:, None], rep(k, K)[:, None], rep(v, V)[:, None],
+                                           rep(gk, K)[:, None], initial_state=before[slots.long()].double(),
+                                           output_final_state=True)
+        ref_o = rms_norm_swish_gate(ref_o[:, 0].to(dtype).double(), gate.reshape(B, H, V).double(), w.double())
+        assert o.dtype == dtype and o.shape == (B, H, V)
+        assert_close(o, ref_o, 1e-5 if dtype == torch.float32 else 5e-3, f"o step{step}")
+        assert_close(pool[slots.long()], ref_s, 1e-5 if dtype == torch.float32 else 5e-3, f"state step{step}")
+        others = sorted(set(range(S)) - set(slots.tolist()))
+        assert torch.equal(pool[others], before[others]), "decode touched another slot"
