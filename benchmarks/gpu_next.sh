@@ -19,6 +19,11 @@ if [[ $STEPS == *gemv* ]]; then  # issue 8: the small-M GEMV vs cuBLAS at the 1.
   timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py 2>&1 | tail -3
   timeout 200 python3 benchmarks/bench_gemv.py --out "$OUT/gemv.json" 2>&1 | grep -v -i warn | tail -30
 fi
+if [[ $STEPS == *smallsteps* ]]; then  # issues 5 and 8: B=1 decode variants, a resumed turn's prefill graph
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
+    -k "decode" tests/model/test_fused.py tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py 2>&1 | tail -4
+  timeout 300 python3 benchmarks/bench_small_steps.py --out "$OUT/small-steps.json" 2>&1 | grep -v -i warn | tail -20
+fi
 if [[ $STEPS == *gputests* ]]; then  # the GPU paths added without a GPU: staged snapshots (on by default)
   timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
     tests/model/test_graphed_prefill.py tests/model/test_fused.py tests/server/test_gpu_serving.py 2>&1 | tail -4

@@ -287,9 +287,13 @@ GEMV_MAX_ROWS = 16  # kernels/triton_gemv.py MAX_ROWS; more rows go to the GEMM
 # Whether the model's serving GEMMs (fused input projection, o_proj, gate|up, and SwiGLU + down_proj)
 # run as Triton GEMVs when they have at most max_rows rows. Off by default: not yet timed on a GPU
 # (benchmarks/bench_gemv.py). Set it before a CUDA graph is captured: graphs keep what they captured.
+# "swiglu_max_rows" routes only SwiGLU + down_proj, at up to that many rows (env GLA_SWIGLU_GEMV_ROWS):
+# at one row our fused GEMV matched cuBLAS's time (13.15 vs 13.12 us, gemv-h200.json) while cuBLAS
+# needs a split-K reduce and a separate SwiGLU kernel, so a batch-1 step has two kernels fewer per layer.
 GEMV_ROUTE: dict[str, Any] = {
     "enabled": os.environ.get("GLA_TRITON_GEMV", "").lower() in ("1", "true", "yes", "on"),
     "max_rows": GEMV_MAX_ROWS,
+    "swiglu_max_rows": int(os.environ.get("GLA_SWIGLU_GEMV_ROWS", "0") or 0),
 }
 
 
@@ -375,6 +379,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def swiglu_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`swiglu` then down_proj, or `swiglu_gemv` in one kernel when `linear` would use the GEMV."""
-    if GEMV_ROUTE["enabled"] and math.prod(h.shape[:-1]) <= GEMV_ROUTE["max_rows"]:
+    rows = math.prod(h.shape[:-1])
+    if (GEMV_ROUTE["enabled"] and rows <= GEMV_ROUTE["max_rows"]) or rows <= GEMV_ROUTE["swiglu_max_rows"]:
         return swiglu_gemv(h, weight)
     return F.linear(swiglu(h), weight)

@@ -1,0 +1,158 @@
+"""The two small steps a resumed conversation's first token waits on, at the gla-1.3B shape.
+
+Why: the device tier's resumed turn (issue 5) and batch-1 decode (issue 8) are both a few short
+GPU steps bound by kernel count and launch gaps, not bytes. This measures, in one process (random
+bf16 weights):
+  - the batch-1 decode step replayed from a CUDA graph, per variant of the hot path (the
+    prep-in-decode fusion `kernels.DECODE_PROJ`, the SwiGLU + down_proj GEMV at one row
+    `kernels.GEMV_ROUTE["swiglu_max_rows"]`), each variant captured afresh;
+  - the prefill of a resumed turn (`--resume-tokens` new tokens from a state in the slot) replayed
+    from the engine's prefill graphs (`model.cuda_graph.GraphedPrefiller`, the buckets the engine
+    captures) at max_num_seqs 1, 32 and 64 (graphs hold max_num_seqs + 1 sequences: padding ones
+    write the scratch slot), and eagerly;
+  - the per-kernel GPU time of both (torch.profiler).
+
+    python benchmarks/bench_small_steps.py --out small-steps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import subprocess
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.e2e import copy_bandwidth_gbs, cuda_time_ms
+from benchmarks.profile_gpu import kernel_profile
+
+
+def wall_ms(fn: Any, iters: int = 30, warmup: int = 3) -> float:
+    """Median host wall time of fn() through its GPU work (synchronised): what a first token waits."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: dict) -> None:
+    import kernels
+    from model.cuda_graph import GraphedDecoder
+
+    tok = torch.randint(0, model.config.vocab_size, (1,), device="cuda")
+    slots = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for var in variants:
+        kernels.DECODE_PROJ["enabled"] = var["decode_proj"]
+        kernels.GEMV_ROUTE["swiglu_max_rows"] = var["swiglu_rows"]
+        name = f"proj{int(var['decode_proj'])}-swiglu{var['swiglu_rows']}"
+        try:
+            dec = GraphedDecoder(model, pool, pool.num_slots - 1, max_batch=1, buckets=[1])
+            ms = cuda_time_ms(lambda dec=dec: dec(tok, slots), iters=50, warmup=5)
+            with torch.no_grad():
+                prof = kernel_profile(lambda: model.decode(tok, pool, slots))
+            res["decode_b1"][name] = {**var, "graph_ms": ms, "eager_profile": prof}
+            print(f"decode B=1 {name}: graph {ms:.3f} ms, eager {prof['kernels_per_call']:.0f} kernels "
+                  f"{prof['gpu_us_per_call']:.0f} us GPU", flush=True)
+            del dec
+        except Exception as exc:  # report a failing variant, keep the others
+            res["decode_b1"][name] = {**var, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"decode B=1 {name} failed: {exc!r}", flush=True)
+    kernels.DECODE_PROJ["enabled"] = True
+    kernels.GEMV_ROUTE["swiglu_max_rows"] = 0
+
+
+def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict) -> None:
+    from model.cuda_graph import GraphedPrefiller, pad_layout
+    from server.engine import prefill_buckets
+    from server.settings import Settings
+
+    ids = torch.randint(3, model.config.vocab_size, (n_new,)).tolist()
+    for max_seqs in max_seqs_list:
+        buckets = prefill_buckets(Settings(max_num_seqs=max_seqs, device="cuda")) or []
+        small = [b for b in buckets if b <= 4 * 64 + max_seqs + 1]  # the ones a short resume can hit
+        try:
+            gp = GraphedPrefiller(model, pool, pool.num_slots - 1, max_seqs, small)
+            bucket = gp.bucket_for(n_new, 1)
+            ms = wall_ms(lambda gp=gp: gp(ids, [0, n_new], [0], [True]))
+            cu_l, slots_l, mask_l = pad_layout(n_new, [0, n_new], [0], [True], gp.num_seqs, bucket,
+                                               pool.num_slots - 1)
+            args_l = (torch.tensor(cu_l, dtype=torch.int32, device="cuda"),
+                      torch.tensor(slots_l, dtype=torch.int32, device="cuda"),
+                      torch.tensor(mask_l, dtype=torch.bool, device="cuda"))
+            with torch.no_grad():
+                prof = kernel_profile(lambda gp=gp, a=args_l, b=bucket, cu_l=cu_l: model.prefill(
+                    gp.ids[:b], a[0], pool, a[1], a[2], cu_seqlens_host=cu_l), reps=3)
+            res["resume_prefill"][f"graph-max_seqs{max_seqs}"] = {
+                "max_seqs": max_seqs, "bucket_tokens": bucket, "wall_ms": ms, "profile": prof}
+            print(f"resume prefill {n_new} tokens, graphed, max_seqs {max_seqs} (bucket {bucket}): {ms:.3f} ms; "
+                  f"eager layout {prof['kernels_per_call']:.0f} kernels {prof['gpu_us_per_call']:.0f} us GPU",
+                  flush=True)
+            del gp
+        except Exception as exc:
+            res["resume_prefill"][f"graph-max_seqs{max_seqs}"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"resume prefill graphed max_seqs {max_seqs} failed: {exc!r}", flush=True)
+    x = torch.tensor(ids, device="cuda")
+    cu = torch.tensor([0, n_new], dtype=torch.int32, device="cuda")
+    sl = torch.zeros(1, dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        ms = wall_ms(lambda: model.prefill(x, cu, pool, sl, cu_seqlens_host=[0, n_new]))
+        prof = kernel_profile(lambda: model.prefill(x, cu, pool, sl, cu_seqlens_host=[0, n_new]))
+    res["resume_prefill"]["eager"] = {"wall_ms": ms, "profile": prof}
+    print(f"resume prefill {n_new} tokens, eager: {ms:.3f} ms; {prof['kernels_per_call']:.0f} kernels "
+          f"{prof['gpu_us_per_call']:.0f} us GPU", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="small-steps.json")
+    ap.add_argument("--resume-tokens", type=int, default=17, help="new tokens of the resumed turn (16 + pending)")
+    ap.add_argument("--max-seqs", type=int, nargs="+", default=[1, 32, 64])
+    args = ap.parse_args()
+    from model import GLAConfig, GLAForCausalLM, state_bytes_per_sequence
+
+    cfg = GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=24, vocab_size=32000)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GLAForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.fuse_for_inference()
+    pool = model.new_state_pool(max(args.max_seqs) + 2)
+    with torch.no_grad():
+        for t in pool.recurrent:
+            t.normal_(0, 0.1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not cfg.tie_word_embeddings:  # one embedding row is read, not the table
+        weight_bytes -= model.model.embeddings.weight.numel() * model.model.embeddings.weight.element_size()
+    bw = copy_bandwidth_gbs()
+    res: dict[str, Any] = {"meta": {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip(),
+        "command": f"python benchmarks/bench_small_steps.py --resume-tokens {args.resume_tokens} --max-seqs "
+                   + " ".join(map(str, args.max_seqs)),
+        "copy_gbps": bw, "streamed_weight_bytes": weight_bytes,
+        "state_bytes": state_bytes_per_sequence(cfg),
+        "floor_b1_ms": (weight_bytes + 2 * state_bytes_per_sequence(cfg)) / (bw * 1e9) * 1e3,
+    }, "decode_b1": {}, "resume_prefill": {}}
+    print(f"copy {bw:.0f} GB/s; B=1 floor {res['meta']['floor_b1_ms']:.3f} ms", flush=True)
+    variants = [{"decode_proj": p, "swiglu_rows": s} for p in (False, True) for s in (0, 1)]
+    decode_variants(model, pool, variants, res)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    resume_prefill(model, pool, args.resume_tokens, args.max_seqs, res)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
