@@ -84,17 +84,27 @@ def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], 
             gp = GraphedPrefiller(model, pool, pool.num_slots - 1, max_seqs, small)
             bucket = gp.bucket_for(n_new, 1)
             ms = wall_ms(lambda gp=gp: gp(ids, [0, n_new], [0], [True]))
-            cu_l, slots_l, mask_l = pad_layout(n_new, [0, n_new], [0], [True], gp.num_seqs, bucket,
-                                               pool.num_slots - 1)
+            # the same inputs (loaded by the call above) through each captured variant: the chunked
+            # graph with padding in PAD_SLOT, and as before this change (padding writing the scratch slot)
+            replays = {}
+            for name, key in (("short", (bucket, True)), ("chunked", (bucket, False))):
+                if key in gp.graphs:
+                    replays[name] = wall_ms(gp.graphs[key].replay)
+            gp.slots[1:].fill_(pool.num_slots - 1)
+            replays["chunked_scratch_padding"] = wall_ms(gp.graphs[bucket, False].replay)
+            short = (bucket, True) in gp.graphs
+            cu_l, slots_l, mask_l = pad_layout(n_new, [0, n_new], [0], [True], gp.num_seqs, bucket)
             args_l = (torch.tensor(cu_l, dtype=torch.int32, device="cuda"),
                       torch.tensor(slots_l, dtype=torch.int32, device="cuda"),
                       torch.tensor(mask_l, dtype=torch.bool, device="cuda"))
             with torch.no_grad():
-                prof = kernel_profile(lambda gp=gp, a=args_l, b=bucket, cu_l=cu_l: model.prefill(
-                    gp.ids[:b], a[0], pool, a[1], a[2], cu_seqlens_host=cu_l), reps=3)
+                prof = kernel_profile(lambda gp=gp, a=args_l, b=bucket, cu_l=cu_l, sh=short: model.prefill(
+                    gp.ids[:b], a[0], pool, a[1], a[2], cu_seqlens_host=cu_l, short=sh), reps=3)
             res["resume_prefill"][f"graph-max_seqs{max_seqs}"] = {
-                "max_seqs": max_seqs, "bucket_tokens": bucket, "wall_ms": ms, "profile": prof}
-            print(f"resume prefill {n_new} tokens, graphed, max_seqs {max_seqs} (bucket {bucket}): {ms:.3f} ms; "
+                "max_seqs": max_seqs, "bucket_tokens": bucket, "wall_ms": ms, "replay_ms": replays,
+                "profile": prof}
+            print(f"resume prefill {n_new} tokens, graphed, max_seqs {max_seqs} (bucket {bucket}): {ms:.3f} ms "
+                  f"(replays {', '.join(f'{k} {v:.3f}' for k, v in replays.items())}); "
                   f"eager layout {prof['kernels_per_call']:.0f} kernels {prof['gpu_us_per_call']:.0f} us GPU",
                   flush=True)
             del gp
@@ -104,12 +114,15 @@ def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], 
     x = torch.tensor(ids, device="cuda")
     cu = torch.tensor([0, n_new], dtype=torch.int32, device="cuda")
     sl = torch.zeros(1, dtype=torch.int32, device="cuda")
-    with torch.no_grad():
-        ms = wall_ms(lambda: model.prefill(x, cu, pool, sl, cu_seqlens_host=[0, n_new]))
-        prof = kernel_profile(lambda: model.prefill(x, cu, pool, sl, cu_seqlens_host=[0, n_new]))
-    res["resume_prefill"]["eager"] = {"wall_ms": ms, "profile": prof}
-    print(f"resume prefill {n_new} tokens, eager: {ms:.3f} ms; {prof['kernels_per_call']:.0f} kernels "
-          f"{prof['gpu_us_per_call']:.0f} us GPU", flush=True)
+    for short in (True, False):
+        with torch.no_grad():
+            ms = wall_ms(lambda sh=short: model.prefill(x, cu, pool, sl, cu_seqlens_host=[0, n_new], short=sh))
+            prof = kernel_profile(lambda sh=short: model.prefill(x, cu, pool, sl, cu_seqlens_host=[0, n_new],
+                                                                 short=sh))
+        name = "eager-short" if short else "eager-chunked"
+        res["resume_prefill"][name] = {"wall_ms": ms, "profile": prof}
+        print(f"resume prefill {n_new} tokens, {name}: {ms:.3f} ms; {prof['kernels_per_call']:.0f} kernels "
+              f"{prof['gpu_us_per_call']:.0f} us GPU", flush=True)
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "chunk_gla_torch",
     "DECODE_PROJ",
     "GEMV_ROUTE",
+    "SHORT_PREFILL_MAX",
     "fused_recurrent_gla_decode",
     "gemv",
     "gla_decode_proj",
@@ -108,6 +109,8 @@ def _load_triton() -> tuple[_Guarded | None, _Guarded | None]:
 
 
 _TRITON_PREFILL, _TRITON_DECODE = _load_triton()
+# The longest sequence (tokens) for which `model.prefill` picks `chunk_gla_prefill(short=True)` itself.
+SHORT_PREFILL_MAX = 64
 
 
 def gla_decode_proj_torch(
@@ -147,6 +150,17 @@ def _load_decode_proj() -> _Guarded | None:
 _TRITON_DECODE_PROJ = _load_decode_proj()
 
 
+def _load_short() -> _Guarded | None:
+    if _TRITON_DECODE is None:
+        return None
+    from kernels.triton_recurrent import short_prefill_triton
+
+    return _Guarded("short_prefill", short_prefill_triton, chunk_gla_prefill_torch, _triton_errors())
+
+
+_TRITON_SHORT = _load_short()
+
+
 def chunk_gla_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,6 +172,7 @@ def chunk_gla_prefill(
     scale: float | None = None,
     initial_state_mask: torch.Tensor | None = None,
     checkpoint_positions: torch.Tensor | None = None,
+    short: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Packed variable-length chunked prefill that reads and writes states in a pool.
 
@@ -168,6 +183,12 @@ def chunk_gla_prefill(
         scale: defaults to K ** -0.5.
         initial_state_mask: bool [N]; False starts sequence n from zeros. None means all True.
         checkpoint_positions: optional int64 [M] packed token indices p.
+        short: run the recurrence token by token in one kernel on CUDA (same results; faster when
+            every sequence has a few tokens, e.g. a resumed turn). Not with checkpoint_positions.
+
+    A negative slot marks a padding sequence whose state is discarded (CUDA-graph padding): the
+    Triton kernels never write it; the PyTorch path writes it to the pool's last slot, which the
+    engine keeps as its scratch slot.
 
     Returns:
         o [T, H, V] in v.dtype; with checkpoint_positions, (o, states [M, H, V, K] float32) where
@@ -176,6 +197,9 @@ def chunk_gla_prefill(
     Example:
         >>> o = chunk_gla_prefill(q, k, v, g, cu, pool, slots)  # pool[slots] now holds final states
     """
+    if short and checkpoint_positions is None and q.is_cuda and _TRITON_SHORT is not None:
+        return _TRITON_SHORT((initial_state_mask is None,), q, k, v, g, cu_seqlens, state_pool, state_slots, scale,
+                             initial_state_mask)
     if q.is_cuda and _TRITON_PREFILL is not None:
         return _TRITON_PREFILL((initial_state_mask is None, checkpoint_positions is None), q, k, v, g,
                                cu_seqlens, state_pool, state_slots, scale, initial_state_mask,

@@ -256,9 +256,9 @@ def _scan_kernel(pool, slots, h0_mask, W, Wd, cu, SEG,
     m = o < V * K
     o_k = o % K
     slot = tl.load(slots + i_n).to(tl.int64)
-    m_pool = m
+    m_pool = m & (0 * o + slot >= 0)
     if HAS_MASK:
-        m_pool = m & (tl.load(h0_mask + i_n + 0 * o) != 0)
+        m_pool = m_pool & (tl.load(h0_mask + i_n + 0 * o) != 0)
     b_h = tl.load(pool + (slot * H + i_h) * V * K + o, mask=m_pool, other=0.)
     for j in range(0, nseg):
         p_w = W + ((base + j) * H + i_h) * V * K + o
@@ -293,9 +293,9 @@ def _output_kernel(qg, kd, v, gl, A, o, pool, slots, h0_mask, W, cu, N, SEG, sca
     if MULTI_SEG:
         b_h = tl.load(W + (i_s.to(tl.int64) * H + i_h) * V * K + o_vk, mask=m_vk, other=0.)
     else:
-        m_pool = m_vk
+        m_pool = m_vk & (0 * o_vk + slot >= 0)  # a negative slot is padding: no state in, none out
         if HAS_MASK:
-            m_pool = m_vk & (tl.load(h0_mask + i_n + 0 * o_vk) != 0)
+            m_pool = m_pool & (tl.load(h0_mask + i_n + 0 * o_vk) != 0)
         b_h = tl.load(p_pool, mask=m_pool, other=0.)
     o_i = tl.arange(0, BT)
     c_slot0 = bos // BT + i_n + (start - bos) // BT
@@ -317,7 +317,7 @@ def _output_kernel(qg, kd, v, gl, A, o, pool, slots, h0_mask, W, cu, N, SEG, sca
         tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
         b_h = b_h * tl.exp2(b_gl)[None, :] + tl.dot(tl.trans(b_v), b_kd, input_precision=PREC)
     if end == eos:
-        tl.store(p_pool, b_h, mask=m_vk)
+        tl.store(p_pool, b_h, mask=m_vk & (0 * o_vk + slot >= 0))
 
 
 @functools.cache

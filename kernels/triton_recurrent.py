@@ -57,10 +57,10 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, low
         b_l = tl.load(lowrank + i_b * sl + o_r, mask=m_r, other=0.).to(tl.float32)
         b_w = tl.load(w1 + (i_kv * K + o_k)[:, None] * R + o_r[None, :], mask=m_k[:, None] & m_r[None, :],
                       other=0.).to(tl.float32)
-        b_z = tl.sum(b_w * b_l[None, :], axis=1)
+        b_pre = tl.sum(b_w * b_l[None, :], axis=1)
         if HAS_BIAS:
-            b_z += tl.load(b1 + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_g = log_gate(b_z, lowrank.dtype.element_ty, normalizer, clamp_min, HAS_CLAMP)
+            b_pre += tl.load(b1 + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_g = log_gate(b_pre, lowrank.dtype.element_ty, normalizer, clamp_min, HAS_CLAMP)
         b_g = b_g.to(lowrank.dtype.element_ty).to(tl.float32)
     else:
         b_g = tl.load(g + row * K + o_k, mask=m_k, other=0.).to(tl.float32)
@@ -83,8 +83,8 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, low
             b_y = b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=0) / V + eps)
             if HAS_WEIGHT:
                 b_y *= tl.load(weight + o_f, mask=m_f, other=0.).to(tl.float32)
-            b_z = tl.load(gate + i_b * sz + i_h * V + o_f, mask=m_f, other=0.).to(tl.float32)
-            b_y = b_y * b_z * tl.sigmoid(b_z)
+            b_gt = tl.load(gate + i_b * sz + i_h * V + o_f, mask=m_f, other=0.).to(tl.float32)
+            b_y = b_y * b_gt * tl.sigmoid(b_gt)
             tl.store(o + row * V + o_f, b_y.to(o.dtype.element_ty), mask=m_f)
 
 
@@ -195,3 +195,88 @@ def gla_decode_proj_triton(
     w1 = gk_weight if gk_weight.is_contiguous() else gk_weight.contiguous()
     return _launch_decode(q, k, v, q, strides, (lowrank, w1, gk_bias, normalizer, clamp_min), B, H, G, K, V,
                           state_pool, state_slots, scale, gate, norm_weight, norm_eps)
+
+
+# Short prefill: the recurrence token by token, state in registers, for packed sequences of a few
+# tokens (a resumed turn's new tokens). The chunked kernels' fixed per-program latency (a chunk's
+# prep is ~10-80 us whatever its length; small-steps-h200 run) dominates there.
+
+
+@triton.jit(do_not_specialize=["scale"])
+def _short_prefill_kernel(q, k, v, g, pool, slots, h0_mask, cu, o, scale, H: tl.constexpr, K: tl.constexpr,
+                          V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Program (V-tile, sequence*head): S from the pool (or zeros), then per token t of the sequence
+    S = diag(exp(g_t)) S + k_t v_t^T, o_t = S^T q_t * scale; S back to the pool. A negative slot is
+    padding: its o rows are zeroed and nothing else is read or written."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    slot = tl.load(slots + i_n).to(tl.int64)
+    if slot < 0:
+        for t in range(bos, eos):
+            tl.store(o + (t * H + i_h) * V + o_v, tl.zeros([BV], dtype=tl.float32).to(o.dtype.element_ty), mask=m_v)
+        return
+    m_h = m_v[:, None] & m_k[None, :]
+    p_h = pool + (slot * H + i_h) * V * K + o_v[:, None] * K + o_k[None, :]
+    m_pool = m_h
+    if HAS_MASK:  # scalar conditions are broadcast explicitly (the interpreter needs it)
+        m_pool = m_h & (tl.load(h0_mask + i_n + 0 * (o_v[:, None] + o_k[None, :])) != 0)
+    b_h = tl.load(p_h, mask=m_pool, other=0.)
+    # token t+1's inputs are loaded while token t is computed (they do not depend on the state)
+    b_q = tl.load(q + (bos * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_k = tl.load(k + (bos * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_g = tl.load(g + (bos * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_v = tl.load(v + (bos * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    for t in range(bos, eos):
+        nt = t + 1
+        n_mk = m_k & (o_k * 0 + nt < eos)
+        n_mv = m_v & (o_v * 0 + nt < eos)
+        n_q = tl.load(q + (nt * H + i_h) * K + o_k, mask=n_mk, other=0.).to(tl.float32)
+        n_k = tl.load(k + (nt * H + i_h) * K + o_k, mask=n_mk, other=0.).to(tl.float32)
+        n_g = tl.load(g + (nt * H + i_h) * K + o_k, mask=n_mk, other=0.).to(tl.float32)
+        n_v = tl.load(v + (nt * H + i_h) * V + o_v, mask=n_mv, other=0.).to(tl.float32)
+        b_h = b_h * tl.exp(b_g)[None, :] + b_v[:, None] * b_k[None, :]
+        b_o = tl.sum(b_h * (b_q * scale)[None, :], axis=1)
+        tl.store(o + (t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        b_q, b_k, b_g, b_v = n_q, n_k, n_g, n_v
+    tl.store(p_h, b_h, mask=m_h)
+
+
+_short = Launcher(_short_prefill_kernel)
+
+
+def short_prefill_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_slots: torch.Tensor,
+    scale: float | None = None,
+    initial_state_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`kernels.chunk_gla_prefill` (no checkpoints) as a token-by-token recurrence: one launch, any
+    lengths, fastest when every sequence is short. Inputs contiguous, state_pool float32 [S, H, V, K]."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N = state_slots.shape[0]
+    if scale is None:
+        scale = K**-0.5
+    BK = next_pow2(K)
+    BV = min(next_pow2(V), max(16, DECODE["TILE_ELEMS"] // BK))
+    has_mask = initial_state_mask is not None
+    h0 = initial_state_mask if has_mask else state_slots
+    o = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
+    ptrs = (q, k, v, g, state_pool, state_slots, h0, cu_seqlens, o)
+    key = (v.device.index, *(t.dtype for t in ptrs), H, K, V, BV, has_mask) if aligned(*ptrs) else None
+    if N:
+        _short((cdiv(V, BV), N * H), key, (*ptrs, scale, H, K, V, BK, BV, has_mask),
+               num_warps=DECODE["num_warps"])
+    return o

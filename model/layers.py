@@ -288,6 +288,7 @@ class GatedLinearAttention(nn.Module):
         conv_meta: tuple[list[int], list[bool]] | None,
         checkpoint_positions: torch.Tensor | None = None,
         checkpoint_out: list[torch.Tensor] | None = None,
+        short: bool = False,
     ) -> torch.Tensor:
         """Packed x [T, d]; states read from / written to `recurrent` [S, H, V, K] at `slots` [N].
 
@@ -308,7 +309,7 @@ class GatedLinearAttention(nn.Module):
         q, k, v, gk, gate = self._project(x, conv_fn)
         o = kernels.chunk_gla_prefill(
             q, k, v, gk, cu_seqlens, recurrent, slots, scale=self.scale, initial_state_mask=initial_state_mask,
-            checkpoint_positions=checkpoint_positions,
+            checkpoint_positions=checkpoint_positions, short=short,
         )
         if checkpoint_positions is not None:
             o, states = o

@@ -167,6 +167,7 @@ class GLAForCausalLM(GLAPreTrainedModel):
         initial_state_mask: torch.Tensor | None = None,
         checkpoint_positions: list[int] | None = None,
         cu_seqlens_host: list[int] | None = None,
+        short: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Run a packed batch of N sequences and return the logits of each one's last token.
 
@@ -186,6 +187,9 @@ class GLAForCausalLM(GLAPreTrainedModel):
             checkpoint_positions: packed token indices p; also return, for each, the state after
                 token p (recurrent states only: not with use_short_conv, whose conv tails at p are
                 not kept).
+            short: run the recurrence token by token (`kernels.chunk_gla_prefill(short=True)`: same
+                results, faster for a few tokens per sequence); None picks it when no sequence is
+                longer than `kernels.SHORT_PREFILL_MAX` and no checkpoint states are wanted.
         Returns:
             logits [N, vocab] float32; with checkpoint_positions, (logits, [state dict per position])
             in the `StatePool.read` layout.
@@ -204,6 +208,9 @@ class GLAForCausalLM(GLAPreTrainedModel):
         slots = slots.to(dev, non_blocking=True)
         initial_state_mask = initial_state_mask.to(dev, non_blocking=True)
         conv = pool.conv
+        if short is None:
+            longest = max(b - a for a, b in zip(cu_cpu, cu_cpu[1:], strict=False))
+            short = checkpoint_positions is None and longest <= kernels.SHORT_PREFILL_MAX
         positions = None
         states: list[torch.Tensor] = []
         if checkpoint_positions is not None:
@@ -213,7 +220,7 @@ class GLAForCausalLM(GLAPreTrainedModel):
 
         def attn(i: int, layer: GatedLinearAttention, x: torch.Tensor) -> torch.Tensor:
             return layer.prefill(x, cu_seqlens, cu_cpu, pool.recurrent[i], conv[i] if conv is not None else None,
-                                 slots, initial_state_mask, conv_meta, positions, states)
+                                 slots, initial_state_mask, conv_meta, positions, states, short)
 
         h, m = self.model.serve_layers(self.model.embeddings(input_ids), attn)
         last = cu_seqlens[1:].long() - 1

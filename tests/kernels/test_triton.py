@@ -292,3 +292,62 @@ def test_decode_proj_matches_naive_in_place(B: int, H: int, G: int, K: int, V: i
         assert_close(pool[slots.long()], ref_s, 1e-5 if dtype == torch.float32 else 5e-3, f"state step{step}")
         others = sorted(set(range(S)) - set(slots.tolist()))
         assert torch.equal(pool[others], before[others]), "decode touched another slot"
+
+
+# (lens, H, K, V, dtype): the token-by-token prefill (resumed turns) and padding sequences (slot < 0)
+SHORT_SMALL = [([1, 17, 5, 64], 2, 60, 60, "f32"), ([3, 40], 1, 32, 48, "f16")]
+SHORT_GPU = [([17, 1, 64, 3], 4, 256, 512, dt) for dt in ("f32", "bf16")] + [([200], 4, 128, 256, "bf16")]
+
+
+@pytest.mark.parametrize("lens,H,K,V,dt", _params(
+    SHORT_SMALL, SHORT_GPU, lambda c: f"lens{'-'.join(map(str, c[0]))}-H{c[1]}-K{c[2]}-V{c[3]}-{c[4]}"))
+def test_short_prefill_matches_naive_and_skips_padding(lens: list[int], H: int, K: int, V: int, dt: str,
+                                                       nan_poison: None) -> None:
+    """Packed sequences, some from the pool's state and some fresh, plus padding sequences (negative
+    slot, as CUDA-graph padding): real ones == the spec, padding o rows are zeros and no slot but the
+    real ones changes (the padding's own state is never written anywhere)."""
+    from kernels.triton_recurrent import short_prefill_triton
+
+    dtype = DTYPES[dt]
+    lens = [*lens, 2, 1]  # two padding sequences at the end
+    T, N = sum(lens), len(lens)
+    q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, 4, dtype=dtype, device=DEV, seed=len(lens)))
+    pool = random_state(N + 2, H, V, K, dtype=torch.float32, device=DEV)
+    slots = torch.tensor([*range(1, N - 1), -1, -1], dtype=torch.int32, device=DEV)
+    mask = torch.tensor([i % 2 == 0 and i < N - 2 for i in range(N)], device=DEV)
+    pool[slots[: N - 2][~mask[: N - 2]].long()] = float("nan")  # fresh slots' garbage is never read
+    before = pool.clone()
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    o = short_prefill_triton(q, k, v, g, cu, pool, slots, initial_state_mask=mask)
+    bound = 1e-5 if dtype == torch.float32 else 5e-3
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        if i >= N - 2:
+            assert torch.equal(o[a:b], torch.zeros_like(o[a:b])), f"padding seq{i} o"
+            continue
+        h0 = before[slots[i].long()][None].double() if bool(mask[i]) else None
+        ref_o, ref_s = naive_recurrent_gla(*(x[None, a:b].double() for x in (q, k, v, g)),
+                                           initial_state=h0, output_final_state=True)
+        assert_close(o[a:b], ref_o[0], bound, f"o seq{i}")
+        assert_close(pool[slots[i].long()], ref_s[0], 1e-5, f"state seq{i}")
+    assert torch.equal(pool[0], before[0]) and torch.equal(pool[N - 1:], before[N - 1:]), "padding wrote a slot"
+
+
+def test_chunked_prefill_padding_slot_writes_nothing(nan_poison: None) -> None:
+    """The chunked kernels with a negative-slot padding sequence: the real sequence's o and state
+    equal a run without it, and the pool is otherwise untouched."""
+    H, K, V = 1, 32, 32
+    lens = [70, 9]
+    T = sum(lens)
+    q, k, v, g = (x[0] for x in gla_inputs(1, T, H, K, V, 4, dtype=torch.float32, device=DEV))
+    pool = random_state(3, H, V, K, dtype=torch.float32, device=DEV)
+    before = pool.clone()
+    cu = torch.tensor([0, 70, T], dtype=torch.int32, device=DEV)
+    slots = torch.tensor([1, -1], dtype=torch.int32, device=DEV)
+    mask = torch.tensor([True, False], device=DEV)
+    o = chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots, initial_state_mask=mask)
+    alone = before.clone()
+    o1 = chunk_gla_prefill_triton(q[:70], k[:70], v[:70], g[:70], cu[:2].clone(), alone, slots[:1].clone(),
+                                  initial_state_mask=mask[:1].clone())
+    assert_close(o[:70], o1, 1e-6, "o")
+    assert_close(pool[1], alone[1], 1e-6, "state")
+    assert torch.equal(pool[0], before[0]) and torch.equal(pool[2], before[2]), "padding wrote a slot"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import StatePool
-from model.cuda_graph import GraphedPrefiller, pad_layout
+from model.cuda_graph import PAD_SLOT, GraphedPrefiller, pad_layout
 from server.engine import prefill_buckets
 from server.settings import Settings
 from tests.model.conftest import VOCAB, tiny_model
@@ -20,12 +20,12 @@ CUDA = torch.cuda.is_available()
 
 def test_pad_layout_keeps_real_sequences_and_pads_with_one_token_or_more() -> None:
     cu, slots, mask = [0, 5, 12], [3, 1], [True, False]
-    cu_full, slots_full, mask_full = pad_layout(12, cu, slots, mask, num_seqs=5, bucket=20, scratch_slot=9)
+    cu_full, slots_full, mask_full = pad_layout(12, cu, slots, mask, num_seqs=5, bucket=20)
     assert cu_full[:3] == cu and cu_full[-1] == 20 and len(cu_full) == 6
     assert all(b > a for a, b in zip(cu_full, cu_full[1:], strict=False))  # every length >= 1
-    assert slots_full == [3, 1, 9, 9, 9] and mask_full == [True, False, False, False, False]
-    assert pad_layout(18, cu[:-1] + [18], slots, mask, 5, 20, 9) is None  # 2 tokens for 3 pads
-    assert pad_layout(12, cu, slots, mask, 2, 20, 9) is None  # no room for a padding sequence
+    assert slots_full == [3, 1, PAD_SLOT, PAD_SLOT, PAD_SLOT] and mask_full == [True, False, False, False, False]
+    assert pad_layout(18, cu[:-1] + [18], slots, mask, 5, 20) is None  # 2 tokens for 3 pads
+    assert pad_layout(12, cu, slots, mask, 2, 20) is None  # no room for a padding sequence
 
 
 def test_prefill_buckets_cover_the_budget() -> None:
@@ -33,7 +33,7 @@ def test_prefill_buckets_cover_the_budget() -> None:
     b = prefill_buckets(Settings(cuda_graph_prefill=True, max_num_seqs=32, max_num_batched_tokens=2048))
     assert b == [n + 33 for n in (64, 128, 256, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)]
     # a full-budget prompt (or one of any listed size) from one sequence fits with 32 padding ones
-    assert b is not None and all(pad_layout(n - 33, [0, n - 33], [0], [False], 33, n, 40) for n in b)
+    assert b is not None and all(pad_layout(n - 33, [0, n - 33], [0], [False], 33, n) for n in b)
     b = prefill_buckets(Settings(cuda_graph_prefill=True, max_num_seqs=4, max_num_batched_tokens=300))
     assert b == [64 + 5, 128 + 5, 256 + 5, 300 + 5]
 
@@ -49,7 +49,7 @@ def test_padding_sequences_change_nothing_for_the_real_ones() -> None:
     plain.recurrent[0][1].copy_(padded.recurrent[0][1])
     want = model.prefill(ids, torch.tensor(cu, dtype=torch.int32), plain, torch.tensor(slots, dtype=torch.int32),
                          torch.tensor(mask))
-    cu_full, slots_full, mask_full = pad_layout(70, cu, slots, mask, num_seqs=4, bucket=128, scratch_slot=3)
+    cu_full, slots_full, mask_full = pad_layout(70, cu, slots, mask, num_seqs=4, bucket=128)
     ids_full = torch.cat([ids, torch.randint(0, VOCAB, (128 - 70,), generator=g)])
     got = model.prefill(ids_full, torch.tensor(cu_full, dtype=torch.int32), padded,
                         torch.tensor(slots_full, dtype=torch.int32), torch.tensor(mask_full))
