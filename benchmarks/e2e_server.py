@@ -291,6 +291,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 1.3B shape")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="the server's max_num_seqs (default: the largest concurrency); prefill graphs pad to it")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--no-cuda-graphs", action="store_true")
@@ -318,7 +320,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build_model(args.tiny, args.device, dtype)
     tokenizer = load_tokenizer(None)
-    max_seqs = max(args.concurrency)
+    max_seqs = args.max_num_seqs or max(args.concurrency)
     settings = Settings(
         device=args.device,
         max_num_seqs=max_seqs,

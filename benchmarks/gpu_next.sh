@@ -24,6 +24,14 @@ if [[ $STEPS == *smallsteps* ]]; then  # issues 5 and 8: B=1 decode variants, a 
     -k "decode" tests/model/test_fused.py tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py 2>&1 | tail -4
   timeout 300 python3 benchmarks/bench_small_steps.py --out "$OUT/small-steps.json" 2>&1 | grep -v -i warn | tail -20
 fi
+if [[ $STEPS == *resumedev* ]]; then  # issue 5: the device tier's resumed turn at the default max_num_seqs (32)
+  timeout 100 python3 benchmarks/e2e_server.py --concurrency 1 --max-num-seqs 32 --prompt-tokens 512 --max-tokens 8 \
+    --resume 1024 8192 32752 --resume-tier device --out "$OUT/resume-device-seqs32.json" 2>&1 | grep -v -i warn | tail -4
+fi
+if [[ $STEPS == *e2eours* ]]; then  # issue 8: our decode steps and prefill only (no fla: its compiles take minutes)
+  timeout 200 python3 benchmarks/e2e.py --quick --no-fla --new-tokens 32 --out "$OUT/e2e-ours.json" 2>&1 \
+    | grep -E "^(decode|prefill)"
+fi
 if [[ $STEPS == *gputests* ]]; then  # the GPU paths added without a GPU: staged snapshots (on by default)
   timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
     tests/model/test_graphed_prefill.py tests/model/test_fused.py tests/server/test_gpu_serving.py 2>&1 | tail -4

@@ -58,13 +58,8 @@ class GraphedDecoder:
         self.input_ids = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
         self.slots = torch.full((self.max_batch,), scratch_slot, dtype=torch.int32, device=dev)
         self.scratch_slot = scratch_slot
-        # (bucket, short): short graphs run the token-by-token prefill kernel (`chunk_gla_prefill(short=
-        # True)`), replayed when every real sequence has at most SHORT_PREFILL_MAX tokens (a resumed
-        # turn: 2.4 ms through the chunked graph on an H200, 5.0 ms with 32 padding sequences)
-        self.variants = [(b, False) for b in self.buckets]
-        self.variants += [(b, True) for b in self.buckets if b <= SHORT_GRAPH_TOKENS + self.num_seqs]
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
         self._capture()
 
     def _capture(self) -> None:
@@ -158,8 +153,10 @@ class GraphedPrefiller:
         self.slots = torch.full((self.num_seqs,), scratch_slot, dtype=torch.int32, device=dev)
         self.mask = torch.zeros(self.num_seqs, dtype=torch.bool, device=dev)
         # (bucket, short): short graphs run the token-by-token prefill kernel (`chunk_gla_prefill(short=
-        # True)`), replayed when every real sequence has at most SHORT_PREFILL_MAX tokens (a resumed
-        # turn: 2.4 ms through the chunked graph on an H200, 5.0 ms with 32 padding sequences)
+        # True)`), replayed when every real sequence has at most SHORT_PREFILL_MAX tokens. A resumed
+        # turn's 17 tokens on an H200 (small-steps-h200-run7.json): chunked graph 2.0 / 4.5 / 6.8 ms at
+        # max_num_seqs 1 / 32 / 64 (each padding sequence's chunk costs a full chunk program), short 1.8-2.0
+        # ms
         self.variants = [(b, False) for b in self.buckets]
         self.variants += [(b, True) for b in self.buckets if b <= SHORT_GRAPH_TOKENS + self.num_seqs]
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
