@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -133,8 +132,6 @@ class AsyncEngine:
         per_slot = max(1, self.runner.pool.bytes_per_slot)
         warm = min(512, settings.host_cache_bytes // per_slot + 8) if self.prefixes is not None else 0
         self.num_pinned_warm = self.runner.pool.warm_pinned_host(warm)
-        if settings.step_launch_first and self.runner.device.type == "cuda":
-            self.runner.launched = threading.Event()
         self.scheduler = Scheduler(
             settings.max_num_seqs,
             settings.max_num_batched_tokens,
@@ -430,38 +427,13 @@ class AsyncEngine:
                 await self._wakeup.wait()
                 continue
             try:
-                outputs = await self._run_step()
+                outputs = await asyncio.to_thread(self._step)
             except Exception as exc:  # a failed step fails its sequences, never the server
                 log.exception("engine step failed")
                 outputs = self._fail_running(exc)
             self._dispatch(outputs)
             await asyncio.sleep(0)  # the streams write their tokens first
             self._flush_prefix_stores()
-
-    async def _run_step(self) -> list[RequestOutput]:
-        """`_step` on a worker thread. On CUDA (`step_launch_first`) this thread then blocks until the
-        step has launched its GPU work (or step_launch_wait_s passed).
-
-        Why: only one thread runs Python at a time. A new request's handler still had work to do
-        on this loop (starting its SSE response) when its first step was handed over, and the step
-        waited for it: the device tier's resumed turn spent 0.3-1 ms between arrival and its step.
-        Blocking here hands the worker the interpreter first; the loop's tasks then run while the
-        GPU computes.
-        """
-        launched = self.runner.launched
-        if launched is None:
-            return await asyncio.to_thread(self._step)
-        launched.clear()
-
-        def step() -> list[RequestOutput]:
-            try:
-                return self._step()
-            finally:
-                launched.set()
-
-        fut = asyncio.get_running_loop().run_in_executor(None, step)
-        launched.wait(self.settings.step_launch_wait_s)
-        return await fut
 
     def _ingest(self) -> None:
         for seq in self._incoming:

@@ -9,7 +9,6 @@ decode rows write to.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import torch
@@ -58,8 +57,6 @@ class ModelRunner:
             self.graphed_decoder = GraphedDecoder(model, self.pool, self.scratch_slot, max_batch=num_slots)
         # sequence -> its state before its last input token, from the last `run` (single flight)
         self.checkpoints: dict[Sequence, dict[str, torch.Tensor]] = {}
-        # set once a step's GPU work is launched (the engine may wait on it; see AsyncEngine._loop)
-        self.launched: threading.Event | None = None
         self.graphed_prefiller = None
         if prefill_graph_buckets and use_cuda_graphs and self.device.type == "cuda" and self.pool.conv is None:
             from model.cuda_graph import GraphedPrefiller
@@ -156,6 +153,4 @@ class ModelRunner:
         if self.num_valid_tokens < self.vocab_size:
             all_logits = all_logits.clone()
             all_logits[:, self.num_valid_tokens :] = float("-inf")
-        if self.launched is not None:
-            self.launched.set()  # the model's work is queued; the sampler's sync comes next
         return sampled, self.sampler(all_logits, rows)

@@ -62,11 +62,6 @@ class Settings(BaseSettings):
         30.0, ge=0, description="a request identical to one being prefilled waits up to this long for its "
         "state instead of prefilling it again (0 = off)",
     )
-    step_launch_first: bool = Field(
-        True, description="CUDA: the event loop waits (at most step_launch_wait_s) while a step launches its GPU "
-        "work, so HTTP tasks queued meanwhile run during the GPU time instead of delaying the launch",
-    )
-    step_launch_wait_s: float = Field(0.005, ge=0, le=0.1, description="longest such wait per step")
     prefix_snapshot_bytes_per_step: int = Field(
         64 * 2**20, ge=0,
         description="state bytes one engine step may copy out for prefix snapshots (at least one snapshot); "
