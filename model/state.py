@@ -196,7 +196,7 @@ class StatePool:
             self._release_staged(nbytes)
             return self.read(slot)
         staged.ready = torch.cuda.Event()
-        staged.ready.record()
+        staged.ready.record(torch.cuda.current_stream(self.device))  # this pool's device, whatever thread stages
         weakref.finalize(staged, self._release_staged, nbytes)
         return staged
 
