@@ -97,7 +97,8 @@ class ConversationStore(Protocol):
         self, key: ConversationKey, resident: Callable[[list[int]], bool] | None = None
     ) -> ConversationSnapshot | None:
         """The log and its state. `resident(log)` true means the engine still holds that state in
-        a slot: a store whose state costs a fetch may then return the log alone."""
+        a slot: a store whose state costs a fetch may then return the log alone. The returned
+        `token_ids` list is the caller's: the engine keeps it without copying (32K-token logs)."""
         ...
 
     def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:

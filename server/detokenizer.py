@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 # Context tokens decoded before the first new one, so the first delta gets its leading space.
-_CONTEXT_TOKENS = 6
+CONTEXT_TOKENS = 6
 _REPLACEMENT = "\ufffd"
 
 
@@ -31,7 +31,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, context_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = list(context_token_ids[-_CONTEXT_TOKENS:])
+        self.ids: list[int] = list(context_token_ids[-CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
