@@ -159,7 +159,7 @@ class AsyncEngine:
         self._step_snapshot_s = 0.0
         self.flights = PrefillFlights(settings.single_flight_wait_s)
         self._step_snapshot_bytes = 0
-        self._prefix_stores: list[tuple[str, list[int], int]] = []  # (tenant, tokens, slot) of this step
+        self._prefix_stores: list[tuple[str, Callable[[], list[int]], int]] = []  # (tenant, tokens, slot)
         self.num_resident_lost = 0  # resident turns whose slot was evicted before they claimed it
         self.is_stopping = False
 
@@ -346,8 +346,9 @@ class AsyncEngine:
         base = seq.num_cached_tokens
         return (base + end) // every > (base + start) // every
 
-    def _store_prefix(self, seq: Sequence, token_ids: list[int]) -> None:
-        """Snapshot the slot, which has consumed exactly `token_ids`, for later prefix reuse.
+    def _store_prefix(self, seq: Sequence, token_ids: Callable[[], list[int]]) -> None:
+        """Snapshot the slot, which has consumed exactly `token_ids()`, for later prefix reuse (the
+        list is built after the step too: a 32K-token context is a 32K-element concatenation).
 
         A snapshot copies the whole state (48 MiB for a 1.3B model: on CUDA a device copy whose
         host copy happens off the step, see `StatePool.stage`), so a step takes them only up to
@@ -377,7 +378,7 @@ class AsyncEngine:
         t0 = time.perf_counter()
         for tenant, token_ids, slot in stores:
             try:
-                self.prefixes.store_prefix(tenant, token_ids, self.runner.stage_state(slot))
+                self.prefixes.store_prefix(tenant, token_ids(), self.runner.stage_state(slot))
             except Exception:  # a lost snapshot only costs a longer prefill later
                 log.exception("storing a prefix state failed")
         self.phase_seconds["snapshot"] += time.perf_counter() - t0
@@ -544,11 +545,11 @@ class AsyncEngine:
                 chunk.seq.flight_key = None
         for chunk in batch.prefill:
             if chunk.is_last:  # the end of a prompt, before any decode: the state of the whole context
-                self._store_prefix(chunk.seq, chunk.seq.context_token_ids)
+                self._store_prefix(chunk.seq, lambda s=chunk.seq: s.context_token_ids)
             elif self._crosses_checkpoint(chunk.seq, chunk.start, chunk.end):
                 # a long prompt's checkpoint: the slot has consumed the context up to this chunk's end
                 n = chunk.seq.num_cached_tokens + chunk.end
-                self._store_prefix(chunk.seq, chunk.seq.context_token_ids[:n])
+                self._store_prefix(chunk.seq, lambda s=chunk.seq, n=n: s.context_token_ids[:n])
         outputs = self._postprocess(seqs, samples)
         t4 = time.perf_counter()
         phases = {"schedule": t1 - t0, "model": t2 - t1, "snapshot": self._step_snapshot_s,
@@ -614,7 +615,7 @@ class AsyncEngine:
             # The slot has consumed every token but the last sampled one; one output token means
             # the state is still the prompt's, stored already.
             if len(seq.output_token_ids) > 1:
-                self._store_prefix(seq, seq.token_log()[:-1])
+                self._store_prefix(seq, lambda: seq.token_log()[:-1])
             return None
         if seq.slot is None:
             return None
