@@ -3,9 +3,8 @@
 Why: the device tier's resumed turn (issue 5) and batch-1 decode (issue 8) are both a few short
 GPU steps bound by kernel count and launch gaps, not bytes. This measures, in one process (random
 bf16 weights):
-  - the batch-1 decode step replayed from a CUDA graph, per variant of the hot path (the
-    prep-in-decode fusion `kernels.DECODE_PROJ`, the SwiGLU + down_proj GEMV at one row
-    `kernels.GEMV_ROUTE["swiglu_max_rows"]`), each variant captured afresh;
+  - the batch-1 decode step replayed from a CUDA graph with and without the prep-in-decode fusion
+    (`kernels.DECODE_PROJ`), each variant captured afresh;
   - the prefill of a resumed turn (`--resume-tokens` new tokens from a state in the slot) replayed
     from the engine's prefill graphs (`model.cuda_graph.GraphedPrefiller`, the buckets the engine
     captures) at max_num_seqs 1, 32 and 64 (graphs hold max_num_seqs + 1 sequences: padding ones
@@ -56,8 +55,7 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
     decoders = {}
     for var in variants:
         kernels.DECODE_PROJ["enabled"] = var["decode_proj"]
-        kernels.GEMV_ROUTE["swiglu_max_rows"] = var["swiglu_rows"]
-        name = f"proj{int(var['decode_proj'])}-swiglu{var['swiglu_rows']}"
+        name = f"proj{int(var['decode_proj'])}"
         try:
             decoders[name] = GraphedDecoder(model, pool, pool.num_slots - 1, max_batch=1, buckets=[1])
             with torch.no_grad():
@@ -78,7 +76,6 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
               f"{' '.join(f'{x:.3f}' for x in row['graph_ms_rounds'])}), eager {prof['kernels_per_call']:.0f} "
               f"kernels {prof['gpu_us_per_call']:.0f} us GPU", flush=True)
     kernels.DECODE_PROJ["enabled"] = True
-    kernels.GEMV_ROUTE["swiglu_max_rows"] = 0
 
 
 def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict) -> None:
@@ -169,7 +166,7 @@ def main() -> None:
         "floor_b1_ms": (weight_bytes + 2 * state_bytes_per_sequence(cfg)) / (bw * 1e9) * 1e3,
     }, "decode_b1": {}, "resume_prefill": {}}
     print(f"copy {bw:.0f} GB/s; B=1 floor {res['meta']['floor_b1_ms']:.3f} ms", flush=True)
-    variants = [{"decode_proj": p, "swiglu_rows": s} for p in (False, True) for s in (0, 1)]
+    variants = [{"decode_proj": p} for p in (False, True)]
     decode_variants(model, pool, variants, res)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

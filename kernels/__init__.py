@@ -186,9 +186,8 @@ def chunk_gla_prefill(
         short: run the recurrence token by token in one kernel on CUDA (same results; faster when
             every sequence has a few tokens, e.g. a resumed turn). Not with checkpoint_positions.
 
-    A negative slot marks a padding sequence whose state is discarded (CUDA-graph padding): the
-    Triton kernels never write it; the PyTorch path writes it to the pool's last slot, which the
-    engine keeps as its scratch slot.
+    A negative slot marks a padding sequence (CUDA-graph padding): it starts from zeros and its
+    final state is discarded; no slot is read or written for it.
 
     Returns:
         o [T, H, V] in v.dtype; with checkpoint_positions, (o, states [M, H, V, K] float32) where
@@ -311,13 +310,9 @@ GEMV_MAX_ROWS = 16  # kernels/triton_gemv.py MAX_ROWS; more rows go to the GEMM
 # Whether the model's serving GEMMs (fused input projection, o_proj, gate|up, and SwiGLU + down_proj)
 # run as Triton GEMVs when they have at most max_rows rows. Off by default: not yet timed on a GPU
 # (benchmarks/bench_gemv.py). Set it before a CUDA graph is captured: graphs keep what they captured.
-# "swiglu_max_rows" routes only SwiGLU + down_proj, at up to that many rows (env GLA_SWIGLU_GEMV_ROWS):
-# at one row our fused GEMV matched cuBLAS's time (13.15 vs 13.12 us, gemv-h200.json) while cuBLAS
-# needs a split-K reduce and a separate SwiGLU kernel, so a batch-1 step has two kernels fewer per layer.
 GEMV_ROUTE: dict[str, Any] = {
     "enabled": os.environ.get("GLA_TRITON_GEMV", "").lower() in ("1", "true", "yes", "on"),
     "max_rows": GEMV_MAX_ROWS,
-    "swiglu_max_rows": int(os.environ.get("GLA_SWIGLU_GEMV_ROWS", "0") or 0),
 }
 
 
@@ -403,7 +398,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def swiglu_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`swiglu` then down_proj, or `swiglu_gemv` in one kernel when `linear` would use the GEMV."""
-    rows = math.prod(h.shape[:-1])
-    if (GEMV_ROUTE["enabled"] and rows <= GEMV_ROUTE["max_rows"]) or rows <= GEMV_ROUTE["swiglu_max_rows"]:
+    if GEMV_ROUTE["enabled"] and math.prod(h.shape[:-1]) <= GEMV_ROUTE["max_rows"]:
         return swiglu_gemv(h, weight)
     return F.linear(swiglu(h), weight)
