@@ -164,7 +164,9 @@ def chunk_gla_prefill_torch(
     def gather(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [N, t_pad, H, D], zeros past the end
         return torch.where(keep, x.to(dt)[idx], torch.zeros((), dtype=dt, device=dev))
 
-    h0 = state_pool[slots].to(dt)  # [N, H, V, K]
+    real = slots >= 0  # a negative slot is padding: no state in, none out
+    h0 = torch.zeros(N, *state_pool.shape[1:], dtype=dt, device=dev)  # [N, H, V, K]
+    h0[real] = state_pool[slots[real]].to(dt)
     if initial_state_mask is not None:
         h0 = torch.where(initial_state_mask.to(dev).view(N, 1, 1, 1), h0, torch.zeros_like(h0))
     o_pad, chunk_states, final, gc = _chunk_forward(gather(q), gather(k), gather(v), gather(g), scale, h0)
@@ -173,7 +175,7 @@ def chunk_gla_prefill_torch(
     if checkpoint_positions is not None:
         states = _states_at(checkpoint_positions.to(dev), cu, gather(k), gather(v), gc, chunk_states)
     with torch.no_grad():
-        state_pool[slots] = final.detach().to(state_pool.dtype)
+        state_pool[slots[real]] = final[real].detach().to(state_pool.dtype)
     return o if states is None else (o, states)
 
 

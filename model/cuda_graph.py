@@ -154,9 +154,9 @@ class GraphedPrefiller:
         self.mask = torch.zeros(self.num_seqs, dtype=torch.bool, device=dev)
         # (bucket, short): short graphs run the token-by-token prefill kernel (`chunk_gla_prefill(short=
         # True)`), replayed when every real sequence has at most SHORT_PREFILL_MAX tokens. A resumed
-        # turn's 17 tokens on an H200 (small-steps-h200-run7.json): chunked graph 2.0 / 4.5 / 6.8 ms at
-        # max_num_seqs 1 / 32 / 64 (each padding sequence's chunk costs a full chunk program), short 1.8-2.0
-        # ms
+        # turn's 17 tokens on an H200 (small-steps-h200-run7.json): chunked graph 2.2 / 4.7 / 6.9 ms at
+        # max_num_seqs 1 / 32 / 64 (each padding sequence's chunk costs a full chunk program), short
+        # 2.0-2.1 ms
         self.variants = [(b, False) for b in self.buckets]
         self.variants += [(b, True) for b in self.buckets if b <= SHORT_GRAPH_TOKENS + self.num_seqs]
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}

@@ -57,6 +57,8 @@ def test_padding_sequences_change_nothing_for_the_real_ones() -> None:
     for s in (0, 1):
         assert torch.allclose(padded.read(s)["layers.0.recurrent"], plain.read(s)["layers.0.recurrent"],
                               atol=1e-6, rtol=1e-5)
+    for s in (2, 3):  # padding (slot -1) writes no slot, not even the pool's last one
+        assert torch.equal(padded.read(s)["layers.0.recurrent"], plain.read(s)["layers.0.recurrent"])
 
 
 def test_graphed_prefiller_refuses_cpu_models() -> None:
