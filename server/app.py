@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -87,10 +88,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        switch = sys.getswitchinterval()
+        if settings.gil_switch_interval_ms is not None:
+            sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
         loading = asyncio.create_task(_load(state, model_loader or default_model_loader, ops))
         try:
             yield
         finally:
+            sys.setswitchinterval(switch)
             loading.cancel()
             if state.engine is not None:
                 await state.engine.stop()

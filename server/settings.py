@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="bind port")
     log_level: LogLevel = Field("info", description="log level")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
+    gil_switch_interval_ms: float | None = Field(
+        0.5, gt=0, le=100,
+        description="the process's sys.setswitchinterval while serving, in ms (None: Python's 5 ms): how long the "
+        "engine's step thread may wait for the GIL while the event loop runs HTTP code; 0.5 measured 0.4 ms "
+        "less time to a resumed turn's first token and no loss at 64 streams on the H200 host",
+    )
 
     # -- scheduling and admission
     max_num_seqs: int = Field(32, ge=1, description="state-pool slots = sequences decoded together")

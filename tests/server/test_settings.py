@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import httpx
 import pytest
+from pydantic import ValidationError
 
 from server.serve import build_parser, parse_settings
 from server.settings import Settings
@@ -41,3 +43,18 @@ def test_help_lists_every_setting_with_its_default() -> None:
         assert "--" + name.replace("_", "-") in out, name
         assert f"env GLA_{name.upper()}" in flat, name
     assert "(default: 32; env GLA_MAX_NUM_SEQS)" in flat
+
+
+def test_gil_switch_interval_is_set_while_serving_and_restored() -> None:
+    from tests.server.conftest import start_server
+
+    before = sys.getswitchinterval()
+    srv = start_server(gil_switch_interval_ms=2.0)
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        assert httpx.post(srv.url + "/generate", json={"prompt": "ROMEO:", "max_tokens": 2}).status_code == 200
+    finally:
+        srv.stop()
+    assert sys.getswitchinterval() == pytest.approx(before)
+    with pytest.raises(ValidationError):
+        Settings(gil_switch_interval_ms=0)

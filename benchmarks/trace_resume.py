@@ -1,0 +1,222 @@
+"""Timeline of a resumed conversation turn over HTTP: where the time between the client and the engine goes.
+
+Why: on the H200 the device tier's resumed turn measured ~5.4 ms at the client against ~3.2 ms of
+the server's own TTFT histogram, and the 2.2 ms in between (client library, HTTP parsing, the
+route, the hand-over to the engine's worker thread, the SSE write) was a guess. This starts the
+real app (uvicorn on a free port, the tiered store `gla-serve serve` builds) in this process,
+stamps each stage with `time.perf_counter` (CLOCK_MONOTONIC, comparable across processes), and
+runs the client in a separate process, so one median timeline per variant comes out (`_in`/`_out`
+are a wrapped function's entry and return):
+
+  client_send -> asgi_in -> route_in -> add_request_in/out -> step_in -> step_out -> first_body_sent
+  -> client_first
+
+Variants (each its own row): the client (`httpx`, or `raw`: `raw_http.RawSSEClient`, which costs the
+measurement least) and the server's
+`sys.setswitchinterval` (how long the engine's worker thread can wait for the GIL while the event
+loop thread runs Python).
+
+    python benchmarks/trace_resume.py --history 32752 --clients httpx raw --out trace-resume.json
+    python benchmarks/trace_resume.py --tiny --device cpu      # the same on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e_server import build_model, serve_in_thread  # noqa: E402
+
+from benchmarks.raw_http import RawSSEClient  # noqa: E402
+
+STAMPS: list[tuple[str, float]] = []
+
+
+def mark(name: str) -> None:
+    STAMPS.append((name, time.perf_counter()))
+
+
+class StampASGI:
+    """Outermost ASGI layer: stamps a streaming request's arrival and its first token's body write."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/generate_stream":
+            return await self.app(scope, receive, send)
+        mark("asgi_in")
+        first = True
+
+        async def stamped_send(msg: dict) -> None:
+            nonlocal first
+            if msg["type"] == "http.response.start":
+                mark("headers_sent")
+            elif msg["type"] == "http.response.body" and first and b'"token"' in msg.get("body", b""):
+                first = False
+                mark("first_body_sent")
+            await send(msg)
+
+        await self.app(scope, receive, stamped_send)
+
+
+def instrument() -> None:
+    """Wrap the stages of a request's path with stamps (the first call of each per request counts)."""
+    import server.api_generate as api
+    import server.engine as engine
+
+    def wrap(obj: Any, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+        if asyncio.iscoroutinefunction(fn):
+            async def wrapped(*a: Any, **k: Any) -> Any:
+                mark(label + "_in")
+                try:
+                    return await fn(*a, **k)
+                finally:
+                    mark(label + "_out")
+        else:
+            def wrapped(*a: Any, **k: Any) -> Any:
+                mark(label + "_in")
+                try:
+                    return fn(*a, **k)
+                finally:
+                    mark(label + "_out")
+        setattr(obj, name, wrapped)
+
+    wrap(api, "_start", "route")
+    wrap(engine.AsyncEngine, "add_request", "add_request")
+    wrap(engine.AsyncEngine, "_step", "step")
+
+
+# ---- clients (run in a separate process) ------------------------------------------------------------
+async def _client_run(url: str, kind: str, history: int, new_tokens: int, reps: int, vocab: int) -> list[list[float]]:
+    """Per rep: [t_send, t_first] of a resumed turn (after a first turn that commits the history)."""
+    gen = torch.Generator().manual_seed(11)
+    base = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    out = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as setup:
+        raw = RawSSEClient(url) if kind == "raw" else None
+        for r in range(reps):
+            cid = f"trace-{kind}-{history}-{r}-{time.monotonic_ns()}"
+            hist = torch.randint(3, vocab, (history,), generator=gen).tolist()
+            (await setup.post("/generate", json={**base, "prompt_token_ids": hist, "conversation_id": cid})
+             ).raise_for_status()
+            for _ in range(200):  # the state's writes have landed (a person's think time)
+                cache = (await setup.get("/health")).json().get("cache") or {}
+                if not cache.get("pending_write_bytes") and not cache.get("pending_writes"):
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+            body = {**base, "prompt_token_ids": torch.randint(3, vocab, (new_tokens,), generator=gen).tolist(),
+                    "conversation_id": cid}
+            stamps: list[float] = []
+            t0 = time.perf_counter()
+            if raw is not None:
+                first, _ = await raw.post_sse("/generate_stream", body)
+                assert first is not None, "no token streamed"
+                stamps.append(first)
+            else:
+                async with setup.stream("POST", "/generate_stream", json=body) as resp:
+                    resp.raise_for_status()
+                    async for line in resp.aiter_lines():
+                        if not stamps and '"token"' in line:
+                            stamps.append(time.perf_counter())
+            out.append([t0, stamps[0]])
+        if raw is not None:
+            await raw.close()
+    return out
+
+
+def client_process(*args: Any) -> list[list[float]]:
+    return asyncio.run(_client_run(*args))
+
+
+def timeline(runs: list[list[float]]) -> dict[str, float]:
+    """Median ms from the client's send to each stage's first stamp inside [send, first token]."""
+    per: dict[str, list[float]] = {}
+    for t0, t1 in runs:
+        seen = set()
+        for name, t in STAMPS:
+            if t0 <= t <= t1 and name not in seen:
+                seen.add(name)
+                per.setdefault(name, []).append(1e3 * (t - t0))
+        per.setdefault("client_first", []).append(1e3 * (t1 - t0))
+    rows = {name: statistics.median(v) for name, v in per.items()}
+    return dict(sorted(rows.items(), key=lambda kv: kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--history", type=int, default=32752)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--clients", nargs="+", default=["httpx", "raw"], choices=("httpx", "raw"))
+    ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
+                    help="sys.setswitchinterval values to try, in ms (5 is Python's default)")
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from model import load_tokenizer
+    from server.app import create_app
+    from server.settings import Settings
+    from server.state_cache.factory import build_conversation_store
+
+    instrument()
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = build_model(args.tiny, args.device, dtype)
+    tokenizer = load_tokenizer(None)
+    settings = Settings(device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
+                        max_tokens_cap=16, cuda_graphs=args.device.startswith("cuda"), log_level="warning")
+    conversations = build_conversation_store(settings, fingerprint=b"trace-resume".ljust(32, b"\0"))
+    app = create_app(settings, model_loader=lambda s: (model, tokenizer), conversations=conversations)
+    server, _, url = serve_in_thread(app, StampASGI(app))
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    vocab = len(tokenizer)
+    pool.submit(client_process, url, "httpx", args.history, args.new_tokens, 2, vocab).result()  # warm-up
+    results = []
+    default_switch = sys.getswitchinterval()
+    for switch_ms in args.switch_ms:
+        for kind in args.clients:
+            sys.setswitchinterval(switch_ms / 1e3)
+            STAMPS.clear()
+            runs = pool.submit(client_process, url, kind, args.history, args.new_tokens, args.reps, vocab).result()
+            sys.setswitchinterval(default_switch)
+            tl = timeline(runs[1:])
+            results.append({"client": kind, "switch_ms": switch_ms, "timeline_ms": tl})
+            print(f"client {kind:5s} switch {switch_ms:4.2f} ms: " + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()),
+                  flush=True)
+    server.should_exit = True
+    if args.out:
+        import subprocess
+
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        meta = {"benchmark": "trace_resume", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "commit": commit, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                "torch": torch.__version__, "python": sys.version.split()[0], "history": args.history,
+                "new_tokens": args.new_tokens, "reps": args.reps, "max_num_seqs": args.max_num_seqs,
+                "uvicorn_loop": "uvloop" if "uvloop" in sys.modules else "asyncio",
+                "http_parser": "httptools" if "httptools" in sys.modules else "h11"}
+        Path(args.out).write_text(json.dumps({**meta, "results": results}, indent=1))
+        print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
