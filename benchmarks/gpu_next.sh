@@ -3,6 +3,7 @@
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
 #   STEPS=trace,resume           a resumed turn's timeline; resumed TTFT per tier (raw client)
 #   SWITCHES="default 0.5" STEPS=http64   1 and 64 streams at Python's and a 0.5 ms GIL switch interval
+#   STEPS=gputests,steptrace,http64,resume   after the greedy kernel, pinned graph inputs, step bursts
 #   STEPS=smallsteps,gputests    B=1 decode variants and a resumed turn's prefill graph; GPU tests
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
@@ -34,7 +35,10 @@ if has e2eours; then  # issue 8: our decode steps and prefill only (no fla: its 
 fi
 if has gputests; then  # the GPU paths added without a GPU: staged snapshots (on by default)
   timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_stage.py \
-    tests/model/test_graphed_prefill.py tests/model/test_fused.py tests/server/test_gpu_serving.py 2>&1 | tail -4
+    tests/model/test_graphed_prefill.py tests/model/test_fused.py tests/server/test_gpu_serving.py \
+    tests/kernels/test_sampling.py 2>&1 | tail -4
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/server/test_step_bursts.py \
+    tests/server/test_sampling.py 2>&1 | tail -2
   timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
     -k "prep_variants or (prefill_matches_naive and T1000 and f32)" 2>&1 | tail -3
 fi
@@ -70,6 +74,12 @@ if has resume; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier; 
     timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
       --resume 1024 8192 32752 --resume-tier $tier --client ${RESUME_CLIENT:-raw} --out "$OUT/resume-$tier.json" 2>&1 \
       | grep -v -i warn | tail -3
+  done
+fi
+if has steptrace; then  # issue 8: an engine decode step's host and GPU time at B=1/16/64, step bursts on and off
+  for b in true false; do
+    GLA_STEP_BURSTS=$b timeout 150 python3 benchmarks/trace_step.py --batches 1 16 64 --out "$OUT/trace-step-bursts-$b.json" \
+      2>&1 | grep -v -i warn | tail -4
   done
 fi
 if has trace; then  # issue 5: a resumed turn's timeline (client, route, admission, step, SSE) per client and GIL switch interval

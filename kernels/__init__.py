@@ -32,6 +32,7 @@ from kernels.fused_torch import (
     swiglu_torch,
 )
 from kernels.naive import naive_recurrent_gla
+from kernels.sampling_torch import greedy_logprob_torch
 
 __all__ = [
     "add_rms_norm",
@@ -44,6 +45,7 @@ __all__ = [
     "gemv",
     "gla_decode_proj",
     "gla_prep",
+    "greedy_logprob",
     "linear",
     "naive_recurrent_gla",
     "rms_norm_gate",
@@ -301,6 +303,7 @@ _TRITON_FUSED = _load_guarded("triton_fused", {
     "swiglu": ("swiglu_triton", swiglu_torch),
     "gla_prep": ("gla_prep_triton", gla_prep_torch),
 })
+_TRITON_SAMPLING = _load_guarded("triton_sampling", {"greedy_logprob": ("greedy_logprob_triton", greedy_logprob_torch)})
 _TRITON_GEMV = _load_guarded("triton_gemv", {
     "gemv": ("gemv_triton", gemv_torch),
     "swiglu_gemv": ("swiglu_gemv_triton", swiglu_gemv_torch),
@@ -401,3 +404,14 @@ def swiglu_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if GEMV_ROUTE["enabled"] and math.prod(h.shape[:-1]) <= GEMV_ROUTE["max_rows"]:
         return swiglu_gemv(h, weight)
     return F.linear(swiglu(h), weight)
+
+
+def greedy_logprob(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] logits -> [B, 2] float64 rows (argmax id, its log-softmax); ties go to the lowest id.
+
+    One kernel on CUDA (kernels/triton_sampling.py) for the sampler's all-greedy batches, whose
+    PyTorch form was about eight kernels of GPU tail per decode step.
+    """
+    if logits.is_cuda and _TRITON_SAMPLING is not None:
+        return _TRITON_SAMPLING["greedy_logprob"]((), logits)
+    return greedy_logprob_torch(logits)

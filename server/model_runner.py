@@ -135,11 +135,12 @@ class ModelRunner:
                 c.seq.num_prefilled = c.end
         if batch.decode:
             ids = [s.output_token_ids[-1] for s in batch.decode]
-            input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
-            slots_t = torch.tensor([s.slot for s in batch.decode], dtype=torch.int32).to(self.device)
+            slots_l = [s.slot for s in batch.decode]
             if self.graphed_decoder is not None:
-                logits.append(self.graphed_decoder(input_ids, slots_t))
+                logits.append(self.graphed_decoder.replay_lists(ids, slots_l))
             else:
+                input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
+                slots_t = torch.tensor(slots_l, dtype=torch.int32).to(self.device)
                 logits.append(self.model.decode(input_ids, self.pool, slots_t))
             sampled += batch.decode
         if not sampled:

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     conversation_cache_bytes: int = Field(
         2 * 2**30, ge=0, description="in-process conversation state LRU budget in bytes"
     )
+    step_bursts: bool | None = Field(
+        None, description="run consecutive engine steps back to back on the worker thread while no request, "
+        "abort or prefix snapshot needs the event loop between them (outputs still stream after each step); "
+        "None: on CUDA only, where each step's GPU wait frees the GIL for the loop's writes",
+    )
     resident_conversations: bool = Field(
         True, description="leave a finished turn's state in its device slot until the slot is needed (device tier)"
     )

@@ -33,6 +33,18 @@ def test_greedy_is_argmax_and_logprob_is_raw() -> None:
     assert torch.allclose(torch.tensor([o.logprob for o in out]), ref, atol=1e-5)
 
 
+def test_all_greedy_batches_take_the_one_kernel_path_with_the_same_results() -> None:
+    """An all-greedy batch without logprobs goes through kernels.greedy_logprob; asking for top
+    logprobs (or mixing in a sampled row) takes the general path. Both give the same ids/logprobs."""
+    logits = _logits(6, seed=3)
+    logits[2, 7] = logits[2, 9] = 99.0  # a tie: the lower id
+    fast = Sampler("cpu")(logits, [SampleRow(SamplingParams(temperature=0)) for _ in range(6)])
+    slow = Sampler("cpu")(logits, [SampleRow(SamplingParams(temperature=0, logprobs=1)) for _ in range(6)])
+    assert [o.token_id for o in fast] == [o.token_id for o in slow] and fast[2].token_id == 7
+    assert [o.logprob for o in fast] == pytest.approx([o.logprob for o in slow], abs=1e-6)
+    assert all(o.top_logprobs is None for o in fast) and all(o.top_logprobs for o in slow)
+
+
 def test_filters_restrict_the_support() -> None:
     logits = _logits()
     sampler = Sampler("cpu", seed=1)
