@@ -152,6 +152,7 @@ class ModelRunner:
         ]
         all_logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=0)
         if self.num_valid_tokens < self.vocab_size:
-            all_logits = all_logits.clone()
-            all_logits[:, self.num_valid_tokens :] = float("-inf")
+            # a view, not a masked copy (a clone and a fill of [B, vocab] each step): ids past it
+            # (vocabulary padding) are never sampled and get no probability mass
+            all_logits = all_logits[:, : self.num_valid_tokens]
         return sampled, self.sampler(all_logits, rows)
