@@ -177,7 +177,7 @@ class LRUConversationStore:
                 return None
             self._entries.move_to_end(key)
             self.num_hits += 1
-            return ConversationSnapshot(list(snap.token_ids), snap.state)
+            return ConversationSnapshot(snap.token_ids, snap.state)  # logs are never mutated: no copy
 
     def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
         if snapshot.state is not None:  # in-process: hold host copies, never device memory

@@ -386,13 +386,15 @@ class TieredStateCache:
             remote = await self.redis.get_token_log(key)
             if remote is not None:
                 self._remember(self._logs, key, remote)
-                return list(remote)
-        local = self._logs.get(key)
-        return list(local) if local is not None else None
+                return remote
+        # Not copied: a committed log is never mutated (turns build new lists), and handing out the
+        # list the engine committed lets its device tier recognise its own log by identity instead
+        # of comparing 32K ids (`ParkedState.summarises`).
+        return self._logs.get(key)
 
     async def set_token_log(self, tenant: str, conversation_id: str, token_ids: Sequence[int]) -> None:
         key = self.keys.token_log(tenant, conversation_id)
-        self._remember(self._logs, key, list(token_ids))
+        self._remember(self._logs, key, token_ids if isinstance(token_ids, list) else list(token_ids))
         if self.redis is not None and not await self.redis.set_token_log(key, token_ids):
             self._count("token_log_writes_skipped")
 
