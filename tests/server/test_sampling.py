@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import load_tokenizer
-from server.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from server.detokenizer import IncrementalDetokenizer, StopStringMatcher, backend_decode
 from server.errors import Overloaded
 from server.sampler import Sampler, SampleRow
 from server.sampling_params import SamplingParams
@@ -115,6 +115,27 @@ def test_detokenizer_never_emits_broken_utf8() -> None:
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tok.decode(ids)
     assert any(d == "" for d in deltas[:-1]) or len(ids) == len(text)  # some token was a partial character
+
+
+def test_detokenizer_backend_decode_equals_the_tokenizer_decode() -> None:
+    """The detokenizer calls the Rust decode directly (bundled tokenizer: no space clean-up); on any
+    ids, special ones included, it must give exactly what the HF tokenizer's decode gives. A
+    tokenizer that cleans up spaces keeps the HF path."""
+    tok = load_tokenizer(Settings().model)
+    backend = backend_decode(tok)
+    assert backend is not None
+    gen = torch.Generator().manual_seed(5)
+    specials = list(tok.all_special_ids)
+    for n in (1, 2, 7, 40):
+        ids = torch.randint(0, len(tok), (n,), generator=gen).tolist() + specials[: n % 3]
+        for skip in (True, False):
+            assert backend(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip)
+
+    class CleaningUp:
+        backend_tokenizer = tok.backend_tokenizer
+        clean_up_tokenization_spaces = True
+
+    assert backend_decode(CleaningUp()) is None and backend_decode(object()) is None
 
 
 def test_stop_matcher_spanning_and_holdback() -> None:
