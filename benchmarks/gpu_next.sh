@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=trace,resume           a resumed turn's timeline; resumed TTFT per tier (raw client)
-#   SWITCHES="default 0.5" STEPS=http64   1 and 64 streams at Python's and a 0.5 ms GIL switch interval
-#   STEPS=gputests,steptrace,http64,resume   after the greedy kernel, pinned graph inputs, step bursts
+#   STATE_BENCH=0 STEPS=gputests,steptrace,http64   the detokenizer's direct decode (B=64 postprocess was
+#                                1.1 ms) and the step bursts' effect at 64 HTTP streams (eighth session)
+#   STATE_BENCH=0 STEPS=trace,resume   the resumed turn's timeline and TTFT per tier (raw client), Redis included
 #   STEPS=smallsteps,gputests    B=1 decode variants and a resumed turn's prefill graph; GPU tests
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
