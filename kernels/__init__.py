@@ -6,7 +6,8 @@ Importing this package never needs Triton or a GPU. Besides the recurrence, the 
 cut a serving layer to ~9 kernels live here too: add_rms_norm, rms_norm_gate, swiglu and gla_prep
 (kernels/triton_fused.py on CUDA, kernels/fused_torch.py elsewhere), and the small-batch GEMVs gemv and
 swiglu_gemv (kernels/triton_gemv.py), which the model reaches through `linear` / `swiglu_linear` only
-when GEMV_ROUTE["enabled"] (env GLA_TRITON_GEMV=1; off until measured on a GPU).
+when GEMV_ROUTE["enabled"] (env GLA_TRITON_GEMV=1; off until measured on a GPU). The sampler's
+all-greedy batches use greedy_logprob (kernels/triton_sampling.py): argmax and its logprob in one pass.
 """
 
 from __future__ import annotations
