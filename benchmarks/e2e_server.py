@@ -86,15 +86,18 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def one_stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+async def one_stream(client: httpx.AsyncClient | RawSSEClient, prompt: list[int], max_tokens: int) -> dict[str, Any]:
     body = {"prompt_token_ids": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     t0 = time.perf_counter()
     stamps: list[float] = []
-    async with client.stream("POST", "/generate_stream", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data:") and '"token"' in line:
-                stamps.append(time.perf_counter())
+    if isinstance(client, RawSSEClient):
+        await client.post_sse("/generate_stream", body, token_times=stamps)
+    else:
+        async with client.stream("POST", "/generate_stream", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data:") and '"token"' in line:
+                    stamps.append(time.perf_counter())
     return {
         "tokens": len(stamps),
         "ttft_s": stamps[0] - t0 if stamps else None,
@@ -103,15 +106,21 @@ async def one_stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: i
     }
 
 
-async def run_level(url: str, concurrency: int, prompt_len: int, max_tokens: int, vocab: int) -> dict[str, Any]:
+async def run_level(url: str, concurrency: int, prompt_len: int, max_tokens: int, vocab: int,
+                    client_kind: str = "httpx") -> dict[str, Any]:
     gen = torch.Generator().manual_seed(concurrency)
     prompts = [torch.randint(3, vocab, (prompt_len,), generator=gen).tolist() for _ in range(concurrency)]
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         h0 = (await client.get("/health")).json()
+        # raw: one connection per stream, so the client's parsing does not cap what is measured
+        streams = [RawSSEClient(url) for _ in prompts] if client_kind == "raw" else [client] * len(prompts)
         t0 = time.perf_counter()
-        res = await asyncio.gather(*(one_stream(client, p, max_tokens) for p in prompts))
+        res = await asyncio.gather(*(one_stream(c, p, max_tokens) for c, p in zip(streams, prompts, strict=True)))
         wall = time.perf_counter() - t0
+        for c in streams:
+            if isinstance(c, RawSSEClient):
+                await c.close()
         h1 = (await client.get("/health")).json()
         steps = h1["steps"] - h0["steps"]
         phase_ms = {k: (h1["step_phase_ms"][k] - h0["step_phase_ms"][k]) / max(steps, 1)
@@ -334,8 +343,9 @@ def main() -> None:
                     help="also time HTTP TTFT of fresh prompts of these lengths against a bare eager model "
                     "prefill of the same length in this process (e.g. 2048 8192 32768)")
     ap.add_argument("--client", choices=("httpx", "raw"), default="httpx",
-                    help="the client of the timed resume/TTFT requests: httpx, or benchmarks/raw_http.py's "
-                    "minimal HTTP/1.1 client (about 1 ms less client time per request on the H200 host)")
+                    help="the client of the streams and the timed resume/TTFT requests: httpx, or "
+                    "benchmarks/raw_http.py's minimal HTTP/1.1 client (about 1 ms less client time per request "
+                    "on the H200 host; one connection per stream)")
     ap.add_argument("--client-in-process", action="store_true",
                     help="run the load client in the server's process (default: a separate process, so "
                     "the client's SSE parsing does not compete with the engine for the GIL)")
@@ -393,9 +403,10 @@ def main() -> None:
         return pool.submit(_run_client, fn.__name__, *fn_args).result()
     # warm-up: compile/autotune every prefill shape and decode bucket the levels will use
     for c in sorted(set(args.concurrency)):
-        client(run_level, url, c, args.prompt_tokens, 8, vocab)
+        client(run_level, url, c, args.prompt_tokens, 8, vocab, args.client)
     print("-- measured --", flush=True)
-    levels = [client(run_level, url, c, args.prompt_tokens, args.max_tokens, vocab) for c in args.concurrency]
+    levels = [client(run_level, url, c, args.prompt_tokens, args.max_tokens, vocab, args.client)
+              for c in args.concurrency]
     from contextlib import nullcontext
 
     from stack_sampler import StackSampler
@@ -438,6 +449,7 @@ def main() -> None:
         "client": ("httpx asyncio in the server's process (own thread)" if args.client_in_process
                    else "httpx asyncio in a separate process") + "; one SSE stream per request",
         "resume_ttft_client": args.client,
+        "stream_client": args.client,
         "levels": levels,
         "resume": resume,
         "resume_tier": args.resume_tier,

@@ -105,9 +105,11 @@ if has bulkread; then  # issue 5: Redis resume over k plain sockets vs redis-py 
 fi
 if has http64; then  # issue 8: the engine over HTTP at 1 and 64 streams, at each GIL switch interval of SWITCHES
   for sw in ${SWITCHES:-default}; do
-    env $([[ $sw != default ]] && echo GLA_GIL_SWITCH_INTERVAL_MS=$sw) timeout 120 python3 benchmarks/e2e_server.py \
-      --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 --out "$OUT/e2e-server-switch-$sw.json" 2>&1 \
-      | grep -v -i warn | tail -3
+    for cl in ${HTTP_CLIENTS:-httpx raw}; do  # raw: one connection per stream, no client parsing cap
+      env $([[ $sw != default ]] && echo GLA_GIL_SWITCH_INTERVAL_MS=$sw) timeout 120 python3 benchmarks/e2e_server.py \
+        --concurrency 1 64 --prompt-tokens 512 --max-tokens 64 --client $cl \
+        --out "$OUT/e2e-server-switch-$sw-$cl.json" 2>&1 | grep -v -i warn | tail -3
+    done
   done
 fi
 if has ttft; then  # issue 8 (c): HTTP TTFT of 2K-32K prompts within 1.3x of a bare model prefill

@@ -24,9 +24,11 @@ class RawSSEClient:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post_sse(self, path: str, body: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+    async def post_sse(self, path: str, body: dict[str, Any],
+                       token_times: list[float] | None = None) -> tuple[float | None, dict[str, Any]]:
         """POST `body` as JSON; returns (perf_counter time of the first event carrying a token, the
-        last event's JSON). Raises RuntimeError on a non-200 status."""
+        last event's JSON). With `token_times`, appends the arrival time of every token event.
+        Raises RuntimeError on a non-200 status."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         reader = self.reader
@@ -57,8 +59,11 @@ class RawSSEClient:
             chunk = await reader.readexactly(size + 2)
             if size == 0:
                 return first, last
-            if first is None and b'"token"' in chunk:
-                first = time.perf_counter()
+            if b'"token":{' in chunk:
+                now = time.perf_counter()
+                first = now if first is None else first
+                if token_times is not None:
+                    token_times.extend([now] * chunk.count(b'"token":{'))
             pending += chunk[:-2]
             *events, pending = pending.split(b"\n\n")
             for ev in events:
