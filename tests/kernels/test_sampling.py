@@ -58,7 +58,7 @@ def test_ties_go_to_the_lowest_id_across_blocks() -> None:
 
 
 def test_masked_vocabulary_tail_and_a_sharp_row() -> None:
-    """The engine masks ids past the tokenizer with -inf: whole blocks of -inf must not give NaN."""
+    """Whole blocks of -inf logits (masked ids) must not give NaN, nor win the argmax."""
     x = logits(2, 3 * BLOCK, torch.float32, seed=2)
     x[:, BLOCK // 2:] = float("-inf")
     x[1, 3] = 1e4  # all the mass on one id: logprob 0
