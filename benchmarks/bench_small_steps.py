@@ -86,7 +86,7 @@ def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], 
     ids = torch.randint(3, model.config.vocab_size, (n_new,)).tolist()
     for max_seqs in max_seqs_list:
         buckets = prefill_buckets(Settings(max_num_seqs=max_seqs, device="cuda")) or []
-        small = [b for b in buckets if b <= 4 * 64 + max_seqs + 1]  # the ones a short resume can hit
+        small = [b for b in buckets if b <= 256]  # the ones a short resume can hit
         try:
             gp = GraphedPrefiller(model, pool, pool.num_slots - 1, max_seqs, small)
             bucket = gp.bucket_for(n_new, 1)

@@ -25,6 +25,11 @@ if has smallsteps; then  # issues 5 and 8: B=1 decode variants, a resumed turn's
     -k "decode" tests/model/test_fused.py tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py 2>&1 | tail -4
   timeout 300 python3 benchmarks/bench_small_steps.py --out "$OUT/small-steps.json" 2>&1 | grep -v -i warn | tail -20
 fi
+if has resumeprefill; then  # issue 5: the short kernel's settings and the graph rows of a resumed turn's prefill
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
+    -k "short or empty or padding" tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py 2>&1 | tail -3
+  timeout 240 python3 benchmarks/bench_resume_prefill.py --out "$OUT/resume-prefill.json" 2>&1 | grep -v -i warn | tail -60
+fi
 if has resumedev; then  # issue 5: the device tier's resumed turn at the default max_num_seqs (32)
   timeout 100 python3 benchmarks/e2e_server.py --concurrency 1 --max-num-seqs 32 --prompt-tokens 512 --max-tokens 8 \
     --resume 1024 8192 32752 --resume-tier device --out "$OUT/resume-device-seqs32.json" 2>&1 | grep -v -i warn | tail -4

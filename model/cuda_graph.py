@@ -15,7 +15,7 @@ from kernels import SHORT_PREFILL_MAX
 from model.modeling import GLAForCausalLM
 from model.state import StatePool
 
-SHORT_GRAPH_TOKENS = 256  # prefill graphs up to this many tokens (+ padding sequences) get a short variant
+SHORT_GRAPH_TOKENS = 256  # prefill graphs up to this many tokens get a short variant
 
 
 class _Staging:
@@ -143,16 +143,18 @@ def pad_layout(
 ) -> tuple[list[int], list[int], list[bool]] | None:
     """A packed prefill batch padded to a captured shape: `bucket` tokens in `num_seqs` sequences.
 
-    The real sequences keep their places; each missing sequence becomes a padding sequence of at
-    least one token (every length must be >= 1) that starts from zeros in slot PAD_SLOT: the kernels
-    discard its state instead of writing a slot (the short-prefill kernel skips it altogether).
+    The real sequences keep their places; each missing sequence becomes a padding sequence in slot
+    PAD_SLOT, which the kernels neither read nor write. Padding sequences are empty but the last,
+    which takes the bucket's spare tokens (possibly none). Why empty: with one token per padding
+    sequence, the smallest graph of a server with max_num_seqs 32 had 97 rows, and every GEMM of a
+    resumed turn's 17-token prefill ran at M=97 instead of 32.
     Returns (cu_seqlens, slots, mask) of the padded batch, or None when it does not fit.
     """
     n = len(cu) - 1
     pad = num_seqs - n
-    if pad < 1 or bucket - num_tokens < pad:
+    if pad < 1 or bucket < num_tokens:
         return None
-    cu_full = cu + [num_tokens + i + 1 for i in range(pad - 1)] + [bucket]
+    cu_full = cu + [num_tokens] * (pad - 1) + [bucket]
     return cu_full, slots + [PAD_SLOT] * pad, mask + [False] * pad
 
 
@@ -171,7 +173,7 @@ class GraphedPrefiller:
         pool: its state pool (captured by address).
         scratch_slot: a slot no sequence uses (zeroed after capture; padding sequences use PAD_SLOT).
         max_seqs: most real sequences per call; graphs hold max_seqs + 1 sequences.
-        buckets: token counts to capture; each must exceed max_seqs.
+        buckets: token counts to capture.
     """
 
     def __init__(self, model: GLAForCausalLM, pool: StatePool, scratch_slot: int, max_seqs: int,
@@ -183,9 +185,9 @@ class GraphedPrefiller:
             raise ValueError("GraphedPrefiller does not support use_short_conv models")
         self.model, self.pool, self.scratch_slot = model, pool, scratch_slot
         self.num_seqs = max_seqs + 1
-        self.buckets = sorted(b for b in buckets if b > self.num_seqs)
+        self.buckets = sorted(set(b for b in buckets if b >= 1))
         if not self.buckets:
-            raise ValueError(f"no bucket exceeds {self.num_seqs} tokens")
+            raise ValueError("no prefill graph bucket given")
         top = self.buckets[-1]
         self.ids = torch.zeros(top, dtype=torch.long, device=dev)
         self.cu = torch.zeros(self.num_seqs + 1, dtype=torch.int32, device=dev)
@@ -197,7 +199,7 @@ class GraphedPrefiller:
         # max_num_seqs 1 / 32 / 64 (each padding sequence's chunk costs a full chunk program), short
         # 2.0-2.1 ms
         self.variants = [(b, False) for b in self.buckets]
-        self.variants += [(b, True) for b in self.buckets if b <= SHORT_GRAPH_TOKENS + self.num_seqs]
+        self.variants += [(b, True) for b in self.buckets if b <= SHORT_GRAPH_TOKENS]
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self._capture()
@@ -234,8 +236,9 @@ class GraphedPrefiller:
         self.pool.zero_([self.scratch_slot])
 
     def bucket_for(self, num_tokens: int, num_real_seqs: int) -> int | None:
-        pad = self.num_seqs - num_real_seqs
-        return next((b for b in self.buckets if pad >= 1 and b - num_tokens >= pad), None)
+        if num_real_seqs >= self.num_seqs:
+            return None
+        return next((b for b in self.buckets if b >= num_tokens), None)
 
     def __call__(self, ids: list[int], cu: list[int], slots: list[int], mask: list[bool]) -> torch.Tensor | None:
         """Logits [N, vocab] of the real sequences, or None when the batch fits no captured shape."""

@@ -362,10 +362,14 @@ def _conv_varlen(
     outs = []
     for n in range(len(cu) - 1):
         s, e, slot = cu[n], cu[n + 1], slots[n]
+        if s == e:  # empty (padding): the tail passes through, or starts from zeros
+            if not mask[n] and slot >= 0:
+                conv[slot].zero_()
+            continue
         y, tail = causal_conv(qkv[s:e], conv[slot] if mask[n] else None, weight)
         outs.append(y)
         conv[slot].copy_(tail)
-    return torch.cat(outs)
+    return torch.cat(outs) if outs else qkv[:0]
 
 
 class GLABlock(nn.Module):

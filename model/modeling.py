@@ -173,7 +173,9 @@ class GLAForCausalLM(GLAPreTrainedModel):
 
         Args:
             input_ids: [T] token ids of all sequences, concatenated.
-            cu_seqlens: [N+1] int32 offsets (0, len_0, len_0+len_1, ...); every length >= 1.
+            cu_seqlens: [N+1] int32 offsets (0, len_0, len_0+len_1, ...). A sequence may be empty (a
+                CUDA graph's padding): its state passes through unchanged (slot -1: untouched) and
+                its logits row is meaningless.
             pool: the state pool; per layer the recurrent state is [S, H, V, K] float32, V-first
                 (fla >= 0.5.1 layout).
             slots: [N] int32 pool slot of each sequence; its final state is written there in place.
@@ -198,9 +200,12 @@ class GLAForCausalLM(GLAPreTrainedModel):
         cu_cpu = cu_seqlens_host if cu_seqlens_host is not None else cu_seqlens.tolist()
         n = len(cu_cpu) - 1
         if n < 1 or cu_cpu[0] != 0 or cu_cpu[-1] != input_ids.shape[0] or any(
-            b <= a for a, b in zip(cu_cpu, cu_cpu[1:], strict=False)
-        ):
-            raise ValueError(f"cu_seqlens {cu_cpu} must start at 0, increase strictly and end at {input_ids.shape[0]}")
+            b < a for a, b in zip(cu_cpu, cu_cpu[1:], strict=False)
+        ) or cu_cpu[-1] < 1:
+            raise ValueError(f"cu_seqlens {cu_cpu} must start at 0, never decrease and end at "
+                             f"{input_ids.shape[0]} >= 1")
+        if slots.shape[0] != n:
+            raise ValueError(f"cu_seqlens has {n} sequences but slots has {slots.shape[0]}")
         if initial_state_mask is None:
             initial_state_mask = torch.zeros(n, dtype=torch.bool, device=dev if cu_seqlens_host is not None else "cpu")
         conv_meta = (slots.tolist(), initial_state_mask.tolist()) if pool.conv is not None else None

@@ -38,26 +38,28 @@ log = logging.getLogger("gla.engine")
 
 
 def prefill_buckets(settings: Settings) -> list[int] | None:
-    """Token counts to capture prefill graphs at, each with room for every padding sequence (one
-    token each) on top: powers of two from 64 to 512 tokens, then quarter-octave steps up to the
-    step's token budget.
+    """Token counts to capture prefill graphs at: powers of two from 16 to 512 tokens, then
+    quarter-octave steps up to the step's token budget. Padding sequences are empty (`pad_layout`),
+    so a bucket needs no room beyond the real tokens.
 
     Why: a batch replays the smallest bucket it fits, and pure powers of two sent a 2048-token
-    prompt (plus its padding sequences) to the 4096 graph: twice the work, 28 ms of HTTP time to
-    first token on an H200 where a bare prefill took 13.5. Above 512 tokens the prefill costs
-    about linear time, so padding is capped near 25%; below, launch overhead dominates anyway.
+    prompt to the 4096 graph: twice the work, 28 ms of HTTP time to first token on an H200 where a
+    bare prefill took 13.5. Above 512 tokens the prefill costs about linear time, so padding is
+    capped near 25%; below, launch overhead dominates, but the rows still cost GEMM work: a resumed
+    turn's 17 tokens ran every projection at M=97 when the smallest graph had 64 tokens + 33
+    one-token padding sequences.
     """
     if not settings.cuda_graph_prefill:
         return None
-    seqs, budget = settings.max_num_seqs + 1, settings.max_num_batched_tokens
-    sizes, b = [], 64
+    budget = settings.max_num_batched_tokens
+    sizes, b = [], 16
     while b < 512 and b < budget:
         sizes.append(b)
         b *= 2
     while b < budget:
         sizes += [s for s in (b, b * 5 // 4, b * 3 // 2, b * 7 // 4) if s < budget]
         b *= 2
-    return [s + seqs for s in sizes] + [budget + seqs]
+    return sizes + [budget]
 
 
 class EngineObserver(Protocol):

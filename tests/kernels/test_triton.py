@@ -299,14 +299,18 @@ SHORT_SMALL = [([1, 17, 5, 64], 2, 60, 60, "f32"), ([3, 40], 1, 32, 48, "f16")]
 SHORT_GPU = [([17, 1, 64, 3], 4, 256, 512, dt) for dt in ("f32", "bf16")] + [([200], 4, 128, 256, "bf16")]
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3], ids=lambda d: f"depth{d}")
 @pytest.mark.parametrize("lens,H,K,V,dt", _params(
     SHORT_SMALL, SHORT_GPU, lambda c: f"lens{'-'.join(map(str, c[0]))}-H{c[1]}-K{c[2]}-V{c[3]}-{c[4]}"))
 def test_short_prefill_matches_naive_and_skips_padding(lens: list[int], H: int, K: int, V: int, dt: str,
-                                                       nan_poison: None) -> None:
+                                                       depth: int, nan_poison: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Packed sequences, some from the pool's state and some fresh, plus padding sequences (negative
     slot, as CUDA-graph padding): real ones == the spec, padding o rows are zeros and no slot but the
-    real ones changes (the padding's own state is never written anywhere)."""
-    from kernels.triton_recurrent import short_prefill_triton
+    real ones changes (the padding's own state is never written anywhere). At every prefetch depth."""
+    from kernels.triton_recurrent import SHORT, short_prefill_triton
+
+    monkeypatch.setitem(SHORT, "DEPTH", depth)
 
     dtype = DTYPES[dt]
     lens = [*lens, 2, 1]  # two padding sequences at the end
@@ -351,3 +355,36 @@ def test_chunked_prefill_padding_slot_writes_nothing(nan_poison: None) -> None:
     assert_close(o[:70], o1, 1e-6, "o")
     assert_close(pool[1], alone[1], 1e-6, "state")
     assert torch.equal(pool[0], before[0]) and torch.equal(pool[2], before[2]), "padding wrote a slot"
+
+
+@pytest.mark.parametrize("kind", ["chunked", "chunked-seg64", "short"])
+def test_prefill_empty_sequences_pass_state_through(kind: str, nan_poison: None) -> None:
+    """CUDA-graph padding is empty sequences (`model.cuda_graph.pad_layout`): the real sequences' o
+    and states equal a run without them, an empty sequence in a real slot keeps that slot's state,
+    and empty or spare-token padding in slot -1 writes nothing."""
+    import functools
+
+    from kernels.triton_recurrent import short_prefill_triton
+
+    fn = {"chunked": chunk_gla_prefill_triton, "short": short_prefill_triton,
+          "chunked-seg64": functools.partial(chunk_gla_prefill_triton, seg_len=64)}[kind]
+    H, K, V = 1, 32, 16
+    lens = [17, 70] if kind != "short" else [17, 9]
+    T = sum(lens)
+    q, k, v, g = (x[0] for x in gla_inputs(1, T + 5, H, K, V, 4, dtype=torch.float32, device=DEV, seed=3))
+    pool = random_state(6, H, V, K, dtype=torch.float32, device=DEV)
+    before = pool.clone()
+    alone = before.clone()
+    o1 = fn(q[:T], k[:T], v[:T], g[:T], torch.tensor([0, 17, T], dtype=torch.int32, device=DEV), alone,
+            torch.tensor([1, 2], dtype=torch.int32, device=DEV),
+            initial_state_mask=torch.tensor([True, False], device=DEV))
+    # seq 1 empty in real slot 3 (continuing), then the real one, then empty padding and 5 spare tokens
+    cu = torch.tensor([0, 17, 17, T, T, T + 5], dtype=torch.int32, device=DEV)
+    slots = torch.tensor([1, 3, 2, -1, -1], dtype=torch.int32, device=DEV)
+    mask = torch.tensor([True, True, False, False, False], device=DEV)
+    o = fn(q, k, v, g, cu, pool, slots, initial_state_mask=mask)
+    assert_close(o[:T], o1, 1e-6, "o")
+    for s in (1, 2):
+        assert_close(pool[s], alone[s], 1e-6, f"state slot {s}")
+    for s in (0, 3, 4, 5):
+        assert torch.equal(pool[s], before[s]), f"slot {s} changed"

@@ -101,7 +101,11 @@ def test_bad_cu_seqlens_is_rejected() -> None:
     model = tiny_model()
     pool = StatePool(model.config, num_slots=2)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        model.prefill(torch.tensor([1, 2, 3]), i32(0, 2, 2, 3), pool, i32(0, 1))
+        model.prefill(torch.tensor([1, 2, 3]), i32(0, 2, 1, 3), pool, i32(0, 1))  # decreasing
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        model.prefill(torch.tensor([1, 2, 3]), i32(0, 2, 2, 3), pool, i32(0, 1))  # 3 sequences, 2 slots
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        model.prefill(torch.tensor([1, 2, 3]), i32(0, 2, 4), pool, i32(0, 1))  # past the tokens
 
 
 def test_prefill_checkpoint_states_equal_prefilling_the_prefix_alone() -> None:
