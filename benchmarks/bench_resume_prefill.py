@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 17, 64], help="short-kernel sweep lengths")
     ap.add_argument("--skip-sweep", action="store_true")
     args = ap.parse_args()
-    from model import GLAConfig, GLAForCausalLM
+    from benchmarks.bench_small_steps import random_13b_model
 
     res: dict[str, Any] = {"meta": {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__,
@@ -151,15 +151,7 @@ def main() -> None:
         sweep_short(res, args.tokens)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    cfg = GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=24, vocab_size=32000)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = GLAForCausalLM(cfg).to(torch.bfloat16).eval()
-    model.fuse_for_inference()
-    pool = model.new_state_pool(max(args.max_seqs) + 2)
-    with torch.no_grad():
-        for t in pool.recurrent:
-            t.normal_(0, 0.1)
+    model, pool = random_13b_model(max(args.max_seqs) + 2)
     decode_b1(model, pool, res)
     graph_rows(model, pool, args.resume_tokens, args.max_seqs, args.depths, res)
     with open(args.out, "w") as f:

@@ -132,6 +132,22 @@ def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], 
               f"{prof['gpu_us_per_call']:.0f} us GPU", flush=True)
 
 
+def random_13b_model(num_slots: int) -> tuple[Any, Any]:
+    """The gla-1.3B config with random bf16 weights, fused for inference, and a pool of random states."""
+    from model import GLAConfig, GLAForCausalLM
+
+    cfg = GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=24, vocab_size=32000)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GLAForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.fuse_for_inference()
+    pool = model.new_state_pool(num_slots)
+    with torch.no_grad():
+        for t in pool.recurrent:
+            t.normal_(0, 0.1)
+    return model, pool
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="small-steps.json")
@@ -139,17 +155,10 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, nargs="+", default=[1, 32, 64])
     ap.add_argument("--decode-only", action="store_true", help="skip the resumed-turn prefill part")
     args = ap.parse_args()
-    from model import GLAConfig, GLAForCausalLM, state_bytes_per_sequence
+    from model import state_bytes_per_sequence
 
-    cfg = GLAConfig(hidden_size=2048, num_heads=4, num_hidden_layers=24, vocab_size=32000)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = GLAForCausalLM(cfg).to(torch.bfloat16).eval()
-    model.fuse_for_inference()
-    pool = model.new_state_pool(max(args.max_seqs) + 2)
-    with torch.no_grad():
-        for t in pool.recurrent:
-            t.normal_(0, 0.1)
+    model, pool = random_13b_model(max(args.max_seqs) + 2)
+    cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if not cfg.tie_word_embeddings:  # one embedding row is read, not the table
         weight_bytes -= model.model.embeddings.weight.numel() * model.model.embeddings.weight.element_size()
