@@ -30,7 +30,8 @@ from benchmarks.e2e import cuda_time_ms
 SHAPE = {"H": 4, "K": 256, "V": 512}
 SHORT_VARIANTS = [
     {"TILE_ELEMS": te, "num_warps": nw, "DEPTH": d}
-    for (te, nw) in ((4096, 2), (2048, 1), (4096, 4), (8192, 4)) for d in (1, 2, 3)
+    for (te, nw) in ((4096, 2), (4096, 4), (2048, 1), (2048, 2), (1024, 1), (1024, 2), (512, 1), (256, 1))
+    for d in (1, 2)
 ]
 
 
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 17, 64], help="short-kernel sweep lengths")
+    ap.add_argument("--sweep-only", action="store_true", help="only the short-kernel sweep")
     ap.add_argument("--skip-sweep", action="store_true")
     args = ap.parse_args()
     from benchmarks.bench_small_steps import random_13b_model
@@ -145,12 +147,14 @@ def main() -> None:
                                  text=True).stdout.strip(),
         "command": "python benchmarks/bench_resume_prefill.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("out", "skip_sweep")),
+            for k, v in vars(args).items() if k not in ("out", "skip_sweep", "sweep_only")),
     }, "short_kernel": {}, "graph": {}}
     if not args.skip_sweep:
         sweep_short(res, args.tokens)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
+    if args.sweep_only:
+        return
     model, pool = random_13b_model(max(args.max_seqs) + 2)
     decode_b1(model, pool, res)
     graph_rows(model, pool, args.resume_tokens, args.max_seqs, args.depths, res)

@@ -203,9 +203,13 @@ def gla_decode_proj_triton(
 
 
 # SHORT: the short kernel's V tile (state elements per program), warps and prefetch depth (tokens whose
-# inputs are in flight while one is computed). Depth 1 measured 17.5 us per layer for 17 tokens on an
-# H200 (~1 us per token, about one L2 round trip: the loads, not the math, set the pace).
-SHORT: dict[str, int] = {"TILE_ELEMS": 4096, "num_warps": 2, "DEPTH": 1}
+# inputs are in flight while one is computed). Each token waits on the last one's state update and
+# readout (a cross-thread sum over K), so smaller tiles (more programs, fewer elements per thread)
+# cut the time per token; deeper prefetch did not help. `bench_resume_prefill.py` on an H200, 17 / 64
+# tokens at the 1.3B shape: 4096 elements, 2 warps (the decode kernel's tile, used before) 16.9 / 56.2
+# us; 1024, 2 warps 10.7 / 32.8 us; 2048, 1 warp 10.8 / 32.8; 256, 1 warp 18.6 / 63.8
+# (resume-prefill-sweep-h200-run9.json).
+SHORT: dict[str, int] = {"TILE_ELEMS": 1024, "num_warps": 2, "DEPTH": 1}
 
 
 @triton.jit
@@ -293,7 +297,7 @@ def short_prefill_triton(
     if scale is None:
         scale = K**-0.5
     BK = next_pow2(K)
-    BV = min(next_pow2(V), max(16, SHORT["TILE_ELEMS"] // BK))
+    BV = min(next_pow2(V), max(1, SHORT["TILE_ELEMS"] // BK))
     depth, nw = SHORT["DEPTH"], SHORT["num_warps"]
     has_mask = initial_state_mask is not None
     h0 = initial_state_mask if has_mask else state_slots
