@@ -106,7 +106,8 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
                 yield sse_frame(GenerateStreamResponse(token=None, generated_text=c.text,
                                                        details=_details(c, body.conversation_id)))
 
-    return sse_response(frames(), lambda: None if stream.is_finished else engine.abort(stream.request_id))
+    return sse_response(frames(), lambda: None if stream.is_finished else engine.abort(stream.request_id),
+                        stream.ready)
 
 
 def _summary(c: Completion, conversation_id: str | None) -> dict[str, Any]:

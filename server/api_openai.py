@@ -152,7 +152,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         if include_usage:
             yield sse_frame(CompletionResponse(id=rid, model=state.model_name, choices=[], usage=_usage(c)))
 
-    return sse_response(frames(), _abort_unless_finished(engine, stream))
+    return sse_response(frames(), _abort_unless_finished(engine, stream), stream.ready)
 
 
 # ---- chat --------------------------------------------------------------------------------------------
@@ -210,4 +210,4 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         if include_usage:
             yield chunk([], _usage(c))
 
-    return sse_response(frames(), _abort_unless_finished(engine, stream))
+    return sse_response(frames(), _abort_unless_finished(engine, stream), stream.ready)

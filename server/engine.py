@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -71,7 +72,11 @@ class EngineObserver(Protocol):
 
 
 class RequestStream:
-    """The outputs of one request, in order; iteration ends after the finished one."""
+    """The outputs of one request, in order; iteration ends after the finished one.
+
+    A deque and one future rather than an `asyncio.Queue`: `ready` lets the SSE writer see that more
+    outputs are already here (the event loop fell behind the steps) and send them in one write.
+    """
 
     def __init__(
         self,
@@ -81,21 +86,36 @@ class RequestStream:
     ) -> None:
         self.request_id = request_id
         self.seq = seq
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._items: deque[RequestOutput] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.is_finished = False
         # A conversation turn is acknowledged only once its commit is durable: a client that saw
         # the final output must find the turn after any crash (issue 7's SIGKILL test).
         self._wait_committed = wait_committed
 
     def put(self, out: RequestOutput) -> None:
-        self._queue.put_nowait(out)
+        """On the event loop's thread."""
+        self._items.append(out)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def ready(self) -> bool:
+        """An output is queued, and taking it will not wait (a final output may wait for its commit)."""
+        return bool(self._items) and not self._items[0].finished
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
         while not self.is_finished:
-            out = await self._queue.get()
+            while not self._items:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            out = self._items.popleft()
             if out.finished:
                 self.is_finished = True
                 if self._wait_committed is not None and out.error is None:

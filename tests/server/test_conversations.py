@@ -99,7 +99,8 @@ def test_concurrent_turn_on_one_conversation_is_409(server: RunningServer) -> No
         body = {"prompt": TURNS[0], "conversation_id": "busy", "temperature": 0, "max_tokens": 4000,
                 "ignore_eos": True}
         with c.stream("POST", "/generate_stream", json=body) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection (an abort)
+            next(lines)
             second = c.post("/generate", json={**body, "max_tokens": 4})
             assert second.status_code == 409
             err = second.json()["error"]
