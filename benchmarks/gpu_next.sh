@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STATE_BENCH=0 STEPS=gputests,steptrace,http64   the detokenizer's direct decode (B=64 postprocess was
-#                                1.1 ms) and the step bursts' effect at 64 HTTP streams (eighth session)
-#   STATE_BENCH=0 STEPS=trace,resume   the resumed turn's timeline and TTFT per tier (raw client), Redis included
+#   STEPS=resumeprefill          the short kernel's tile and a resumed turn's graph rows (bench_resume_prefill.py)
+#   STATE_BENCH=0 HTTP_CLIENTS=raw STEPS=http64,resume   64 HTTP streams, resumed turn per tier (raw client)
+#   STATE_BENCH=0 STEPS=trace    the resumed turn's timeline
 #   STEPS=smallsteps,gputests    B=1 decode variants and a resumed turn's prefill graph; GPU tests
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
@@ -75,7 +75,7 @@ if has resume; then  # issue 5: resumed turn vs re-prefill over HTTP, per tier; 
   [[ ${STATE_BENCH:-1} == 1 ]] && timeout 60 python3 benchmarks/bench_state_cache.py --reps 5 --skip-bf16-effect --sizes 48MiB \
     --json "$OUT/state-cache.json" 2>&1 | grep "^|" | tail -12
   # the timed requests through the raw client (RESUME_CLIENT=httpx for the client of earlier runs)
-  for tier in device host redis; do
+  for tier in ${TIERS:-device host redis}; do
     timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
       --resume 1024 8192 32752 --resume-tier $tier --client ${RESUME_CLIENT:-raw} --out "$OUT/resume-$tier.json" 2>&1 \
       | grep -v -i warn | tail -3

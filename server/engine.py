@@ -185,11 +185,6 @@ class AsyncEngine:
         bursts = settings.step_bursts
         self._bursts = self.runner.device.type == "cuda" if bursts is None else bursts
         self.num_burst_steps = 0  # steps that ran straight after another on the worker thread
-        early = settings.early_step_start
-        self._early = self.runner.device.type == "cuda" if early is None else early
-        self.num_early_steps = 0  # steps started from a request's admission (`_start_early`)
-        self._idle = False  # the loop waits for work
-        self._inflight: asyncio.Future[list[RequestOutput]] | None = None  # steps on the worker thread
         self.num_resident_lost = 0  # resident turns whose slot was evicted before they claimed it
         self.is_stopping = False
 
@@ -293,26 +288,8 @@ class AsyncEngine:
         )
         self._streams[request_id] = stream
         self._incoming.append(seq)
-        self._start_early()
         self._wakeup.set()
         return stream
-
-    def _start_early(self) -> None:
-        """An idle engine starts a new request's step here, from its admission, instead of when the
-        loop next runs.
-
-        Why: the loop runs only once the route has returned and the response has started, ~0.6-0.8
-        ms after admission on the H200 host (`trace_resume.py`), all of it before the GPU got work.
-        Started here, the step's host work and GPU time overlap the response start instead; the
-        loop then awaits this step as if it had started it.
-        """
-        if not (self._early and self._idle and self._inflight is None and not self.is_stopping):
-            return
-        self._ingest()
-        if self.scheduler.has_work():
-            loop = asyncio.get_running_loop()
-            self._inflight = loop.run_in_executor(None, self._run_steps, loop)
-            self.num_early_steps += 1
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slot is freed before the next step and nothing is committed."""
@@ -473,31 +450,22 @@ class AsyncEngine:
 
     # ---- the loop -------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if self._inflight is None:
-                self._ingest()
-                if self.is_stopping and not self.scheduler.has_work():
-                    return
-                if not self.scheduler.has_work():
-                    self._wakeup.clear()
-                    if self._incoming or self._aborts:
-                        continue
-                    self._idle = True
-                    try:
-                        await self._wakeup.wait()
-                    finally:
-                        self._idle = False
+            self._ingest()
+            if self.is_stopping and not self.scheduler.has_work():
+                return
+            if not self.scheduler.has_work():
+                self._wakeup.clear()
+                if self._incoming or self._aborts:
                     continue
-                self._inflight = loop.run_in_executor(None, self._run_steps, loop)
+                await self._wakeup.wait()
+                continue
             try:
-                outputs = await self._inflight
+                outputs = await asyncio.to_thread(self._run_steps, asyncio.get_running_loop())
             except Exception as exc:  # a failed step fails its sequences, never the server
                 log.exception("engine step failed")
                 self._prefix_stores = []  # states of a failed step are not worth keeping
                 outputs = self._fail_running(exc)
-            finally:
-                self._inflight = None
             self._dispatch(outputs)
             await asyncio.sleep(0)  # the streams write their tokens first
             self._flush_prefix_stores()
@@ -765,6 +733,5 @@ class AsyncEngine:
             "max_num_seqs": self.settings.max_num_seqs,
             "steps": self.num_steps,
             "burst_steps": self.num_burst_steps,
-            "early_steps": self.num_early_steps,
             "state_bytes_per_slot": self.runner.bytes_per_slot,
         }

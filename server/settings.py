@@ -62,10 +62,6 @@ class Settings(BaseSettings):
         "abort or prefix snapshot needs the event loop between them (outputs still stream after each step); "
         "None: on CUDA only, where each step's GPU wait frees the GIL for the loop's writes",
     )
-    early_step_start: bool | None = Field(
-        None, description="start the step for a request that arrives at an idle engine from its admission, on the "
-        "worker thread, while the event loop sends the response headers; None: on CUDA only",
-    )
     resident_conversations: bool = Field(
         True, description="leave a finished turn's state in its device slot until the slot is needed (device tier)"
     )

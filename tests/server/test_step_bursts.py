@@ -60,28 +60,3 @@ def test_bursts_stream_the_same_tokens_one_event_per_token() -> None:
         assert ids_on == ids_off and ids_on
         assert len(set(times)) > 1  # streamed as generated, not delivered in one piece at the end
 
-
-def _conversation(url: str) -> list[dict]:
-    with httpx.Client(base_url=url, timeout=60) as c:
-        return [c.post("/generate", json={"prompt": t, "conversation_id": "early", "temperature": 0,
-                                          "max_tokens": 8}).json() for t in ("Good morrow.", "What news?", "Go.")]
-
-
-def test_early_step_start_gives_the_same_tokens() -> None:
-    """`early_step_start` (on by default on CUDA) forced on: a request at an idle engine starts its step
-    from its admission; streams, mid-stream arrivals and aborts, and a resumed conversation (its state
-    claimed from the slot) give the same tokens as with it off."""
-    results, turns = {}, {}
-    for early in (False, True):
-        srv = start_server(early_step_start=early, step_bursts=early)
-        try:
-            results[early] = asyncio.run(_run(srv.url))
-            turns[early] = _conversation(srv.url)
-            health = srv.wait_idle()
-            assert (health["early_steps"] > 0) is early, health
-        finally:
-            srv.stop()
-    for (ids_off, _), (ids_on, _) in zip(results[False], results[True], strict=True):
-        assert ids_on == ids_off and ids_on
-    assert [t["token_ids"] for t in turns[True]] == [t["token_ids"] for t in turns[False]]
-    assert [t["state_cached"] for t in turns[True]] == [False, True, True]
