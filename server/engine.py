@@ -101,8 +101,10 @@ class RequestStream:
             waiter.set_result(None)
 
     def ready(self) -> bool:
-        """An output is queued, and taking it will not wait (a final output may wait for its commit)."""
-        return bool(self._items) and not self._items[0].finished
+        """The iteration goes on without waiting: an output is queued that is not a final one (which
+        may wait for its commit), or the final output has been taken and the iteration ends next (so
+        the last frames and the closing [DONE] share a write)."""
+        return self.is_finished or (bool(self._items) and not self._items[0].finished)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()

@@ -54,7 +54,7 @@ def test_queued_outputs_go_out_in_one_write_and_the_rest_one_by_one() -> None:
     writes = asyncio.run(_writes(stream, [outs[:3], [outs[3]], [outs[4]], [outs[5]]]))
     assert writes[0] == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
     assert writes[1:3] == ["data: 3\n\n", "data: 4\n\n"]
-    assert writes[3:] == ["data: 5\n\n", DONE_FRAME]
+    assert writes[3:] == ["data: 5\n\n" + DONE_FRAME]  # the last frame and [DONE] in one write
     assert "".join(writes) == "".join(f"data: {i}\n\n" for i in range(6)) + DONE_FRAME
 
 
@@ -72,7 +72,7 @@ def test_a_final_output_is_not_waited_for_before_sending_what_came_before() -> N
         return [first] + [w async for w in gen]
 
     writes = asyncio.run(run())
-    assert writes == ["data: 7\n\n", "data: 8\n\n", DONE_FRAME]
+    assert writes == ["data: 7\n\n", "data: 8\n\n" + DONE_FRAME]
 
 
 def test_an_error_after_queued_frames_keeps_them_and_ends_the_stream() -> None:
