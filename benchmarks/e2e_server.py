@@ -331,6 +331,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 1.3B shape")
+    ap.add_argument("--starlette-streaming", action="store_true",
+                    help="stream through Starlette's StreamingResponse (an anyio task group per response), as "
+                    "before SSEResponse (A/B)")
     ap.add_argument("--no-sse-coalescing", action="store_true",
                     help="send every SSE frame in its own write, as before queued frames were coalesced (A/B)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
@@ -366,6 +369,12 @@ def main() -> None:
         from server.engine import RequestStream
 
         RequestStream.ready = lambda self: False  # type: ignore[method-assign]
+    if args.starlette_streaming:  # A/B: Starlette's task-group streaming instead of SSEResponse's watcher
+        from starlette.responses import StreamingResponse
+
+        from server.streaming import SSEResponse
+
+        SSEResponse.__call__ = StreamingResponse.__call__  # type: ignore[method-assign]
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()

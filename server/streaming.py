@@ -7,6 +7,8 @@ the wrapper aborts the request in the engine, which frees its slot before the ne
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +16,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from server.errors import APIError, GenerationFailed
 
@@ -67,9 +70,49 @@ async def _guarded(frames: AsyncIterator[str], on_close: Callable[[], None],
         on_close()
 
 
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that watches for the client leaving with one plain asyncio task.
+
+    Why: uvicorn's httptools protocol announces ASGI 2.3, so Starlette runs every streaming
+    response in an anyio task group (a streaming task plus a disconnect listener): 35 us before the
+    headers and 87 us per response on the CPU here, warm, against 4 us without it, on every time
+    to first token. Same behaviour: when the client goes away, the stream is cancelled where it
+    waits, so its generator's cleanup aborts the request.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"finished": False, "gone": False}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["finished"]:  # still streaming: stop it where it waits
+                state["gone"] = True
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            task.uncancel()  # our own cancel: the client left, which is not an error
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        finally:
+            state["finished"] = True
+            watcher.cancel()
+        if self.background is not None:
+            await self.background()
+
+
 def sse_response(frames: AsyncIterator[str], on_close: Callable[[], None],
                  ready: Callable[[], bool] | None = None) -> StreamingResponse:
     """Stream `frames`; `on_close` runs however the stream ends (finished, failed, client gone).
     `ready` (e.g. `RequestStream.ready`) says the next frame will come without waiting."""
-    return StreamingResponse(_guarded(frames, on_close, ready), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return SSEResponse(_guarded(frames, on_close, ready), media_type="text/event-stream", headers=SSE_HEADERS)

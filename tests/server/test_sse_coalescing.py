@@ -85,3 +85,44 @@ def test_an_error_after_queued_frames_keeps_them_and_ends_the_stream() -> None:
 
     (write,) = asyncio.run(run())
     assert write.startswith("data: 1\n\nevent: error\n") and '"boom"' in write and write.endswith(DONE_FRAME)
+
+
+def test_sse_response_ends_quietly_when_the_client_leaves_and_cleanly_when_done() -> None:
+    """`SSEResponse` (no anyio task group): a disconnect while the stream waits cancels the stream
+    where it waits (its cleanup runs: the engine abort) and raises nothing; a normal end leaves no
+    cancellation pending on the request's task."""
+    from server.streaming import SSEResponse
+
+    async def run(disconnect: bool) -> tuple[list[bytes], list[bool]]:
+        closed: list[bool] = []
+        stall = asyncio.Event()  # never set: the stream waits on it after one frame
+
+        async def frames() -> AsyncIterator[str]:
+            yield "data: 1\n\n"
+            if disconnect:
+                await stall.wait()
+            yield "data: 2\n\n"
+
+        gone = asyncio.Event()
+
+        async def receive() -> dict:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        bodies: list[bytes] = []
+
+        async def send(msg: dict) -> None:
+            if msg["type"] == "http.response.body":
+                bodies.append(msg["body"])
+                if disconnect and msg["body"] == b"data: 1\n\n":
+                    gone.set()
+
+        response = SSEResponse(_guarded(frames(), lambda: closed.append(True)), media_type="text/event-stream")
+        await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 5)
+        await asyncio.sleep(0.01)  # a stray cancellation of this task would surface here
+        return bodies, closed
+
+    bodies, closed = asyncio.run(run(disconnect=True))
+    assert bodies == [b"data: 1\n\n"] and closed == [True]
+    bodies, closed = asyncio.run(run(disconnect=False))
+    assert b"".join(bodies) == ("data: 1\n\ndata: 2\n\n" + DONE_FRAME).encode() and closed == [True]
