@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
+#   STEPS=ssepair                SSEResponse vs Starlette's task group, resumed turn at 32K, 3 alternating pairs
+#                                (the eighth session got one pair before its device time ran out)
 #   STEPS=resumeprefill          the short kernel's tile and a resumed turn's graph rows (bench_resume_prefill.py)
 #   STATE_BENCH=0 HTTP_CLIENTS=raw STEPS=http64,resume   64 HTTP streams, resumed turn per tier (raw client)
 #   STATE_BENCH=0 STEPS=trace    the resumed turn's timeline
@@ -29,6 +31,15 @@ if has resumeprefill; then  # issue 5: the short kernel's settings and the graph
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
     -k "short or empty or padding" tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py 2>&1 | tail -3
   timeout 240 python3 benchmarks/bench_resume_prefill.py --out "$OUT/resume-prefill.json" 2>&1 | grep -v -i warn | tail -60
+fi
+if has ssepair; then  # issue 5: SSEResponse (new) vs Starlette's StreamingResponse task group (old), alternating
+  for r in 1 2 3; do
+    for m in new old; do
+      timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+        --resume-tier device --client raw $([[ $m == old ]] && echo --starlette-streaming) \
+        --out "$OUT/resume-sse-$m-$r.json" 2>&1 | grep history | sed "s/^/$m $r: /" | cut -c1-120
+    done
+  done
 fi
 if has resumedev; then  # issue 5: the device tier's resumed turn at the default max_num_seqs (32)
   timeout 100 python3 benchmarks/e2e_server.py --concurrency 1 --max-num-seqs 32 --prompt-tokens 512 --max-tokens 8 \
