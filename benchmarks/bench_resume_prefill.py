@@ -3,9 +3,9 @@
 Why: a resumed conversation's first token waits on one prefill graph of its ~17 new tokens (issue 5).
 That graph cost ~2.0 ms on an H200 against ~1.4 ms for a batch-1 decode step reading the same
 weights. Two suspects, measured here in one process (random bf16 weights):
-  1. the token-by-token kernel (`kernels.triton_recurrent.SHORT`): ~1 us per token per layer, about
-     an L2 round trip, so the prefetch depth and tile are swept (kernel alone, 20 launches per
-     CUDA graph);
+  1. the token-by-token kernel (`kernels.triton_recurrent.SHORT`): ~1 us per token per layer, so
+     its tile and warps are swept (kernel alone, 20 launches per CUDA graph; a sweep of the
+     prefetch depth, since removed, found nothing: resume-prefill-sweep-h200-run9.json);
   2. the rows every GEMM of the graph runs: padding sequences used to take a token each, so the
      smallest graph had 64 + max_num_seqs + 1 rows (97 at the default 32); they are empty now and a
      17-token turn replays the 32-token graph. Both bucket sizes are captured and replayed
@@ -29,9 +29,8 @@ from benchmarks.e2e import cuda_time_ms
 
 SHAPE = {"H": 4, "K": 256, "V": 512}
 SHORT_VARIANTS = [
-    {"TILE_ELEMS": te, "num_warps": nw, "DEPTH": d}
+    {"TILE_ELEMS": te, "num_warps": nw}
     for (te, nw) in ((4096, 2), (4096, 4), (2048, 1), (2048, 2), (1024, 1), (1024, 2), (512, 1), (256, 1))
-    for d in (1, 2)
 ]
 
 
@@ -65,7 +64,7 @@ def sweep_short(res: dict, tokens: list[int]) -> None:
         mask = torch.tensor([True, False], device="cuda")
         for var in SHORT_VARIANTS:
             SHORT.update(var)
-            name = f"T{T}-tile{var['TILE_ELEMS']}-w{var['num_warps']}-d{var['DEPTH']}"
+            name = f"T{T}-tile{var['TILE_ELEMS']}-w{var['num_warps']}"
             try:
                 args = (q, k, v, g, cu, pool, slots)
                 us = graph_us(lambda a=args, m=mask: short_prefill_triton(*a, initial_state_mask=m))
@@ -78,43 +77,37 @@ def sweep_short(res: dict, tokens: list[int]) -> None:
     SHORT.update(default)
 
 
-def graph_rows(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], depths: list[int], res: dict,
-               rounds: int = 7) -> None:
+def graph_rows(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict, rounds: int = 7) -> None:
     """The 17-token prefill replayed from the new smallest bucket and from the old one's size."""
-    from kernels.triton_recurrent import SHORT
     from model.cuda_graph import GraphedPrefiller, pad_layout
 
     ids = torch.randint(3, model.config.vocab_size, (n_new,)).tolist()
-    default = SHORT["DEPTH"]
     for max_seqs in max_seqs_list:
         old = 64 + max_seqs + 1
         buckets = [16 * ((n_new + 15) // 16), old]
-        for depth in depths:
-            SHORT["DEPTH"] = depth
-            gp = GraphedPrefiller(model, pool, pool.num_slots - 1, max_seqs, buckets)
-            layouts = {}
+        gp = GraphedPrefiller(model, pool, pool.num_slots - 1, max_seqs, buckets)
+        layouts = {}
+        for b in buckets:
+            cu, slots, mask = pad_layout(n_new, [0, n_new], [0], [True], gp.num_seqs, b)  # type: ignore[misc]
+            layouts[b] = (torch.tensor(cu, dtype=torch.int32), torch.tensor(slots, dtype=torch.int32),
+                          torch.tensor(mask))
+        gp.ids[:n_new].copy_(torch.tensor(ids))
+        times: dict[int, list[float]] = {b: [] for b in buckets}
+        for _ in range(rounds):
             for b in buckets:
-                cu, slots, mask = pad_layout(n_new, [0, n_new], [0], [True], gp.num_seqs, b)  # type: ignore[misc]
-                layouts[b] = (torch.tensor(cu, dtype=torch.int32), torch.tensor(slots, dtype=torch.int32),
-                              torch.tensor(mask))
-            gp.ids[:n_new].copy_(torch.tensor(ids))
-            times: dict[int, list[float]] = {b: [] for b in buckets}
-            for _ in range(rounds):
-                for b in buckets:
-                    cu, slots, mask = layouts[b]
-                    gp.cu.copy_(cu)
-                    gp.slots.copy_(slots)
-                    gp.mask.copy_(mask)
-                    times[b].append(cuda_time_ms(gp.graphs[b, True].replay, iters=20, warmup=2))
-            for b in buckets:
-                key = f"max_seqs{max_seqs}-bucket{b}-depth{depth}"
-                ms = statistics.median(times[b])
-                res["graph"][key] = {"max_seqs": max_seqs, "bucket": b, "depth": depth, "ms": ms,
-                                     "rounds": times[b], "old_layout": b == old}
-                print(f"prefill graph {n_new} tokens {key}: {ms:.3f} ms", flush=True)
-            del gp
-            torch.cuda.synchronize()
-    SHORT["DEPTH"] = default
+                cu, slots, mask = layouts[b]
+                gp.cu.copy_(cu)
+                gp.slots.copy_(slots)
+                gp.mask.copy_(mask)
+                times[b].append(cuda_time_ms(gp.graphs[b, True].replay, iters=20, warmup=2))
+        for b in buckets:
+            key = f"max_seqs{max_seqs}-bucket{b}"
+            ms = statistics.median(times[b])
+            res["graph"][key] = {"max_seqs": max_seqs, "bucket": b, "ms": ms,
+                                 "rounds": times[b], "old_layout": b == old}
+            print(f"prefill graph {n_new} tokens {key}: {ms:.3f} ms", flush=True)
+        del gp
+        torch.cuda.synchronize()
 
 
 def decode_b1(model: Any, pool: Any, res: dict) -> None:
@@ -133,7 +126,6 @@ def main() -> None:
     ap.add_argument("--out", default="resume-prefill.json")
     ap.add_argument("--resume-tokens", type=int, default=17, help="new tokens of the resumed turn (16 + pending)")
     ap.add_argument("--max-seqs", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 17, 64], help="short-kernel sweep lengths")
     ap.add_argument("--sweep-only", action="store_true", help="only the short-kernel sweep")
     ap.add_argument("--skip-sweep", action="store_true")
@@ -157,7 +149,7 @@ def main() -> None:
         return
     model, pool = random_13b_model(max(args.max_seqs) + 2)
     decode_b1(model, pool, res)
-    graph_rows(model, pool, args.resume_tokens, args.max_seqs, args.depths, res)
+    graph_rows(model, pool, args.resume_tokens, args.max_seqs, res)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
 

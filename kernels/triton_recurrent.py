@@ -202,14 +202,13 @@ def gla_decode_proj_triton(
 # prep is ~10-80 us whatever its length; small-steps-h200 run) dominates there.
 
 
-# SHORT: the short kernel's V tile (state elements per program), warps and prefetch depth (tokens whose
-# inputs are in flight while one is computed). Each token waits on the last one's state update and
-# readout (a cross-thread sum over K), so smaller tiles (more programs, fewer elements per thread)
-# cut the time per token; deeper prefetch did not help. `bench_resume_prefill.py` on an H200, 17 / 64
-# tokens at the 1.3B shape: 4096 elements, 2 warps (the decode kernel's tile, used before) 16.9 / 56.2
-# us; 1024, 2 warps 10.7 / 32.8 us; 2048, 1 warp 10.8 / 32.8; 256, 1 warp 18.6 / 63.8
-# (resume-prefill-sweep-h200-run9.json).
-SHORT: dict[str, int] = {"TILE_ELEMS": 1024, "num_warps": 2, "DEPTH": 1}
+# SHORT: the short kernel's V tile (state elements per program) and warps. Each token waits on the last
+# one's state update and readout (a cross-thread sum over K), so smaller tiles (more programs, fewer
+# elements per thread) cut the time per token; loading the inputs 2-3 tokens ahead instead of 1 did
+# not help. `bench_resume_prefill.py` on an H200, 17 / 64 tokens at the 1.3B shape: 4096 elements, 2
+# warps (the decode kernel's tile, used before) 16.9 / 56.2 us; 1024, 2 warps 10.7 / 32.8 us; 2048,
+# 1 warp 10.8 / 32.8; 256, 1 warp 18.6 / 63.8 (resume-prefill-sweep-h200-run9.json).
+SHORT: dict[str, int] = {"TILE_ELEMS": 1024, "num_warps": 2}
 
 
 @triton.jit
@@ -227,12 +226,11 @@ def _short_token(q, k, v, g, t, eos, H: tl.constexpr, i_h, o_k, m_k, o_v, m_v, K
 
 @triton.jit(do_not_specialize=["scale"])
 def _short_prefill_kernel(q, k, v, g, pool, slots, h0_mask, cu, o, scale, H: tl.constexpr, K: tl.constexpr,
-                          V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr,
-                          DEPTH: tl.constexpr):
+                          V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr):
     """Program (V-tile, sequence*head): S from the pool (or zeros), then per token t of the sequence
     S = diag(exp(g_t)) S + k_t v_t^T, o_t = S^T q_t * scale; S back to the pool. A negative slot is
-    padding: its o rows are zeroed and nothing else is read or written. The inputs of the next DEPTH
-    tokens (1-3) are loaded while a token is computed: they do not depend on the state."""
+    padding: its o rows are zeroed and nothing else is read or written. Token t+1's inputs are loaded
+    while token t is computed: they do not depend on the state."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -253,25 +251,13 @@ def _short_prefill_kernel(q, k, v, g, pool, slots, h0_mask, cu, o, scale, H: tl.
     if HAS_MASK:  # scalar conditions are broadcast explicitly (the interpreter needs it)
         m_pool = m_h & (tl.load(h0_mask + i_n + 0 * (o_v[:, None] + o_k[None, :])) != 0)
     b_q, b_k, b_g, b_v = _short_token(q, k, v, g, bos, eos, H, i_h, o_k, m_k, o_v, m_v, K, V)
-    if DEPTH >= 2:
-        q1, k1, g1, v1 = _short_token(q, k, v, g, bos + 1, eos, H, i_h, o_k, m_k, o_v, m_v, K, V)
-    if DEPTH >= 3:
-        q2, k2, g2, v2 = _short_token(q, k, v, g, bos + 2, eos, H, i_h, o_k, m_k, o_v, m_v, K, V)
     b_h = tl.load(p_h, mask=m_pool, other=0.)
     for t in range(bos, eos):
-        n_q, n_k, n_g, n_v = _short_token(q, k, v, g, t + DEPTH, eos, H, i_h, o_k, m_k, o_v, m_v, K, V)
+        n_q, n_k, n_g, n_v = _short_token(q, k, v, g, t + 1, eos, H, i_h, o_k, m_k, o_v, m_v, K, V)
         b_h = b_h * tl.exp(b_g)[None, :] + b_v[:, None] * b_k[None, :]
         b_o = tl.sum(b_h * (b_q * scale)[None, :], axis=1)
         tl.store(o + (t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
-        if DEPTH == 1:
-            b_q, b_k, b_g, b_v = n_q, n_k, n_g, n_v
-        elif DEPTH == 2:
-            b_q, b_k, b_g, b_v = q1, k1, g1, v1
-            q1, k1, g1, v1 = n_q, n_k, n_g, n_v
-        else:
-            b_q, b_k, b_g, b_v = q1, k1, g1, v1
-            q1, k1, g1, v1 = q2, k2, g2, v2
-            q2, k2, g2, v2 = n_q, n_k, n_g, n_v
+        b_q, b_k, b_g, b_v = n_q, n_k, n_g, n_v
     tl.store(p_h, b_h, mask=m_h)
 
 
@@ -298,12 +284,12 @@ def short_prefill_triton(
         scale = K**-0.5
     BK = next_pow2(K)
     BV = min(next_pow2(V), max(1, SHORT["TILE_ELEMS"] // BK))
-    depth, nw = SHORT["DEPTH"], SHORT["num_warps"]
+    nw = SHORT["num_warps"]
     has_mask = initial_state_mask is not None
     h0 = initial_state_mask if has_mask else state_slots
     o = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
     ptrs = (q, k, v, g, state_pool, state_slots, h0, cu_seqlens, o)
-    key = (v.device.index, *(t.dtype for t in ptrs), H, K, V, BV, has_mask, depth, nw) if aligned(*ptrs) else None
+    key = (v.device.index, *(t.dtype for t in ptrs), H, K, V, BV, has_mask, nw) if aligned(*ptrs) else None
     if N:
-        _short((cdiv(V, BV), N * H), key, (*ptrs, scale, H, K, V, BK, BV, has_mask, depth), num_warps=nw)
+        _short((cdiv(V, BV), N * H), key, (*ptrs, scale, H, K, V, BK, BV, has_mask), num_warps=nw)
     return o

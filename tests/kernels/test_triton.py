@@ -299,18 +299,14 @@ SHORT_SMALL = [([1, 17, 5, 64], 2, 60, 60, "f32"), ([3, 40], 1, 32, 48, "f16")]
 SHORT_GPU = [([17, 1, 64, 3], 4, 256, 512, dt) for dt in ("f32", "bf16")] + [([200], 4, 128, 256, "bf16")]
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3], ids=lambda d: f"depth{d}")
 @pytest.mark.parametrize("lens,H,K,V,dt", _params(
     SHORT_SMALL, SHORT_GPU, lambda c: f"lens{'-'.join(map(str, c[0]))}-H{c[1]}-K{c[2]}-V{c[3]}-{c[4]}"))
 def test_short_prefill_matches_naive_and_skips_padding(lens: list[int], H: int, K: int, V: int, dt: str,
-                                                       depth: int, nan_poison: None,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       nan_poison: None) -> None:
     """Packed sequences, some from the pool's state and some fresh, plus padding sequences (negative
     slot, as CUDA-graph padding): real ones == the spec, padding o rows are zeros and no slot but the
-    real ones changes (the padding's own state is never written anywhere). At every prefetch depth."""
-    from kernels.triton_recurrent import SHORT, short_prefill_triton
-
-    monkeypatch.setitem(SHORT, "DEPTH", depth)
+    real ones changes (the padding's own state is never written anywhere)."""
+    from kernels.triton_recurrent import short_prefill_triton
 
     dtype = DTYPES[dt]
     lens = [*lens, 2, 1]  # two padding sequences at the end
