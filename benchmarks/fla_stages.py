@@ -93,7 +93,7 @@ def main() -> None:
         x = seen["x"].reshape(2 * T, -1)
         q, k, v, gk, gate = mine._project(x, None) if not mine.use_short_conv else (None,) * 5
         if q is not None:
-            for name, a in (("q", q), ("k", k), ("v", v), ("gk", gk)):
+            for name, a in (("q", q), ("k", k), ("v", v), ("g", gk)):
                 rows[f"stage_{name}"] = rel_rms(a, seen[name].reshape(a.shape))
         # the recurrence on fla's own inputs: packed [2T, H, .] like our prefill
         fq, fk, fv, fg = (seen[n].reshape(2 * T, *seen[n].shape[2:]).contiguous() for n in ("q", "k", "v", "g"))
