@@ -46,7 +46,13 @@ def main() -> None:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--quick", action="store_true",
                     help="two variants (plain; tied + short conv + GQA) at T=200 only: 4 of the 16 rows")
+    ap.add_argument("--dtypes", default="fp32,bf16",
+                    help="which rows to run. The fp32 rows want TRITON_F32_DEFAULT=ieee (fla's fp32 dots "
+                    "otherwise run in TF32), the bf16 rows want it unset (fla's score dots run in TF32 by "
+                    "default, as ours do), so the GPU script runs them as two processes. Without fp32, the "
+                    "bf16 rows' fp32 truth comes from our fp32 model (1e-6 from fla's).")
     args = ap.parse_args()
+    dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[t] for t in args.dtypes.split(",")]
     if args.device == "cpu":  # before triton is imported: fla's kernels run in the interpreter
         os.environ["TRITON_INTERPRET"] = "1"
         args.first_config = True  # the interpreter cannot benchmark configs
@@ -96,7 +102,9 @@ def main() -> None:
         row = {"variant": name, "names_equal": fla_names == our_names,
                "only_fla": sorted(fla_names - our_names), "only_ours": sorted(our_names - fla_names)}
         truth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # fp32 forward and decode-step logits
-        for dtype in (torch.float32, torch.bfloat16):
+        if torch.float32 not in dtypes:
+            truth = our_fp32_truth(d, lengths, dev)
+        for dtype in dtypes:
             tag = "fp32" if dtype == torch.float32 else "bf16"
             r = ref.to(dtype)
             o = load_checkpoint(d, dtype=dtype, device=dev)
@@ -130,12 +138,50 @@ def main() -> None:
                     row[f"bf16_T{T}_decode_fla_vs_fp32"] = rel_rms(step, truth[T][1])
                 if dtype == torch.bfloat16:
                     row.update({f"bf16_T{T}_same_input_{k}": v for k, v in same_input(r, o, ids).items()})
+                    if T > 64:  # fla against itself: its recurrent kernel in place of its chunk kernel
+                        lr = fla_logits_recurrent(r, ids)
+                        row[f"bf16_T{T}_fla_chunk_vs_fla_recurrent"] = rel_rms(lf, lr)
+                        row[f"bf16_T{T}_ours_vs_fla_recurrent"] = rel_rms(lo, lr)
                 print(f"{name} {tag} T={T}: forward {row[f'{tag}_T{T}_forward']:.2e} decode step "
                       f"{row[f'{tag}_T{T}_decode_step']:.2e}", flush=True)
             ref = r.float()
         results.append(row)
         print(json.dumps(row))
         save(args.out, results, args, fla)
+
+
+def fla_logits_recurrent(ref: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """fla's logits with every layer in its `fused_recurrent` mode (fp32 inside, one rounding of o):
+    how far fla's own two bf16 kernels put the logits apart is the noise floor of any comparison."""
+    layers = [blk.attn for blk in ref.model.layers]
+    modes = [a.mode for a in layers]
+    try:
+        for a in layers:
+            a.mode = "fused_recurrent"
+        with torch.no_grad():
+            return ref(ids).logits.float()
+    finally:
+        for a, m in zip(layers, modes, strict=True):
+            a.mode = m
+
+
+def our_fp32_truth(d: str, lengths: tuple[int, ...], dev: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """fp32 forward and prefill + decode-step logits from our model (IEEE dots), for bf16-only runs."""
+    from model import StatePool, load_checkpoint
+
+    o = load_checkpoint(d, dtype=torch.float32, device=dev)
+    out = {}
+    for T in lengths:
+        ids = torch.randint(0, 1000, (2, T), device=dev, generator=torch.Generator(dev).manual_seed(T))
+        nxt = torch.randint(0, 1000, (2, 1), device=dev, generator=torch.Generator(dev).manual_seed(T + 1))
+        with torch.no_grad():
+            lf = o(ids).logits.float()
+        pool = StatePool(o.config, 4, device=dev)
+        slots = torch.tensor([3, 1], dtype=torch.int32, device=dev)
+        cu = torch.tensor([0, T, 2 * T], dtype=torch.int32, device=dev)
+        o.prefill(ids.flatten(), cu, pool, slots)
+        out[T] = (lf, o.decode(nxt.flatten(), pool, slots).float())
+    return out
 
 
 def same_input(ref: torch.nn.Module, ours: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
@@ -194,7 +240,7 @@ def save(path: str, results: list[dict], args: argparse.Namespace, fla: object) 
         "fla": getattr(fla, "__version__", "?"),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/fla_parity.py" + (" --device cpu" if args.device == "cpu" else "")
-        + (" --quick" if args.quick else ""),
+        + (" --quick" if args.quick else "") + f" --dtypes {args.dtypes}",
         "TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT"),
         "fla_first_config": args.first_config,
         "bounds": {"fp32": 1e-4, "bf16": 5e-3},

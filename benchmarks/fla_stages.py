@@ -111,6 +111,24 @@ def main() -> None:
         rows["recurrence_fla_vs_fp64"] = rel_rms(o_fla, o64)
         rows["recurrence_fp64_rounded_bf16_vs_fp64"] = rel_rms(o64.to(torch.bfloat16), o64)
         rows["final_state_ours_vs_fla"] = rel_rms(pool[slots.long()], seen["state"].float())
+        # what moves the recurrence's disagreement: our kernel's variants, and fla against itself
+        from fla.ops.gla import fused_recurrent_gla
+
+        from kernels import triton_chunk
+
+        for prec in ("ieee", "tf32x3"):
+            triton_chunk.A_PRECISION["bf16"] = prec
+            o_p = kernels.chunk_gla_prefill(fq, fk, fv, fg, cu, torch.zeros_like(pool), slots, scale=K**-0.5)
+            rows[f"recurrence_ours_A_{prec}_vs_fla"] = rel_rms(o_p, o_fla)
+            rows[f"recurrence_ours_A_{prec}_vs_fp64"] = rel_rms(o_p, o64)
+        triton_chunk.A_PRECISION["bf16"] = "tf32"
+        o_1 = triton_chunk.chunk_gla_prefill_triton(fq, fk, fv, fg, cu, torch.zeros_like(pool), slots, scale=K**-0.5,
+                                                    seg_len=4096)
+        rows["recurrence_ours_one_segment_vs_fla"] = rel_rms(o_1, o_fla)
+        o_fr, _ = fused_recurrent_gla(q=seen["q"], k=seen["k"], v=seen["v"], gk=seen["g"], scale=K**-0.5,
+                                      state_v_first=True)
+        rows["recurrence_fla_fused_recurrent_vs_fla_chunk"] = rel_rms(o_fr.reshape(o_fla.shape), o_fla)
+        rows["recurrence_fla_fused_recurrent_vs_fp64"] = rel_rms(o_fr.reshape(o64.shape), o64)
         # norm x swish gate on fla's inputs
         n_o, n_g = seen["norm_in"][0], seen["norm_in"][1]
         y = mine._gate_norm(n_o.reshape(2 * T, H, V).contiguous(), n_g.reshape(2 * T, H, V).contiguous())

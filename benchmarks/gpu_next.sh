@@ -59,8 +59,11 @@ if has gputests; then  # the GPU paths added without a GPU: staged snapshots (on
     -k "prep_variants or (prefill_matches_naive and T1000 and f32)" 2>&1 | tail -3
 fi
 if has parity; then  # issue 2 item 7: fp32 <= 1e-4, bf16 <= 5e-3
-  TRITON_F32_DEFAULT=ieee timeout 540 python3 benchmarks/fla_parity.py --quick --first-config \
-    --out "$OUT/fla-parity.json" 2>&1 | grep -v -i "warn\|shards" | cut -c1-240 | tail -8
+  # fp32 rows with IEEE dots in fla too; bf16 rows as fla runs by default (TF32 score dots, like ours)
+  TRITON_F32_DEFAULT=ieee timeout 270 python3 benchmarks/fla_parity.py --quick --first-config --dtypes fp32 \
+    --out "$OUT/fla-parity-fp32.json" 2>&1 | grep -v -i "warn\|shards" | cut -c1-240 | tail -4
+  timeout 270 python3 benchmarks/fla_parity.py --quick --first-config --dtypes bf16 \
+    --out "$OUT/fla-parity-bf16.json" 2>&1 | grep -v -i "warn\|shards" | cut -c1-400 | tail -4
 fi
 if has e2efull; then  # issue 8: every size, fla + HF generate() up to B=64, same run
   timeout 560 python3 benchmarks/e2e.py --new-tokens 32 --out "$OUT/e2e-full.json" 2>&1 | grep -E "^(decode|prefill|fla)"

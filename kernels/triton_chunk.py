@@ -45,6 +45,9 @@ CONFIGS: dict[int, dict[str, int]] = {
 # SPLIT_MAX_PROGRAMS: `bench_kernels.py --sweep-split` on an H200 chose 68 (chunks x heads): at the
 # 1.3B shape T=512 94 -> 50 us, T=1024 108 -> 81 us; at T=2048 the split was slower (131 -> 137 us).
 PREP: dict[str, int] = {"BKC": 32, "num_warps": 4, "BKD": 0, "SPLIT_MAX_PROGRAMS": 68}
+# Precision of the prep kernel's off-diagonal score dots for 16-bit inputs (their operands are fp32
+# products q*exp(G - r), k*exp(r - G)); fp32 inputs always get "ieee".
+A_PRECISION: dict[str, str] = {"bf16": "tf32"}
 MIN_SEG = 128
 MAX_SEG = 8192
 
@@ -131,7 +134,10 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
             in_a = (o_i >= a * BC) & (o_i < (a + 1) * BC)
             before = o_i < a * BC
             b_r = tl.sum(tl.where((o_i == a * BC)[:, None], b_gc, 0.), axis=0)
-            b_qa = tl.where(in_a[:, None], b_q * tl.exp2(tl.where(in_a[:, None], b_gc - b_r[None, :], 0.)), 0.)
+            # scale goes into the q factor before the dot, as fla's kernel does: the same TF32
+            # operands, so a 16-bit model's scores round the same way in both
+            b_qa = tl.where(in_a[:, None], b_q * tl.exp2(tl.where(in_a[:, None], b_gc - b_r[None, :], 0.)) * scale,
+                            0.)
             b_ka = tl.where(before[:, None], b_k * tl.exp2(tl.where(before[:, None], b_r[None, :] - b_gc, 0.)), 0.)
             b_A += tl.dot(b_qa, tl.trans(b_ka), input_precision=PREC)
 
@@ -166,13 +172,13 @@ def _prep_kernel(q, k, g, A, qg, kd, gl, cu, N, scale,
     o_j = tl.arange(0, BT)
     for jj in tl.static_range(BC):
         b_col = tl.sum(tl.where(o_c[None, :] == jj, b_D, 0.), axis=1)
-        b_A += tl.where(o_j[None, :] == (o_jb + jj)[:, None], b_col[:, None], 0.)
+        b_A += tl.where(o_j[None, :] == (o_jb + jj)[:, None], b_col[:, None] * scale, 0.)
     p_A = A + ((o_t * H + i_h) * BT)[:, None] + o_j[None, :]
     m_A = m_t[:, None] & (o_j[None, :] <= o_i[:, None])
     if SPLIT:
-        tl.atomic_add(p_A, b_A * scale, mask=m_A, sem="relaxed")
+        tl.atomic_add(p_A, b_A, mask=m_A, sem="relaxed")
     else:
-        tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=m_A)
+        tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_A)
 
 
 @triton.jit(do_not_specialize=["N", "SEG"])
@@ -410,8 +416,9 @@ def chunk_gla_prefill_triton(
     # logits of a prefill + decode hand-off 7e-4 from fla's fp32 model; IEEE dots: 1e-6)
     prec = "ieee" if dt == torch.float32 else "tf32"
     grid = (n_chunks, H, cdiv(K, bkc)) if split else (n_chunks, H)
-    _prep(grid, key + (bkc, bkd, PREP["num_warps"], split) if key else None,
-          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec, split),
+    prec_a = prec if dt == torch.float32 else A_PRECISION["bf16"]
+    _prep(grid, key + (bkc, bkd, PREP["num_warps"], split, prec_a) if key else None,
+          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec_a, split),
           num_warps=PREP["num_warps"])
     n_segs = T // seg + N
     W = Wd = state_pool

@@ -228,8 +228,28 @@ class GatedLinearAttention(nn.Module):
             k = torch.stack([self.k_conv1d(s, None)[0] for s in k])
             v = torch.stack([self.v_conv1d(s, None)[0] for s in v])
         q, k, v, gk = self._heads(q, k, v, x)
+        if x.is_cuda and not torch.is_grad_enabled():
+            return self._forward_kernels(q, k, v, gk, x)
         o, _ = kernels.chunk_gla_torch(q, k, v, gk, scale=self.scale)
         return self._output(o, x)
+
+    def _forward_kernels(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """Inference forward on CUDA through the serving kernels (chunked prefill from zero states,
+        fused norm x gate). They round where fla's 16-bit model rounds (q*exp(G), the scores and
+        the chunk states in the activation dtype); the PyTorch form keeps those in fp32, which put
+        its bf16 logits twice as far from fla's (docs/benchmarks.md, "fla parity")."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dev = q.device
+        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=dev)
+        pool = torch.zeros(1, H, V, K, dtype=torch.float32, device=dev)  # untouched: every slot is padding
+        slots = torch.full((B,), -1, dtype=torch.int32, device=dev)
+        o = kernels.chunk_gla_prefill(*(t.flatten(0, 1) for t in (q, k, v, gk)), cu, pool, slots,
+                                      scale=self.scale)
+        gate = self.g_proj(x).view(B * T, H, V) if self.use_output_gate else None
+        return self.o_proj(self._gate_norm(o, gate).flatten(-2)).view(B, T, -1)
 
     # ---- serving: packed prefill and one-token decode ----------------------------------------------
     def _in_proj(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
