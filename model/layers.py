@@ -244,10 +244,11 @@ class GatedLinearAttention(nn.Module):
         V = v.shape[-1]
         dev = q.device
         cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=dev)
-        pool = torch.zeros(1, H, V, K, dtype=torch.float32, device=dev)  # untouched: every slot is padding
-        slots = torch.full((B,), -1, dtype=torch.int32, device=dev)
+        pool = torch.zeros(B, H, V, K, dtype=torch.float32, device=dev)  # zero states in, final ones dropped
+        slots = torch.arange(B, dtype=torch.int32, device=dev)
+        # up to 64 tokens token by token, as prefill() and fla's layer (its fused_recurrent mode) do
         o = kernels.chunk_gla_prefill(*(t.flatten(0, 1) for t in (q, k, v, gk)), cu, pool, slots,
-                                      scale=self.scale)
+                                      scale=self.scale, short=T <= kernels.SHORT_PREFILL_MAX)
         gate = self.g_proj(x).view(B * T, H, V) if self.use_output_gate else None
         return self.o_proj(self._gate_norm(o, gate).flatten(-2)).view(B, T, -1)
 
