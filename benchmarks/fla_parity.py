@@ -25,6 +25,7 @@ fla's module received, which shows whether the rounding points match.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -129,6 +130,12 @@ def main() -> None:
                     step = r(nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1].float()
                 mine = o.decode(nxt.flatten(), pool, slots)
                 row[f"{tag}_T{T}_decode_step"] = rel_rms(mine, step)
+                if dtype == torch.bfloat16:  # separate projection GEMMs, as fla runs them (a copy unfuses)
+                    u = copy.deepcopy(o)
+                    pool_u = StatePool(u.config, 4, device=dev)
+                    row[f"bf16_T{T}_prefill_last_unfused"] = rel_rms(u.prefill(ids.flatten(), cu, pool_u, slots),
+                                                                     lf[:, -1])
+                    row[f"bf16_T{T}_decode_step_unfused"] = rel_rms(u.decode(nxt.flatten(), pool_u, slots), step)
                 if dtype == torch.float32:
                     truth[T] = (lf, step)
                 else:
