@@ -145,6 +145,8 @@ def main() -> None:
                     row[f"bf16_T{T}_decode_fla_vs_fp32"] = rel_rms(step, truth[T][1])
                 if dtype == torch.bfloat16:
                     row.update({f"bf16_T{T}_same_input_{k}": v for k, v in same_input(r, o, ids).items()})
+                    with torch.no_grad():  # fla against itself: without the cache (its same_input run)
+                        row[f"bf16_T{T}_fla_cache_vs_nocache"] = rel_rms(lf, r(ids).logits.float())
                     if T > 64:  # fla against itself: its recurrent kernel in place of its chunk kernel
                         lr = fla_logits_recurrent(r, ids)
                         row[f"bf16_T{T}_fla_chunk_vs_fla_recurrent"] = rel_rms(lf, lr)
