@@ -118,26 +118,14 @@ def causal_conv(
     if tail is None:
         tail = x.new_zeros(x.shape[1], W - 1, dtype=torch.float32)
     full = torch.cat([tail.float(), x.float().t()], dim=1)  # [C, W-1+T]
-    return F.silu(_taps(full, weight, x.shape[0])).t().to(x.dtype), full[:, full.shape[1] - (W - 1) :]
-
-
-def _taps(full: torch.Tensor, weight: torch.Tensor, T: int) -> torch.Tensor:
-    """y[..., c, t] = sum_i full[..., c, t + i] * w[c, i], summed oldest tap first in fp32.
-
-    Explicit, not F.conv1d: cuDNN picks its algorithm (and summation order) by the channel count and
-    length, so the packed q|k|v conv of prefill rounded differently from the per-projection convs of
-    forward() and from fla's kernel, which sums the taps in this order."""
-    w = weight[:, 0, :].float()
-    y = full[..., 0:T] * w[:, 0:1]
-    for i in range(1, w.shape[1]):
-        y = y + full[..., i : i + T] * w[:, i : i + 1]
-    return y
+    y = F.conv1d(full.unsqueeze(0), weight.float(), groups=x.shape[1])[0]  # [C, T]
+    return F.silu(y).t().to(x.dtype), full[:, full.shape[1] - (W - 1) :]
 
 
 def conv_step(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """One token per sequence: x [B, C], tail [B, C, W-1] updated in place -> y [B, C]."""
     window = torch.cat([tail.float(), x.float().unsqueeze(-1)], dim=-1)  # [B, C, W]
-    y = _taps(window, weight, 1)[..., 0]
+    y = (window * weight[:, 0, :].float()).sum(-1)
     tail.copy_(window[..., 1:])
     return F.silu(y).to(x.dtype)
 
