@@ -250,7 +250,7 @@ def _phase_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int,
-                     max_tokens: int = 2, client_kind: str = "httpx") -> list[dict[str, Any]]:
+                     max_tokens: int = 2, client_kind: str = "httpx", turns: int = 5) -> list[dict[str, Any]]:
     """Turn k+1 of a conversation whose state is cached vs re-prefilling its whole history.
 
     For each history length: (1) TTFT of one request carrying history + new tokens with no
@@ -276,7 +276,7 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
             server_ttft: list[float | None] = []
             server_queue: list[float | None] = []
             phases: list[dict[str, float]] = []
-            for i in range(5):
+            for i in range(turns):
                 cid = f"resume-{n}-{i}-{client_kind}"
                 await ttft(client, {**base, "prompt_token_ids": hist(), "conversation_id": cid})
                 await writes_landed(setup)
@@ -290,6 +290,7 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
             row = {"history_tokens": n, "new_tokens": new_tokens,
                    "reprefill_ttft_ms": 1e3 * statistics.median(full),
                    "resumed_ttft_ms": 1e3 * statistics.median(resumed), "last_event": last,
+                   "resumed_ttft_all_ms": [1e3 * x for x in resumed],
                    # the engine's part of the resumed turn (arrival after the load -> first token),
                    # its queueing, and its steps by phase (the whole 2-token request)
                    "resumed_server_ttft_ms": server_ttft, "resumed_queue_ms": server_queue,
@@ -357,6 +358,9 @@ def main() -> None:
     ap.add_argument("--sample-stacks", action="store_true",
                     help="sample the server's thread stacks during the resume and TTFT runs and print where "
                     "the wall time goes (benchmarks/stack_sampler.py)")
+    ap.add_argument("--resume-turns", type=int, default=5,
+                    help="resumed turns per history length (the median is reported; the client-side "
+                    "spread between runs is ~0.9 ms on the H200 host, so more turns give a steadier median)")
     ap.add_argument("--resume-max-tokens", type=int, default=2,
                     help="tokens each resume/TTFT request asks for (2: the first token streams before the "
                     "turn's end, whose durable commit a conversation's final event waits for)")
@@ -428,7 +432,8 @@ def main() -> None:
 
     sampler = StackSampler() if args.sample_stacks else None
     with sampler or nullcontext():
-        resume = (client(run_resume, url, args.resume, 16, vocab, args.resume_max_tokens, args.client)
+        resume = (client(run_resume, url, args.resume, 16, vocab, args.resume_max_tokens, args.client,
+                         args.resume_turns)
                   if args.resume else None)
         ttft_rows = (client(run_ttft, url, args.ttft, vocab, args.resume_max_tokens, args.client)
                      if args.ttft else None)

@@ -48,7 +48,7 @@ if has ssepair; then  # issue 5: SSEResponse (new) vs Starlette's StreamingRespo
   for r in 1 2 3; do
     for m in new old; do
       timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
-        --resume-tier device --client raw $([[ $m == old ]] && echo --starlette-streaming) \
+        --resume-tier device --client raw --resume-turns 15 $([[ $m == old ]] && echo --starlette-streaming) \
         --out "$OUT/resume-sse-$m-$r.json" 2>&1 | grep history | sed "s/^/$m $r: /" | cut -c1-120
     done
   done
