@@ -5,6 +5,7 @@ large checkpoint loads."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -45,6 +46,19 @@ def model_name_of(settings: Settings) -> str:
     return Path(settings.model).resolve().name if settings.model else BUNDLED_MODEL_NAME
 
 
+def freeze_heap() -> None:
+    """Collect once, then exempt everything alive from later collections (`gc.freeze`).
+
+    Why: CPython's full (oldest-generation) collection walks every tracked object, and after start-up
+    that is the whole of torch, transformers, the model and the app: ~400K objects, 100-200 ms with
+    every thread stopped on a 2-core CPU. Serving promotes enough short-lived objects to trigger one
+    now and then, which would stall the engine and every stream at once. Frozen objects are never
+    scanned (or freed) again; what serving creates is collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def _load(state: ServerState, loader: ModelLoader, ops: Operations) -> None:
     try:
         model, tokenizer = await asyncio.to_thread(loader, state.settings)
@@ -54,6 +68,8 @@ async def _load(state: ServerState, loader: ModelLoader, ops: Operations) -> Non
         state.engine = engine
         await engine.start()
         await engine.warmup()
+        if state.settings.gc_freeze:
+            freeze_heap()
         state.is_ready = True
         log.info("model %s ready on %s", state.model_name, engine.runner.device)
     except Exception as exc:
@@ -96,6 +112,8 @@ def create_app(
             yield
         finally:
             sys.setswitchinterval(switch)
+            if state.is_ready and settings.gc_freeze:
+                gc.unfreeze()  # the process may go on (tests, embedding): its objects are collectable again
             loading.cancel()
             if state.engine is not None:
                 await state.engine.stop()

@@ -58,3 +58,25 @@ def test_gil_switch_interval_is_set_while_serving_and_restored() -> None:
     assert sys.getswitchinterval() == pytest.approx(before)
     with pytest.raises(ValidationError):
         Settings(gil_switch_interval_ms=0)
+
+
+def test_heap_is_frozen_while_serving_and_unfrozen_after() -> None:
+    """gc_freeze (default on): once ready, the start-up heap (torch, transformers, the app) is in the
+    collector's permanent generation, so a full collection while serving skips it; stopping undoes it."""
+    import gc
+
+    from tests.server.conftest import start_server
+
+    assert Settings.model_fields["gc_freeze"].default is True
+    srv = start_server(gc_freeze=True)
+    try:
+        assert gc.get_freeze_count() > 10_000
+        assert httpx.post(srv.url + "/generate", json={"prompt": "ROMEO:", "max_tokens": 2}).status_code == 200
+    finally:
+        srv.stop()
+    assert gc.get_freeze_count() == 0
+    srv = start_server(gc_freeze=False)
+    try:
+        assert gc.get_freeze_count() == 0
+    finally:
+        srv.stop()
