@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import multiprocessing
 import platform
@@ -77,6 +78,30 @@ def serve_in_thread(app: Any, asgi: Any = None) -> tuple[uvicorn.Server, threadi
         if app.state.server.load_error:
             raise SystemExit(f"load failed: {app.state.server.load_error}")
         time.sleep(0.1)
+
+
+class GCPauses:
+    """Every garbage collection in this process while open, by generation: a full collection stops
+    the engine and every stream at once, so it shows in ITL p99 (see the `gc_freeze` setting)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._t0 = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.ms[info["generation"]].append((time.perf_counter() - self._t0) * 1e3)
+
+    def close(self) -> None:
+        if self._cb in gc.callbacks:
+            gc.callbacks.remove(self._cb)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {f"gen{g}": {"count": len(v), "total_ms": round(sum(v), 2), "max_ms": round(max(v, default=0.0), 2)}
+                for g, v in self.ms.items()}
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -424,6 +449,7 @@ def main() -> None:
     for c in sorted(set(args.concurrency)):
         client(run_level, url, c, args.prompt_tokens, 8, vocab, args.client)
     print("-- measured --", flush=True)
+    pauses = GCPauses()  # the server's collections while measured (the client runs in its own process)
     levels = [client(run_level, url, c, args.prompt_tokens, args.max_tokens, vocab, args.client)
               for c in args.concurrency]
     from contextlib import nullcontext
@@ -437,6 +463,8 @@ def main() -> None:
                   if args.resume else None)
         ttft_rows = (client(run_ttft, url, args.ttft, vocab, args.resume_max_tokens, args.client)
                      if args.ttft else None)
+    pauses.close()
+    print(f"garbage collections while measured: {pauses.summary()}", flush=True)
     if sampler is not None:
         print(sampler.report(), flush=True)
     for row in ttft_rows or []:  # the server is idle now: time the bare prefill on a pool of its own
@@ -475,6 +503,8 @@ def main() -> None:
         "resume_tier": args.resume_tier,
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,
+        "gc_freeze": settings.gc_freeze,
+        "gc_pauses_measured": pauses.summary(),
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
