@@ -39,6 +39,45 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+# fla GLA configs checked, on top of a small shared base (fla_model)
+VARIANTS: dict[str, dict[str, object]] = {
+    "plain": {},
+    "short_conv": {"use_short_conv": True},
+    "gqa": {"num_kv_heads": 2},
+    "tied_shortconv_gqa": {"tie_word_embeddings": True, "use_short_conv": True, "num_kv_heads": 2},
+}
+
+
+def first_config_only() -> None:
+    """Every autotuner (triton's and fla's cached subclass) keeps its first config: the same math,
+    minutes less compiling."""
+    from triton.runtime import autotuner
+
+    init = autotuner.Autotuner.__init__
+
+    def first_only(self, fn, arg_names, configs, *a, **kw):  # type: ignore[no-untyped-def]
+        init(self, fn, arg_names, configs[:1], *a, **kw)
+
+    autotuner.Autotuner.__init__ = first_only
+
+
+def fla_model(extra: dict[str, object], dev: str) -> tuple[torch.nn.Module, str]:
+    """fla's fp32 GLAForCausalLM of a variant with small random weights, and the directory it was
+    saved to with `save_pretrained` (seeded: every script builds the same model)."""
+    from fla.models import GLAConfig as FlaConfig
+    from fla.models import GLAForCausalLM as FlaModel
+
+    torch.manual_seed(0)
+    cfg = FlaConfig(hidden_size=256, num_hidden_layers=2, num_heads=4, vocab_size=1000, **extra)
+    ref = FlaModel(cfg).to(dev).eval()
+    with torch.no_grad():  # norm weights start at 1: perturb everything so they matter
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    d = tempfile.mkdtemp()
+    ref.save_pretrained(d)
+    return ref, d
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="fla-parity.json")
@@ -58,28 +97,14 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
         args.first_config = True  # the interpreter cannot benchmark configs
         round_bf16_to_nearest()
-    if args.first_config:  # every autotuner (triton's and fla's cached subclass) keeps its first config
-        from triton.runtime import autotuner
-
-        init = autotuner.Autotuner.__init__
-
-        def first_only(self, fn, arg_names, configs, *a, **kw):  # type: ignore[no-untyped-def]
-            init(self, fn, arg_names, configs[:1], *a, **kw)
-
-        autotuner.Autotuner.__init__ = first_only
+    if args.first_config:
+        first_config_only()
     import fla  # registers fla's "gla" classes first; ours re-register with exist_ok
-    from fla.models import GLAConfig as FlaConfig
-    from fla.models import GLAForCausalLM as FlaModel
 
     from model import StatePool, load_checkpoint
 
     dev = args.device
-    variants = {
-        "plain": {},
-        "short_conv": {"use_short_conv": True},
-        "gqa": {"num_kv_heads": 2},
-        "tied_shortconv_gqa": {"tie_word_embeddings": True, "use_short_conv": True, "num_kv_heads": 2},
-    }
+    variants = VARIANTS
     if args.quick:
         variants = {k: variants[k] for k in ("plain", "tied_shortconv_gqa")}
     lengths = (200,) if args.quick else (40, 200)
@@ -89,14 +114,7 @@ def main() -> None:
         lengths = (40,)
     results = []
     for name, extra in variants.items():
-        torch.manual_seed(0)
-        cfg = FlaConfig(hidden_size=256, num_hidden_layers=2, num_heads=4, vocab_size=1000, **extra)
-        ref = FlaModel(cfg).to(dev).eval()
-        with torch.no_grad():  # norm weights start at 1: perturb everything so they matter
-            for p in ref.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        d = tempfile.mkdtemp()
-        ref.save_pretrained(d)
+        ref, d = fla_model(extra, dev)
         ours = load_checkpoint(d, dtype=torch.float32, device=dev)
         fla_names = set(ref.state_dict())
         our_names = set(ours.state_dict())

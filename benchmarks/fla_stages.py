@@ -16,49 +16,26 @@ import argparse
 import datetime as dt
 import json
 import os
-import tempfile
 
 import torch
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
+from fla_parity import VARIANTS, first_config_only, fla_model, rel_rms
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="fla-stages.json")
     ap.add_argument("--T", type=int, default=200)
-    ap.add_argument("--variant", choices=("plain", "tied_shortconv_gqa"), default="plain")
+    ap.add_argument("--variant", choices=tuple(VARIANTS), default="plain")
     args = ap.parse_args()
-    from triton.runtime import autotuner  # fla's autotuned kernels keep their first config: same math
-
-    init = autotuner.Autotuner.__init__
-
-    def first_only(self, fn, arg_names, configs, *a, **kw):  # type: ignore[no-untyped-def]
-        init(self, fn, arg_names, configs[:1], *a, **kw)
-
-    autotuner.Autotuner.__init__ = first_only
+    first_config_only()
     import fla.layers.gla as fla_gla
-    from fla.models import GLAConfig as FlaConfig
-    from fla.models import GLAForCausalLM as FlaModel
 
     import kernels
     from kernels.naive import naive_recurrent_gla
     from model import load_checkpoint
 
-    extra = {} if args.variant == "plain" else {"tie_word_embeddings": True, "use_short_conv": True,
-                                                  "num_kv_heads": 2}
     dev = "cuda"
-    torch.manual_seed(0)
-    cfg = FlaConfig(hidden_size=256, num_hidden_layers=2, num_heads=4, vocab_size=1000, **extra)
-    ref = FlaModel(cfg).to(dev).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    d = tempfile.mkdtemp()
-    ref.save_pretrained(d)
+    ref, d = fla_model(VARIANTS[args.variant], dev)
     ref = ref.to(torch.bfloat16)
     ours = load_checkpoint(d, dtype=torch.bfloat16, device=dev)
     T = args.T
