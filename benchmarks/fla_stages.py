@@ -94,11 +94,11 @@ def main() -> None:
         from kernels import triton_chunk
 
         for prec in ("ieee", "tf32x3"):
-            triton_chunk.A_PRECISION["bf16"] = prec
+            triton_chunk.A_PRECISION["half"] = prec
             o_p = kernels.chunk_gla_prefill(fq, fk, fv, fg, cu, torch.zeros_like(pool), slots, scale=K**-0.5)
             rows[f"recurrence_ours_A_{prec}_vs_fla"] = rel_rms(o_p, o_fla)
             rows[f"recurrence_ours_A_{prec}_vs_fp64"] = rel_rms(o_p, o64)
-        triton_chunk.A_PRECISION["bf16"] = "tf32"
+        triton_chunk.A_PRECISION["half"] = "tf32"
         o_1 = triton_chunk.chunk_gla_prefill_triton(fq, fk, fv, fg, cu, torch.zeros_like(pool), slots, scale=K**-0.5,
                                                     seg_len=4096)
         rows["recurrence_ours_one_segment_vs_fla"] = rel_rms(o_1, o_fla)

@@ -47,7 +47,7 @@ CONFIGS: dict[int, dict[str, int]] = {
 PREP: dict[str, int] = {"BKC": 32, "num_warps": 4, "BKD": 0, "SPLIT_MAX_PROGRAMS": 68}
 # Precision of the prep kernel's off-diagonal score dots for 16-bit inputs (their operands are fp32
 # products q*exp(G - r), k*exp(r - G)); fp32 inputs always get "ieee".
-A_PRECISION: dict[str, str] = {"bf16": "tf32"}
+A_PRECISION: dict[str, str] = {"half": "tf32"}
 MIN_SEG = 128
 MAX_SEG = 8192
 
@@ -416,7 +416,7 @@ def chunk_gla_prefill_triton(
     # logits of a prefill + decode hand-off 7e-4 from fla's fp32 model; IEEE dots: 1e-6)
     prec = "ieee" if dt == torch.float32 else "tf32"
     grid = (n_chunks, H, cdiv(K, bkc)) if split else (n_chunks, H)
-    prec_a = prec if dt == torch.float32 else A_PRECISION["bf16"]
+    prec_a = prec if dt == torch.float32 else A_PRECISION["half"]
     _prep(grid, key + (bkc, bkd, PREP["num_warps"], split, prec_a) if key else None,
           (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec_a, split),
           num_warps=PREP["num_warps"])
