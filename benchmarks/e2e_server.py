@@ -275,14 +275,16 @@ def _phase_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int,
-                     max_tokens: int = 2, client_kind: str = "httpx", turns: int = 5) -> list[dict[str, Any]]:
+                     max_tokens: int = 2, client_kind: str = "httpx", turns: int = 5,
+                     think_ms: float = 0.0) -> list[dict[str, Any]]:
     """Turn k+1 of a conversation whose state is cached vs re-prefilling its whole history.
 
     For each history length: (1) TTFT of one request carrying history + new tokens with no
     conversation id (fresh random ids, so no prefix-cache hit); (2) a conversation's first turn
     with the history (commits its state), then, once that state's writes have landed (as after a
     person's think time: `/health` reports no pending cache writes), its second turn with only the
-    new tokens: TTFT of the resumed turn. Every request asks for `max_tokens` greedy tokens (with 1,
+    new tokens, `think_ms` after the server's latency counters were read: TTFT of the resumed turn.
+    Every request asks for `max_tokens` greedy tokens (with 1,
     the first token is the final event, which a conversation turn sends only once its commit is
     durable, so TTFT would include the state's write-back).
     """
@@ -306,6 +308,7 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
                 await ttft(client, {**base, "prompt_token_ids": hist(), "conversation_id": cid})
                 await writes_landed(setup)
                 before = await server_times(setup)
+                await asyncio.sleep(think_ms / 1e3)
                 t, last = await ttft(client, {**base, "prompt_token_ids": new, "conversation_id": cid})
                 after = await server_times(setup)
                 resumed.append(t)
@@ -403,6 +406,9 @@ def main() -> None:
     ap.add_argument("--resume-turns", type=int, default=5,
                     help="resumed turns per history length (the median is reported; the client-side "
                     "spread between runs is ~0.9 ms on the H200 host, so more turns give a steadier median)")
+    ap.add_argument("--think-ms", type=float, default=0.0,
+                    help="idle time between a conversation's writes landing and its resumed turn (a person's "
+                    "think time; trace_resume.py uses 50)")
     ap.add_argument("--resume-max-tokens", type=int, default=2,
                     help="tokens each resume/TTFT request asks for (2: the first token streams before the "
                     "turn's end, whose durable commit a conversation's final event waits for)")
@@ -477,7 +483,7 @@ def main() -> None:
     sampler = StackSampler() if args.sample_stacks else None
     with sampler or nullcontext():
         resume = (client(run_resume, url, args.resume, 16, vocab, args.resume_max_tokens, args.client,
-                         args.resume_turns)
+                         args.resume_turns, args.think_ms)
                   if args.resume else None)
         ttft_rows = (client(run_ttft, url, args.ttft, vocab, args.resume_max_tokens, args.client)
                      if args.ttft else None)
@@ -519,6 +525,7 @@ def main() -> None:
         "levels": levels,
         "resume": resume,
         "resume_tier": args.resume_tier,
+        "think_ms": args.think_ms,
         "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections")},
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,

@@ -23,7 +23,6 @@ import select
 import socket
 import ssl
 import struct
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -233,45 +232,6 @@ class _Read:
                 pass
 
 
-class _ShortSwitchInterval:
-    """Shortens the interpreter's GIL switch interval while any bulk read is in flight.
-
-    Why: a reader thread that returns from `recv` needs the GIL back, and while another thread
-    of the server runs Python it waits up to the switch interval (5 ms by default) for it. A
-    48 MiB read makes ~10 such hand-offs per chunk on each of its sockets. On the H200 host the
-    Redis tier's read inside the server took ~50 ms at 5 ms and ~22 ms at 0.5 ms, against
-    ~25 ms in a process of its own. The interval is process-wide, so it is restored as soon as
-    the last concurrent read ends.
-    """
-
-    _lock = threading.Lock()
-    _depth = 0
-    _saved = 0.0
-
-    def __init__(self, interval_s: float | None) -> None:
-        self.interval_s = interval_s
-
-    def __enter__(self) -> None:
-        if self.interval_s is None:
-            return
-        cls = type(self)
-        with cls._lock:
-            if cls._depth == 0:
-                cls._saved = sys.getswitchinterval()
-                if self.interval_s < cls._saved:
-                    sys.setswitchinterval(self.interval_s)
-            cls._depth += 1
-
-    def __exit__(self, *exc: object) -> None:
-        if self.interval_s is None:
-            return
-        cls = type(self)
-        with cls._lock:
-            cls._depth -= 1
-            if cls._depth == 0:
-                sys.setswitchinterval(cls._saved)
-
-
 class BulkReader:
     """Pooled plain connections and reader threads for `RedisTier.read_snapshot_into`.
 
@@ -279,23 +239,14 @@ class BulkReader:
         endpoint: where Redis is (`Endpoint.of_client`).
         connections: sockets per read; chunk i goes to connection i % connections.
         connect_timeout_s: connect + AUTH limit for a new socket.
-        switch_interval_s: the GIL switch interval while a read is in flight (`_ShortSwitchInterval`;
-            None leaves it alone).
     """
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        connections: int = 4,
-        connect_timeout_s: float = 0.5,
-        switch_interval_s: float | None = 0.0005,
-    ) -> None:
+    def __init__(self, endpoint: Endpoint, connections: int = 4, connect_timeout_s: float = 0.5) -> None:
         if connections < 1:
             raise ValueError("connections must be >= 1")
         self.endpoint = endpoint
         self.connections = connections
         self.connect_timeout_s = connect_timeout_s
-        self.switch_interval_s = switch_interval_s
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4 * connections, thread_name_prefix="gla-redis-bulk")
@@ -354,17 +305,6 @@ class BulkReader:
         OSError / TimeoutError for connection trouble (the caller's breaker counts those); after
         any of them the sink holds a partial payload and must be dropped.
         """
-        with _ShortSwitchInterval(self.switch_interval_s):
-            return self._read_into(read, keys, ranges, sink, timeout_s)
-
-    def _read_into(
-        self,
-        read: _Read,
-        keys: Sequence[str],
-        ranges: Sequence[tuple[int, int]],
-        sink: ChunkSink,
-        timeout_s: float,
-    ) -> bool:
         deadline = time.monotonic() + timeout_s
         k = min(self.connections, len(keys))
         try:

@@ -2,7 +2,6 @@
 
 import asyncio
 import signal
-import sys
 import time
 import uuid
 
@@ -297,46 +296,3 @@ def test_part_checksums_combined_in_order_verify_like_a_serial_pass():
         bad.finish()
     blake = enc(checksum_alg=CHECKSUM_BLAKE2B)
     assert SnapshotDecoder(blake.header_bytes, fingerprint=FP).part_checksum(0, 10) is None
-
-
-class _SwitchSpy(SnapshotDecoder):
-    """Records the GIL switch interval its reader threads saw while receiving chunks."""
-
-    seen: list[float]
-
-    def views(self, start: int, stop: int):
-        self.seen.append(sys.getswitchinterval())
-        return super().views(start, stop)
-
-
-def test_gil_switch_interval_is_short_during_a_read_and_restored_after_it(redis_proc):
-    key = ns() + "snap"
-    spies: list[_SwitchSpy] = []
-
-    def open_spy(header: bytes) -> SnapshotDecoder:
-        spy = _SwitchSpy(header, fingerprint=FP, prefix_hash=PH)
-        spy.seen = []
-        spies.append(spy)
-        return spy
-
-    async def main():
-        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=3)
-        try:
-            assert await tier.put_snapshot(key, enc())
-            got = await tier.read_snapshot_into(key, open_spy, feed)
-            after_hit = sys.getswitchinterval()
-            gen, n, *_ = parse_manifest(redis.Redis.from_url(redis_proc.url).get(key))
-            redis.Redis.from_url(redis_proc.url).delete(chunk_key(key, gen, n // 2))
-            missing = await tier.read_snapshot_into(key, open_spy, feed)
-            return got.finish(), after_hit, missing, sys.getswitchinterval()
-        finally:
-            await tier.close()
-
-    default = sys.getswitchinterval()
-    assert default > 0.0005
-    snap, after_hit, missing, after_miss = asyncio.run(main())
-    assert_state_equal(snap.tensors, STATE)
-    assert missing is None
-    for spy in spies:  # the hit, then the miss (which saw the chunks before the deleted one)
-        assert spy.seen and all(s == pytest.approx(0.0005) for s in spy.seen)
-    assert after_hit == after_miss == default
