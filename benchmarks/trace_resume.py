@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -45,11 +46,11 @@ from e2e_server import add_redis_args, build_model, redis_settings, serve_in_thr
 
 from benchmarks.raw_http import RawSSEClient  # noqa: E402
 
-STAMPS: list[tuple[str, float]] = []
+STAMPS: list[tuple[str, float, int]] = []
 
 
 def mark(name: str) -> None:
-    STAMPS.append((name, time.perf_counter()))
+    STAMPS.append((name, time.perf_counter(), threading.get_ident()))
 
 
 class StampASGI:
@@ -169,7 +170,7 @@ def timeline(runs: list[list[float]]) -> dict[str, float]:
     for t0, t1 in runs:
         seen = set()
         last: dict[str, float] = {}
-        for name, t in STAMPS:
+        for name, t, _ in STAMPS:
             if not t0 <= t <= t1:
                 continue
             if ".each." in name:
@@ -183,6 +184,17 @@ def timeline(runs: list[list[float]]) -> dict[str, float]:
         per.setdefault("client_first", []).append(1e3 * (t1 - t0))
     rows = {name: statistics.median(v) for name, v in per.items()}
     return dict(sorted(rows.items(), key=lambda kv: kv[1]))
+
+
+def read_detail(runs: list[list[float]]) -> list[list[tuple[str, float, int]]]:
+    """Per run, every stamp inside the Redis read (socket reads, chunk crc32s, absorbs) as
+    (name, ms from the client's send, reader thread number): which chunks waited, and for what."""
+    out = []
+    for t0, t1 in runs:
+        threads: dict[int, int] = {}
+        out.append([(name, round(1e3 * (t - t0), 3), threads.setdefault(tid, len(threads)))
+                    for name, t, tid in STAMPS if t0 <= t <= t1 and ".each." in name])
+    return out
 
 
 def main() -> None:
@@ -241,7 +253,8 @@ def main() -> None:
                                    think_ms).result()
                 sys.setswitchinterval(default_switch)
                 tl = timeline(runs[1:])
-                results.append({"client": kind, "switch_ms": switch_ms, "think_ms": think_ms, "timeline_ms": tl})
+                results.append({"client": kind, "switch_ms": switch_ms, "think_ms": think_ms, "timeline_ms": tl,
+                                "read_detail_ms": read_detail(runs[-3:])})
                 print(f"client {kind:5s} switch {switch_ms:4.2f} ms think {think_ms:g} ms: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()), flush=True)
     server.should_exit = True
