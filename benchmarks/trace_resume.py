@@ -268,7 +268,8 @@ def main() -> None:
                 "commit": commit, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 "torch": torch.__version__, "python": sys.version.split()[0], "history": args.history,
                 "tier": args.tier, "new_tokens": args.new_tokens, "reps": args.reps, "max_num_seqs": args.max_num_seqs,
-                "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections")},
+                "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections",
+                                                        "read_piece_bytes")},
                 "uvicorn_loop": "uvloop" if "uvloop" in sys.modules else "asyncio",
                 "http_parser": "httptools" if "httptools" in sys.modules else "h11"}
         Path(args.out).write_text(json.dumps({**meta, "results": results}, indent=1))

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     redis_bulk_connections: int = Field(
         16, ge=0, le=64, description="plain sockets that read one snapshot in parallel; 0 reads with redis-py's MGET"
     )
+    redis_read_piece_bytes: int = Field(
+        1 << 20, ge=0, description="the bulk reader asks for each snapshot chunk in GETRANGE pieces of at most this "
+        "many bytes, so Redis builds small replies (0: one GET per chunk)",
+    )
     conversation_lease_s: float = Field(600.0, gt=0, description="expiry of a turn's conversation lease")
 
     # -- operations (issue 6)

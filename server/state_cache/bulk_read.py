@@ -296,8 +296,11 @@ class BulkReader:
         ranges: Sequence[tuple[int, int]],
         sink: ChunkSink,
         timeout_s: float,
+        offsets: Sequence[int] | None = None,
     ) -> bool:
-        """Blocking (run it in a thread): fetches chunk `keys[i]` into `sink.views(*ranges[i])`.
+        """Blocking (run it in a thread): fetches chunk `keys[i]` into `sink.views(*ranges[i])`;
+        with `offsets`, only the part of `keys[i]` that starts at `offsets[i]` (GETRANGE), so a
+        chunk can arrive as several pieces (`redis_tier.piece_ranges`).
 
         Returns True once every chunk has landed and been absorbed in order, False when a chunk is
         missing (expired or replaced since the manifest was read: a miss). Raises
@@ -318,8 +321,13 @@ class BulkReader:
             for c in conns:
                 c.close()
             raise TimeoutError("bulk snapshot read abandoned")
+        if offsets is None:
+            commands = [_command(b"GET", key.encode()) for key in keys]
+        else:
+            commands = [_command(b"GETRANGE", key.encode(), b"%d" % off, b"%d" % (off + b - a - 1))
+                        for key, off, (a, b) in zip(keys, offsets, ranges, strict=True)]
         futures = [
-            self._pool.submit(self._worker, read, conns[j], list(range(j, len(keys), k)), keys, ranges, sink)
+            self._pool.submit(self._worker, read, conns[j], list(range(j, len(keys), k)), commands, ranges, sink)
             for j in range(k)
         ]
         ok = False
@@ -354,23 +362,24 @@ class BulkReader:
         read: _Read,
         conn: _Conn,
         indices: list[int],
-        keys: Sequence[str],
+        commands: Sequence[bytes],
         ranges: Sequence[tuple[int, int]],
         sink: ChunkSink,
     ) -> None:
         try:
-            conn.sock.sendall(b"".join(_command(b"GET", keys[i].encode()) for i in indices))
+            conn.sock.sendall(b"".join(commands[i] for i in indices))
             for i in indices:
                 if read.error is not None or read.missing:
                     raise ConnectionAbortedError("another connection of this read failed")
                 line = conn.readline()
-                if line == b"$-1":
+                start, stop = ranges[i]
+                # GET answers nil for a missing key, GETRANGE an empty string
+                if line == b"$-1" or (line == b"$0" and stop > start):
                     read.fail(None, missing=True)
                     raise ConnectionAbortedError("chunk missing")
                 if not line.startswith(b"$"):
                     raise ResponseError(line[1:].decode(errors="replace") if line.startswith(b"-") else
                                         f"unexpected reply {line[:40]!r}")
-                start, stop = ranges[i]
                 if int(line[1:]) != stop - start:
                     raise SnapshotCorrupt(f"snapshot chunk {i} is {int(line[1:])} bytes, expected {stop - start}")
                 for view in sink.views(start, stop):

@@ -34,6 +34,7 @@ def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCach
             base_backoff_s=settings.redis_breaker_reset_s,
             max_backoff_s=max(30.0, 8 * settings.redis_breaker_reset_s),
             bulk_connections=settings.redis_bulk_connections,
+            read_piece_bytes=settings.redis_read_piece_bytes,
         )
     return TieredStateCache(
         fingerprint,

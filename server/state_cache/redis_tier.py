@@ -101,6 +101,20 @@ def chunk_key(key: str, generation: bytes, index: int) -> str:
     return f"{key}:chunk:{generation.hex()}:{index}"
 
 
+def piece_ranges(
+    keys: Sequence[str], ranges: Sequence[tuple[int, int]], piece_bytes: int
+) -> tuple[list[str], list[tuple[int, int]], list[int]]:
+    """Each chunk's payload range cut into pieces of at most `piece_bytes`: per piece its chunk's
+    key, its payload range and its offset inside the chunk (for GETRANGE)."""
+    out_keys, out_ranges, offsets = [], [], []
+    for key, (a, b) in zip(keys, ranges, strict=True):
+        for p in range(a, b, piece_bytes):
+            out_keys.append(key)
+            out_ranges.append((p, min(p + piece_bytes, b)))
+            offsets.append(p - a)
+    return out_keys, out_ranges, offsets
+
+
 def parse_manifest(data: bytes) -> tuple[bytes, int, int, int, bytes]:
     """(generation, num_chunks, chunk_bytes, payload_len, snapshot header bytes); ValueError if bad."""
     if len(data) < _MANIFEST.size:
@@ -125,6 +139,10 @@ class RedisTier:
         chunk_bytes: payload chunk size; one SET per chunk keeps Redis responsive to others.
         bulk_connections: plain sockets per `read_snapshot_into` (bulk_read.py); 0 reads through
             redis-py's MGET instead.
+        read_piece_bytes: the bulk reader asks for each chunk in GETRANGE pieces of at most this
+            many bytes (0: one GET per chunk). Redis 6 copies a reply into a buffer of its size
+            before sending it, and with libc malloc a multi-MiB buffer is a fresh mmap every
+            time (page faults in the server's one thread); smaller replies reuse its heap.
         failure_threshold, base_backoff_s, max_backoff_s: circuit breaker (see breaker.py).
         client_kwargs: extra arguments for `redis.asyncio.from_url`.
     """
@@ -143,10 +161,14 @@ class RedisTier:
         max_backoff_s: float = 30.0,
         max_connections: int = 64,
         bulk_connections: int = 16,
+        read_piece_bytes: int = 1 << 20,
         client_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if ttl_s <= 0 or op_timeout_s <= 0 or chunk_bytes <= 0:
             raise ValueError("ttl_s, op_timeout_s and chunk_bytes must be positive")
+        if read_piece_bytes < 0:
+            raise ValueError("read_piece_bytes must be >= 0")
+        self.read_piece_bytes = read_piece_bytes
         self.ttl_ms = int(ttl_s * 1000)
         self.op_timeout_s = op_timeout_s
         self.min_bandwidth_bytes_s = min_bandwidth_bytes_s
@@ -408,13 +430,16 @@ class RedisTier:
         sink: ChunkSink = decoder  # type: ignore[assignment]
         keys = [chunk_key(key, gen, i) for i in range(n)]
         ranges = chunk_ranges(payload_len, chunk_bytes)
+        offsets = None
+        if self.read_piece_bytes and self.read_piece_bytes < chunk_bytes:
+            keys, ranges, offsets = piece_ranges(keys, ranges, self.read_piece_bytes)
         timeout = self._transfer_timeout(payload_len)
         bulk = self.bulk
 
         async def fetch(_: aioredis.Redis) -> bool:
-            read = bulk.start(n)
+            read = bulk.start(len(keys))
             try:
-                return await asyncio.to_thread(bulk.read_into, read, keys, ranges, sink, timeout)
+                return await asyncio.to_thread(bulk.read_into, read, keys, ranges, sink, timeout, offsets)
             except asyncio.CancelledError:
                 read.abort()  # the worker threads stop at once; the sockets are not reused
                 raise

@@ -10,7 +10,7 @@ import redis
 
 from server.state_cache.bulk_read import Endpoint, chunk_ranges
 from server.state_cache.keys import prefix_hash
-from server.state_cache.redis_tier import RedisTier, chunk_key, parse_manifest
+from server.state_cache.redis_tier import RedisTier, chunk_key, parse_manifest, piece_ranges
 from server.state_cache.snapshot import (
     CHECKSUM_BLAKE2B,
     CHECKSUM_CRC32,
@@ -296,3 +296,35 @@ def test_part_checksums_combined_in_order_verify_like_a_serial_pass():
         bad.finish()
     blake = enc(checksum_alg=CHECKSUM_BLAKE2B)
     assert SnapshotDecoder(blake.header_bytes, fingerprint=FP).part_checksum(0, 10) is None
+
+
+@pytest.mark.parametrize("piece", [0, 1, 30, 99, 100], ids=lambda p: f"piece{p}")
+def test_chunks_read_in_getrange_pieces_equal_the_stored_state(redis_proc, piece):
+    """100-byte chunks asked for whole (GET, piece 0 or >= the chunk) or in GETRANGE pieces that
+    cut every chunk at odd offsets; a missing chunk is a miss either way."""
+    key = ns() + "snap"
+    sync = redis.Redis.from_url(redis_proc.url)
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=3,
+                         read_piece_bytes=piece)
+        try:
+            assert await tier.put_snapshot(key, enc())
+            got = await tier.read_snapshot_into(key, opener(per_tensor=True), feed)
+            gen, n, *_ = parse_manifest(sync.get(key))
+            sync.delete(chunk_key(key, gen, n // 2))
+            missing = await tier.read_snapshot_into(key, opener(), feed)
+            return got.finish(), missing, tier.breaker.consecutive_failures
+        finally:
+            await tier.close()
+
+    snap, missing, failures = asyncio.run(main())
+    assert_state_equal(snap.tensors, STATE)
+    assert missing is None and failures == 0
+
+
+def test_piece_ranges_cover_each_chunk_in_order():
+    keys, ranges, offsets = piece_ranges(["a", "b"], [(0, 100), (100, 130)], 40)
+    assert keys == ["a", "a", "a", "b"]
+    assert ranges == [(0, 40), (40, 80), (80, 100), (100, 130)]
+    assert offsets == [0, 40, 80, 0]
