@@ -5,6 +5,8 @@
 #                                trace_resume.py (same server settings but max_num_seqs) measured 27-33 ms;
 #                                each harness at the other's max_num_seqs, plus per-chunk read timelines; and
 #                                GETRANGE pieces (new default) vs one GET per chunk (issue 5)
+#   STEPS=pdl                    batch-1 GEMV chain with programmatic dependent launch vs cuBLAS, then the
+#                                whole B=1 decode step with GLA_TRITON_GEMV / GLA_GEMV_PDL (issue 8)
 #   STEPS=redisprof              the same turn with the server's threads sampled
 #   STEPS=ssepair                SSEResponse vs Starlette's task group, resumed turn at 32K, 3 alternating pairs
 #   STEPS=resumeprefill          the short kernel's tile and a resumed turn's graph rows (bench_resume_prefill.py)
@@ -56,6 +58,15 @@ if has redisharness; then  # issue 5: why e2e_server.py and trace_resume.py disa
     timeout 110 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 \
       --max-num-seqs $seqs --out "$OUT/trace-resume-redis-seqs$seqs.json" 2>&1 | grep "^client" \
       | sed "s/^/trace max_num_seqs $seqs: /"
+  done
+fi
+if has pdl; then  # issue 8: the batch-1 GEMV chain with programmatic dependent launch (GEMV["PDL"])
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py -k gla13b 2>&1 | tail -2
+  timeout 150 python3 benchmarks/bench_pdl_chain.py --out "$OUT/pdl-chain.json" 2>&1 | grep -v -i warn | tail -5
+  for v in "0 0" "1 0" "1 1"; do  # the whole decode step: cuBLAS; Triton GEMV; Triton GEMV with PDL
+    set -- $v
+    GLA_TRITON_GEMV=$1 GLA_GEMV_PDL=$2 timeout 150 python3 benchmarks/e2e.py --quick --no-fla --batches 1 \
+      --new-tokens 32 --out "$OUT/e2e-b1-gemv$1-pdl$2.json" 2>&1 | grep -E "^decode" | sed "s/^/gemv $1 pdl $2: /"
   done
 fi
 if has kernels13; then  # issue 3: our prefill at the 1.3B layer shape against fla in the same process

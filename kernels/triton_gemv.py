@@ -24,6 +24,9 @@ Unmeasured on a GPU: `benchmarks/bench_gemv.py` times it against cuBLAS and swee
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +44,14 @@ GEMV: dict[str, int] = {
     "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1,
     "DOT_MIN_M": 2, "DOT_BLOCK_N": 32, "DOT_BLOCK_K": 256, "DOT_num_warps": 4, "DOT_num_stages": 3,
     "SPLIT_K": 0, "TARGET_PROGRAMS": 264, "MAX_SPLIT": 8, "REDUCE_BLOCK": 1024,
+    "PDL": 0,
 }
+# PDL = 1: launch with programmatic dependent launch (Hopper and newer; env GLA_GEMV_PDL=1). A GEMV's
+# weights do not depend on the kernel before it, so each program loads its first weight tile, lets
+# the next kernel launch, and only then waits for the previous grid (griddepcontrol.wait) before it
+# reads x. Inside a CUDA graph of back-to-back GEMVs the launch gap and the previous kernel's tail
+# overlap weight streaming. Off until measured (`benchmarks/bench_pdl_chain.py`).
+GEMV["PDL"] = int(os.environ.get("GLA_GEMV_PDL", "0") in ("1", "true", "yes", "on"))
 
 
 @triton.jit
@@ -57,29 +67,48 @@ def _load_x(x, o_m, m_m, o_k, m_k, SX: tl.constexpr, K: tl.constexpr, SWIGLU: tl
     return b_x
 
 
+@triton.jit
+def _load_w(p_w, o_k, m_n, m_k, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    if EVEN_N and EVEN_K:
+        b_w = tl.load(p_w + o_k[None, :], eviction_policy="evict_first")
+    else:
+        b_w = tl.load(p_w + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0., eviction_policy="evict_first")
+    return b_w
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x, w, y, part, M, SX: tl.constexpr, N: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                  SWIGLU: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, USE_GDC: tl.constexpr):
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     p_w = w + o_n.to(tl.int64)[:, None] * K
+    k0 = 0
     if DOT or BM > 1:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
     else:  # M == 1: per-lane partial sums, reduced across K once after the loop
-        acc1 = tl.zeros([BN, BK], dtype=tl.float32)
-    for kk in range(0, KS, BK):
+        if USE_GDC:
+            # the first weight tile does not depend on the kernel before: load it, let the next
+            # kernel launch, then wait for the previous grid's writes before reading x
+            o_k = i_s * KS + tl.arange(0, BK)
+            b_w = _load_w(p_w, o_k, m_n, o_k < K, EVEN_N, EVEN_K)
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+            acc1 = b_w.to(tl.float32) * _load_x(x, o_m, m_m, o_k, o_k < K, SX, K, SWIGLU, EVEN_K)
+            k0 = BK
+        else:
+            acc1 = tl.zeros([BN, BK], dtype=tl.float32)
+    for kk in range(k0, KS, BK):
         o_k = i_s * KS + kk + tl.arange(0, BK)
         m_k = o_k < K
-        if EVEN_N and EVEN_K:
-            b_w = tl.load(p_w + o_k[None, :], eviction_policy="evict_first")
-        else:
-            b_w = tl.load(p_w + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.,
-                          eviction_policy="evict_first")
+        b_w = _load_w(p_w, o_k, m_n, m_k, EVEN_N, EVEN_K)
         if DOT:
             b_x = _load_x(x, o_m, m_m, o_k, m_k, SX, K, SWIGLU, EVEN_K)
             if IEEE:  # fp32 or mixed inputs (and the interpreter, whose half-precision dot is wrong)
@@ -105,7 +134,10 @@ def _gemv_kernel(x, w, y, part, M, SX: tl.constexpr, N: tl.constexpr, K: tl.cons
 
 
 @triton.jit(do_not_specialize=["MN"])
-def _split_sum_kernel(part, y, MN, SPLIT: tl.constexpr, BR: tl.constexpr):
+def _split_sum_kernel(part, y, MN, SPLIT: tl.constexpr, BR: tl.constexpr, USE_GDC: tl.constexpr):
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     o = tl.program_id(0) * BR + tl.arange(0, BR)
     m = o < MN
     acc = tl.zeros([BR], dtype=tl.float32)
@@ -154,16 +186,24 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.T
     part = torch.empty(p["SPLIT"], M, N, dtype=torch.float32, device=x.device) if p["SPLIT"] > 1 else y
     SX = x2.stride(0) if M > 1 else x2.shape[-1]
     ieee = _INTERPRET or x.dtype != w.dtype or x.dtype == torch.float32
-    flags = (bool(swiglu), bool(p["dot"]), ieee, N % p["BN"] == 0, p["KS"] * p["SPLIT"] == K)
+    gdc = bool(GEMV["PDL"]) and _pdl_ok(x.device)
+    flags = (bool(swiglu), bool(p["dot"]), ieee, N % p["BN"] == 0, p["KS"] * p["SPLIT"] == K, gdc)
     consts = (SX, N, K, p["KS"], p["BM"], p["BN"], p["BK"], p["SPLIT"], *flags)
     opts = {"num_warps": p["num_warps"], "num_stages": p["num_stages"]}
+    pdl = {"launch_pdl": True} if gdc else {}
     key = (x.device.index, x.dtype, w.dtype, *consts, *opts.values()) if aligned(x2, w, y, part) else None
-    _gemv((cdiv(N, p["BN"]), p["SPLIT"]), key, (x2, w, y, part, M, *consts), **opts)
+    _gemv((cdiv(N, p["BN"]), p["SPLIT"]), key, (x2, w, y, part, M, *consts), **opts, **pdl)
     if p["SPLIT"] > 1:
         BR = GEMV["REDUCE_BLOCK"]
-        rkey = (x.device.index, y.dtype, p["SPLIT"], BR) if aligned(part, y) else None
-        _split_sum((cdiv(M * N, BR),), rkey, (part, y, M * N, p["SPLIT"], BR), num_warps=4)
+        rkey = (x.device.index, y.dtype, p["SPLIT"], BR, gdc) if aligned(part, y) else None
+        _split_sum((cdiv(M * N, BR),), rkey, (part, y, M * N, p["SPLIT"], BR, gdc), num_warps=4, **pdl)
     return y.view(*lead, N)
+
+
+@functools.cache
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or newer."""
+    return not _INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

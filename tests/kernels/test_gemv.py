@@ -134,14 +134,19 @@ def test_public_ops_on_the_cpu_are_the_pytorch_forms() -> None:
 
 
 # ---- gla-1.3B decode shapes on a GPU -----------------------------------------------------------
-GPU_CASES = [pytest.param(name, M, dt, id=f"{name}-M{M}-{dt}", marks=pytest.mark.gpu)
-             for name in (*GPU_SHAPES, "down_swiglu") for M in (1, 4, 16) for dt in DTYPES]
+GPU_CASES = [pytest.param(name, M, dt, pdl, id=f"{name}-M{M}-{dt}{'-pdl' if pdl else ''}", marks=pytest.mark.gpu)
+             for name in (*GPU_SHAPES, "down_swiglu") for M in (1, 4, 16) for dt in DTYPES for pdl in (0, 1)]
 
 
-@pytest.mark.parametrize("name,M,dt", GPU_CASES)
-def test_gemv_at_gla13b_sizes(name: str, M: int, dt: str, nan_poison: None) -> None:
+@pytest.mark.parametrize("name,M,dt,pdl", GPU_CASES)
+def test_gemv_at_gla13b_sizes(name: str, M: int, dt: str, pdl: int, config, nan_poison: None) -> None:  # type: ignore[no-untyped-def]
+    """pdl: launched with programmatic dependent launch (GEMV["PDL"]; the first weight tile is
+    loaded before the wait for the previous grid), on GPUs that have it."""
     if not ON_GPU:
         pytest.skip("needs CUDA")
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    config({"PDL": pdl})
     dtype = DTYPES[dt]
     if name == "down_swiglu":
         h, w = randn(M, 2 * 5632, dtype=dtype, seed=1, scale=2.0), randn(2048, 5632, dtype=dtype, seed=2, scale=0.02)
@@ -168,16 +173,18 @@ from triton.compiler import ASTSource
 import triton
 from kernels import triton_gemv as tg
 out = []
-for M, N, K, swiglu, dt in json.loads(sys.argv[1]):
+for M, N, K, swiglu, dt, gdc in json.loads(sys.argv[1]):
     p = tg.plan(M, N, K)
     consts = {"SX": 2 * K if swiglu else K, "N": N, "K": K, "KS": p["KS"], "BM": p["BM"], "BN": p["BN"],
               "BK": p["BK"], "SPLIT": p["SPLIT"], "SWIGLU": swiglu, "DOT": bool(p["dot"]), "IEEE": dt == "fp32",
-              "EVEN_N": N % p["BN"] == 0, "EVEN_K": p["KS"] * p["SPLIT"] == K}
+              "EVEN_N": N % p["BN"] == 0, "EVEN_K": p["KS"] * p["SPLIT"] == K, "USE_GDC": gdc}
     sig = {"x": "*" + dt, "w": "*" + dt, "y": "*" + dt, "part": "*fp32", "M": "i32",
            **dict.fromkeys(consts, "constexpr")}
     k = triton.compile(ASTSource(fn=tg._gemv_kernel, signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": p["num_warps"], "num_stages": p["num_stages"]})
+                       options={"num_warps": p["num_warps"], "num_stages": p["num_stages"], "launch_pdl": gdc})
+    if gdc:  # the PDL variant really waits for the previous grid (and lets the next one launch)
+        assert "griddepcontrol.wait" in k.asm["ptx"] and "griddepcontrol.launch_dependents" in k.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -190,16 +197,21 @@ print(json.dumps(out))
 
 
 def test_compiles_for_sm90_without_spills() -> None:
-    """The real compiler (ptxas, sm_90) at the 1.3B shapes with the default config, in a process
-    without TRITON_INTERPRET: the interpreter runs the kernels but never builds them."""
+    """The real compiler (ptxas, sm_90) at the 1.3B shapes with the default config, with and without
+    programmatic dependent launch, in a process without TRITON_INTERPRET: the interpreter runs the
+    kernels but never builds them."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    cases = [(1, 6160, 2048, False, "bf16"), (16, 2048, 2048, False, "bf16"), (1, 2048, 5632, True, "bf16"),
-             (4, 2048, 5632, True, "fp32"), (3, 11264, 2048, False, "bf16")]
+    cases = [(1, 6160, 2048, False, "bf16", False), (16, 2048, 2048, False, "bf16", False),
+             (1, 2048, 5632, True, "bf16", False), (4, 2048, 5632, True, "fp32", False),
+             (3, 11264, 2048, False, "bf16", False),
+             # programmatic dependent launch (GEMV["PDL"]): the M = 1 path with its prefetched tile
+             (1, 6160, 2048, False, "bf16", True), (1, 2048, 5632, True, "bf16", True),
+             (16, 2048, 2048, False, "bf16", True)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = Path(__file__).resolve().parents[2]

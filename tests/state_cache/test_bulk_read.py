@@ -215,7 +215,11 @@ def test_bulk_read_through_tls(redis_proc, tmp_path):
             try:
                 assert tier.bulk is not None and tier.bulk.endpoint.ssl_context is not None
                 assert await tier.put_snapshot(key, enc())
-                return (await tier.read_snapshot_into(key, opener(per_tensor=True), feed)).finish()
+                whole = (await tier.read_snapshot_into(key, opener(per_tensor=True), feed)).finish()
+                tier.read_piece_bytes = 30  # GETRANGE pieces over TLS too
+                pieces = (await tier.read_snapshot_into(key, opener(per_tensor=True), feed)).finish()
+                assert_state_equal(pieces.tensors, STATE)
+                return whole
             finally:
                 await tier.close()
 
