@@ -66,6 +66,21 @@ def copy_gbps() -> float:
     return 2 * x.numel() * x.element_size() / ms / 1e6
 
 
+def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """fn captured in a CUDA graph after two warm-up runs on a side stream (compiles happen outside
+    the capture); returns the graph and what the captured call returned."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
 def timed(step: Callable[[int], object], n: int, graph: bool, reps: int) -> float:
     """Median µs per call of step(0), ..., step(n - 1) run back to back."""
     def loop() -> None:
@@ -74,16 +89,7 @@ def timed(step: Callable[[int], object], n: int, graph: bool, reps: int) -> floa
 
     run: Callable[[], object] = loop
     if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # compile and warm up outside the capture
-            loop()
-            loop()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            loop()
-        run = g.replay
+        run = capture_graph(loop)[0].replay
     else:
         loop()
     torch.cuda.synchronize()

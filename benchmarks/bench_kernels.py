@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,21 +29,16 @@ from kernels import triton_chunk, triton_recurrent
 from kernels.triton_chunk import chunk_gla_prefill_triton
 from kernels.triton_recurrent import fused_recurrent_gla_decode_triton
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gemv import capture_graph  # noqa: E402
+
 SHAPES = {"gla-1.3B": (4, 256, 512), "gla-340M": (4, 128, 256)}
 
 
 def graph_ms(fn: Callable[[], object], reps: int = 20) -> tuple[float, str]:
     """Median GPU ms per call from CUDA-graph replays; falls back to do_bench if capture fails."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture_graph(fn)[0]
         graph.replay()
         torch.cuda.synchronize()
         times = []

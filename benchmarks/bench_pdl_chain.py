@@ -26,7 +26,6 @@ import datetime
 import json
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +33,9 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gemv import capture_graph, copy_gbps  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import triton_gemv  # noqa: E402
@@ -41,13 +43,6 @@ from kernels.triton_gemv import gemv_triton, swiglu_gemv_triton  # noqa: E402
 
 HIDDEN, IN_PROJ, INTER, LAYERS = 2048, 6160, 5632, 24
 DTYPE = torch.bfloat16
-
-
-def copy_gbps() -> float:
-    x = torch.empty(2**29, dtype=torch.float16, device="cuda").normal_()  # 1 GiB
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
-    return 2 * x.numel() * x.element_size() / ms / 1e6
 
 
 class Chain:
@@ -80,19 +75,6 @@ class Chain:
         return x
 
 
-def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # compile and warm up outside the capture
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
-
-
 def replay_us(g: torch.cuda.CUDAGraph, n: int = 20) -> float:
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
@@ -113,13 +95,13 @@ def main() -> None:
     copy = copy_gbps()
     chain = Chain()
     variants: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-    variants["cublas"] = capture(lambda: chain.step(False))
+    variants["cublas"] = capture_graph(lambda: chain.step(False))
     saved = triton_gemv.GEMV["PDL"]
     try:
         triton_gemv.GEMV["PDL"] = 0
-        variants["triton"] = capture(lambda: chain.step(True))
+        variants["triton"] = capture_graph(lambda: chain.step(True))
         triton_gemv.GEMV["PDL"] = 1
-        variants["triton_pdl"] = capture(lambda: chain.step(True))
+        variants["triton_pdl"] = capture_graph(lambda: chain.step(True))
     finally:
         triton_gemv.GEMV["PDL"] = saved
     times: dict[str, list[float]] = {k: [] for k in variants}
