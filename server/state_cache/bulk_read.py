@@ -327,7 +327,8 @@ class BulkReader:
             commands = [_command(b"GETRANGE", key.encode(), b"%d" % off, b"%d" % (off + b - a - 1))
                         for key, off, (a, b) in zip(keys, offsets, ranges, strict=True)]
         futures = [
-            self._pool.submit(self._worker, read, conns[j], list(range(j, len(keys), k)), commands, ranges, sink)
+            self._pool.submit(self._worker, read, conns[j], list(range(j, len(keys), k)), commands, ranges, sink,
+                              offsets is not None)
             for j in range(k)
         ]
         ok = False
@@ -365,6 +366,7 @@ class BulkReader:
         commands: Sequence[bytes],
         ranges: Sequence[tuple[int, int]],
         sink: ChunkSink,
+        getrange: bool,
     ) -> None:
         try:
             conn.sock.sendall(b"".join(commands[i] for i in indices))
@@ -373,8 +375,9 @@ class BulkReader:
                     raise ConnectionAbortedError("another connection of this read failed")
                 line = conn.readline()
                 start, stop = ranges[i]
-                # GET answers nil for a missing key, GETRANGE an empty string
-                if line == b"$-1" or (line == b"$0" and stop > start):
+                # GET answers nil for a missing key, GETRANGE an empty string (an empty GET reply
+                # stays a wrong length: corrupt)
+                if line == b"$-1" or (getrange and line == b"$0" and stop > start):
                     read.fail(None, missing=True)
                     raise ConnectionAbortedError("chunk missing")
                 if not line.startswith(b"$"):

@@ -135,6 +135,9 @@ def test_a_chunk_of_the_wrong_length_is_corrupt_and_a_bad_checksum_fails_finish(
             sync.setrange(chunk_key(key, gen, 4), 100, b"x")  # one byte too long
             with pytest.raises(SnapshotCorrupt):
                 await tier.read_snapshot_into(key, opener(), feed)
+            sync.set(chunk_key(key, gen, 4), b"")  # empty: a wrong length too, not a missing chunk
+            with pytest.raises(SnapshotCorrupt):
+                await tier.read_snapshot_into(key, opener(), feed)
             sync.set(chunk_key(key, gen, 4), b"y" * 100)  # right length, wrong bytes
             dec = await tier.read_snapshot_into(key, opener(), feed)
             with pytest.raises(SnapshotCorrupt, match="checksum"):
