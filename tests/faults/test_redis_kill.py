@@ -32,6 +32,13 @@ async def _load_with_redis_outage(srv: ServeProcess, redis: RedisProcess, convs:
             assert time.monotonic() < deadline, "load stalled"
             await asyncio.sleep(0.02)
 
+    async def breaker_closes() -> None:
+        """The breaker's backoff may outlast a fixed number of turns, so wait for it under load."""
+        deadline = time.monotonic() + 60
+        while (await client.get("/health")).json()["cache"]["redis_breaker_state"] != "closed":
+            assert time.monotonic() < deadline, "redis tier never came back"
+            await asyncio.sleep(0.05)
+
     async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
         tasks = [asyncio.create_task(converse(client, c, keep_going)) for c in convs]
         try:
@@ -39,7 +46,8 @@ async def _load_with_redis_outage(srv: ServeProcess, redis: RedisProcess, convs:
             redis.stop()  # SIGKILL, mid-load
             await turns_reach(2 * TURNS_PER_PHASE)
             redis.start()  # same port, empty: nothing was saved
-            await turns_reach(3 * TURNS_PER_PHASE)
+            await breaker_closes()
+            await turns_reach(sum(c.turns for c in convs) + TURNS_PER_PHASE)  # with Redis in use again
         finally:
             done = True
             await asyncio.gather(*tasks)
