@@ -34,7 +34,14 @@ STEP_PHASES = ("schedule", "model", "snapshot", "postprocess")
 # before the first event instead of showing "no data".
 FINISHED_REASONS = ("stop", "length", "abort")
 FAILURE_REASONS = ("error", "queue_full", "rate_limited", "unauthorized", "draining", "invalid_request")
-REDIS_OPS = ("get", "put", "delete")
+REDIS_OPS = ("get", "put", "delete", "log", "lease", "index", "other")
+# RedisTier's call names -> the `op` label: snapshot reads, writes and deletes, token logs, turn leases,
+# the prefix index (anchor sets); pointers, pings and TTL reads are "other".
+REDIS_OP_OF_CALL = {
+    "read_snapshot": "get", "get_snapshot": "get", "stream_snapshot": "get", "put_snapshot": "put",
+    "getdel": "delete", "unlink": "delete", "append_log": "log", "lease": "lease", "unlease": "lease",
+    "extend_lease": "lease", "anchor_add": "index", "anchor_members": "index", "anchor_rem": "index",
+}
 REBUILD_REASONS = ("missing", "corrupt", "fingerprint")
 
 _STEP_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -358,3 +365,57 @@ class EngineMetrics:
         self.metrics._finish(now - seq.arrival_time, reason,
                              len(seq.history_token_ids) + len(seq.prompt_token_ids),
                              len(seq.output_token_ids), seq.num_cached_tokens)
+
+
+class StateCacheMetrics:
+    """Feeds the tiered conversation store's events (server/state_cache) into `Metrics`.
+
+    The store keeps plain counters for /health; this turns the same events into the Prometheus
+    series the dashboard charts (host and Redis hits, host evictions, Redis latency and errors by
+    op, rebuilds by reason) as they happen, so a scrape sees rates, not snapshots. Wiring is one
+    line: `StateCacheMetrics(metrics, store)`; hooks already set on the store are kept and chained.
+    """
+
+    def __init__(self, metrics: Metrics, store: Any) -> None:
+        self.metrics = metrics
+        cache = store.cache
+        self._has_host = cache.host.budget_bytes > 0
+        self._has_redis = cache.redis is not None
+        self._cache_event = cache.on_event
+        cache.on_event = self.on_cache_event
+        self._rebuild = store.on_rebuild
+        store.on_rebuild = self.on_rebuild
+        if cache.redis is not None:
+            self._redis_op = cache.redis.on_op
+            cache.redis.on_op = self.on_redis_op
+        metrics.state_cache_bytes.labels("host").set_function(lambda: cache.host.bytes_used)
+
+    def on_cache_event(self, name: str, amount: int) -> None:
+        """A `TieredStateCache` counter moved: every lookup asks each configured tier (host, Redis)."""
+        m = self.metrics
+        if name == "lookups":
+            if self._has_host:
+                m.state_cache_queries.labels("host").inc(amount)
+            if self._has_redis:
+                m.state_cache_queries.labels("redis").inc(amount)
+        elif name == "lookup_hits_host":
+            m.state_cache_hits.labels("host").inc(amount)
+        elif name == "lookup_hits_redis":
+            m.state_cache_hits.labels("redis").inc(amount)
+        elif name == "host_evictions":
+            m.on_cache_evict("host", amount)
+        if self._cache_event is not None:
+            self._cache_event(name, amount)
+
+    def on_redis_op(self, what: str, seconds: float, ok: bool) -> None:
+        op = REDIS_OP_OF_CALL.get(what, "other")
+        self.metrics.redis_op_latency.labels(op).observe(seconds)
+        if not ok:
+            self.metrics.redis_errors.labels(op).inc()
+        if self._redis_op is not None:
+            self._redis_op(what, seconds, ok)
+
+    def on_rebuild(self, reason: str) -> None:
+        self.metrics.on_state_rebuild(reason)
+        if self._rebuild is not None:
+            self._rebuild(reason)

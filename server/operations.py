@@ -13,7 +13,7 @@ from server.auth import AuthMiddleware, KeyStore, TenantLimiter, TenantLimits
 from server.drain import Drainer, DrainMiddleware
 from server.engine import AsyncEngine
 from server.errors import APIError
-from server.metrics import EngineMetrics, Metrics
+from server.metrics import EngineMetrics, Metrics, StateCacheMetrics
 from server.sequence import Sequence
 from server.settings import Settings
 
@@ -77,6 +77,8 @@ class Operations:
         """Engine observers, and the state flush drain waits for."""
         if self.metrics is not None:
             engine.observers.append(EngineMetrics(self.metrics, engine.stats))
+            if hasattr(conversations, "on_rebuild") and hasattr(conversations, "cache"):  # the tiered store
+                StateCacheMetrics(self.metrics, conversations)
         if self.limiter is not None:
             engine.observers.append(_TenantCharge(self.limiter))
         flush = getattr(conversations, "flush", None)

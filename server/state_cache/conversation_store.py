@@ -52,6 +52,7 @@ class TieredConversationStore:
         self.num_resident = 0  # loads that skipped the lookup: the engine's slot holds the state
         self.num_rebuilds = 0
         self.num_new = 0
+        self.on_rebuild: Callable[[str], None] | None = None  # called with rebuild_reason(...) (Prometheus)
 
     def acquire(self, key: ConversationKey) -> None:
         with self._lock:
@@ -88,10 +89,13 @@ class TieredConversationStore:
         if resident is not None and resident(log):
             self.num_resident += 1
             return ConversationSnapshot(log, None)
-        hit = await self.cache.lookup(key.tenant, key.conversation_id, log[:-1])
+        rejections: list[str] = []
+        hit = await self.cache.lookup(key.tenant, key.conversation_id, log[:-1], rejections=rejections)
         if hit is None or hit.num_tokens != len(log) - 1:
             # Missing, evicted, corrupt, foreign or stale: the engine prefills the log instead.
             self.num_rebuilds += 1
+            if self.on_rebuild is not None:
+                self.on_rebuild(rebuild_reason(rejections))
             return ConversationSnapshot(log, None)
         self.num_resumed += 1
         return ConversationSnapshot(log, hit.tensors)
@@ -199,6 +203,17 @@ class TieredConversationStore:
         with self._lock:  # host copies of prefix snapshots and commits still in flight
             out["pending_writes"] = len(self._prefix_writes) + sum(not f.done() for f in self._pending.values())
         return out
+
+
+def rebuild_reason(rejections: list[str]) -> str:
+    """Why a conversation's state is rebuilt from its log, in the metric's terms: a snapshot that
+    failed its checksum or format ("corrupt"), one from other weights ("fingerprint"), else none
+    usable was found ("missing": evicted, expired, never written, or Redis unreachable)."""
+    if "model_mismatch" in rejections:
+        return "fingerprint"
+    if "corrupt" in rejections or "invalid" in rejections:
+        return "corrupt"
+    return "missing"
 
 
 def _busy(key: ConversationKey) -> ConversationBusy:

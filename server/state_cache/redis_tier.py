@@ -18,6 +18,7 @@ import ctypes.util
 import logging
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -196,6 +197,8 @@ class RedisTier:
         self.snapshot_write_failures = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        # on_op(what, seconds, ok) after every call that went out (Prometheus; see server/metrics.py)
+        self.on_op: Callable[[str, float, bool], None] | None = None
         endpoint = Endpoint.of_client(self._client) if bulk_connections > 0 else None
         self.bulk = BulkReader(endpoint, bulk_connections, connect_timeout_s) if endpoint else None
 
@@ -222,9 +225,12 @@ class RedisTier:
             self.num_refused += 1
             return UNAVAILABLE
         was = self.breaker.state
+        start = time.perf_counter()
+        ok = False
         try:
             async with asyncio.timeout(timeout_s or self.op_timeout_s):
                 result = await fn(self._client)
+            ok = True
         except asyncio.CancelledError:
             self.breaker.abandon()
             raise
@@ -244,6 +250,9 @@ class RedisTier:
                 log.warning("redis unavailable (%s: %r); state cache tier off for now", what, e)
                 await self._drop_connections()
             return UNAVAILABLE
+        finally:
+            if self.on_op is not None:
+                self.on_op(what, time.perf_counter() - start, ok)
         if was != CLOSED:
             log.warning("redis reachable again; state cache tier back on")
         self.breaker.record_success()

@@ -107,7 +107,7 @@ class TieredStateCache:
             raise ValueError("fingerprint must be 32 bytes (keys.model_fingerprint)")
         self.fingerprint = fingerprint
         self.keys = KeySpace(key_prefix, model_tag(fingerprint))
-        self.host = HostLRU(host_budget_bytes, pin_memory=pin_memory, on_evict=self._on_host_evict)
+        self.host = HostLRU(host_budget_bytes, pin_memory=pin_memory, on_evict=self._host_evicted)
         self.redis = redis
         self.storage_dtype = storage_dtype
         self.widen_on_host = not self.host.pin_memory if widen_on_host is None else widen_on_host
@@ -144,6 +144,11 @@ class TieredStateCache:
         table.move_to_end(key)
         while len(table) > self.max_local_conversations:
             table.popitem(last=False)
+
+    def _host_evicted(self, key: str, entry: HostEntry) -> None:
+        """The LRU dropped an entry for room (counted, unlike a replacement)."""
+        self._count("host_evictions")
+        self._on_host_evict(key, entry)
 
     def _on_host_evict(self, key: str, _entry: HostEntry) -> None:
         if key not in self._host_index:
@@ -289,12 +294,15 @@ class TieredStateCache:
         return None
 
     async def lookup(
-        self, tenant: str, conversation_id: str, token_ids: Sequence[int] | None = None
+        self, tenant: str, conversation_id: str, token_ids: Sequence[int] | None = None,
+        rejections: list[str] | None = None,
     ) -> CacheHit | None:
         """The conversation's latest committed state, or None.
 
         With `token_ids` (the conversation's log) a state is used only if it summarises a prefix
         of them; a pointer that does not is counted as `rejected_prefix_mismatch` and skipped.
+        `rejections` collects the `SnapshotError.reason` of each snapshot refused on the way, so
+        the caller can say why it rebuilds (corrupt, another model) rather than only that it does.
         """
         self._count("lookups")
         conv_key = self.keys.conversation(tenant, conversation_id)
@@ -309,7 +317,8 @@ class TieredStateCache:
             if hasher is not None and (n > hasher.num_tokens or hasher.prefix_hash(n) != phash):
                 self._count("rejected_prefix_mismatch")
                 continue
-            hit = await self._fetch(tenant, phash, n, self.keys.anchor(tenant, anchor), try_redis=True)
+            hit = await self._fetch(tenant, phash, n, self.keys.anchor(tenant, anchor), try_redis=True,
+                                    rejections=rejections)
             if hit is not None:
                 return self._hit(hit)
         self._count("lookup_misses")
@@ -321,7 +330,8 @@ class TieredStateCache:
         return hit
 
     async def _fetch(
-        self, tenant: str, phash: bytes, n: int, anchor_key: str, try_redis: bool
+        self, tenant: str, phash: bytes, n: int, anchor_key: str, try_redis: bool,
+        rejections: list[str] | None = None,
     ) -> CacheHit | None:
         snap_key = self.keys.snapshot(tenant, phash)
         entry = self.host.get(snap_key)
@@ -329,9 +339,12 @@ class TieredStateCache:
             return CacheHit(n, phash, entry.tensors, "host")
         if not try_redis or self.redis is None:
             return None
-        return await self.flights.do(("fetch", snap_key), lambda: self._fetch_redis(snap_key, phash, n, anchor_key))
+        return await self.flights.do(("fetch", snap_key),
+                                     lambda: self._fetch_redis(snap_key, phash, n, anchor_key, rejections))
 
-    async def _fetch_redis(self, snap_key: str, phash: bytes, n: int, anchor_key: str) -> CacheHit | None:
+    async def _fetch_redis(
+        self, snap_key: str, phash: bytes, n: int, anchor_key: str, rejections: list[str] | None = None
+    ) -> CacheHit | None:
         assert self.redis is not None
 
         def open_decoder(header_bytes: bytes) -> SnapshotDecoder:
@@ -352,6 +365,8 @@ class TieredStateCache:
         except SnapshotError as e:
             # Never loaded, and deleted so the next lookup does not pay for it again.
             self._count(f"rejected_{e.reason}")
+            if rejections is not None:  # only the caller that led the fetch hears why
+                rejections.append(e.reason)
             log.warning("state snapshot %s rejected: %s", snap_key, e)
             await self.redis.delete_snapshot(snap_key)
             return None
