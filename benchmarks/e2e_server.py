@@ -44,9 +44,13 @@ from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 
-def build_model(tiny: bool, device: str, dtype: torch.dtype) -> GLAForCausalLM:
+def build_model(tiny: bool, device: str, dtype: torch.dtype, state_shape: bool = False) -> GLAForCausalLM:
+    """`state_shape`: the 1.3B model's layers, heads and state (48 MiB fp32 per sequence) with a small
+    MLP and vocabulary, so the CPU can run the state cache's real transfers at a tolerable compute cost."""
     if tiny:
         cfg = GLAConfig(hidden_size=128, num_hidden_layers=2, num_heads=2, vocab_size=4096)
+    elif state_shape:
+        cfg = GLAConfig(hidden_size=2048, num_hidden_layers=24, num_heads=4, intermediate_size=256, vocab_size=4096)
     else:  # fla-hub gla-1.3B: hidden 2048, 24 layers, 4 heads, K=256, V=512
         cfg = GLAConfig(hidden_size=2048, num_hidden_layers=24, num_heads=4, vocab_size=32000)
     torch.manual_seed(0)
@@ -381,6 +385,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 1.3B shape")
+    ap.add_argument("--state-shape", action="store_true",
+                    help="the 1.3B layers and state with a small MLP and vocabulary (CPU runs of the state cache)")
     ap.add_argument("--starlette-streaming", action="store_true",
                     help="stream through Starlette's StreamingResponse (an anyio task group per response), as "
                     "before SSEResponse (A/B)")
@@ -435,7 +441,7 @@ def main() -> None:
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()
-    model = build_model(args.tiny, args.device, dtype)
+    model = build_model(args.tiny, args.device, dtype, args.state_shape)
     tokenizer = load_tokenizer(None)
     max_seqs = args.max_num_seqs or max(args.concurrency)
     settings = Settings(

@@ -201,6 +201,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--state-shape", action="store_true",
+                    help="the 1.3B layers and state with a small MLP and vocabulary (CPU runs of the state cache)")
     ap.add_argument("--history", type=int, default=32752)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=9)
@@ -225,7 +227,7 @@ def main() -> None:
 
     instrument()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = build_model(args.tiny, args.device, dtype)
+    model = build_model(args.tiny, args.device, dtype, args.state_shape)
     tokenizer = load_tokenizer(None)
     tier: dict[str, Any] = {}
     redis = None
