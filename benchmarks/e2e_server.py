@@ -45,12 +45,14 @@ from server.settings import Settings  # noqa: E402
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype, state_shape: bool = False) -> GLAForCausalLM:
-    """`state_shape`: the 1.3B model's layers, heads and state (48 MiB fp32 per sequence) with a small
-    MLP and vocabulary, so the CPU can run the state cache's real transfers at a tolerable compute cost."""
+    """`state_shape`: the 1.3B model's layers, heads and per-head state (K=256, V=512: 48 MiB fp32 per
+    sequence) on a 256-wide residual stream with a small MLP and vocabulary (58M parameters), so the
+    CPU runs the state cache's real transfers at a tolerable compute cost."""
     if tiny:
         cfg = GLAConfig(hidden_size=128, num_hidden_layers=2, num_heads=2, vocab_size=4096)
     elif state_shape:
-        cfg = GLAConfig(hidden_size=2048, num_hidden_layers=24, num_heads=4, intermediate_size=256, vocab_size=4096)
+        cfg = GLAConfig(hidden_size=256, expand_k=4.0, expand_v=8.0, num_hidden_layers=24, num_heads=4,
+                        intermediate_size=256, vocab_size=4096)
     else:  # fla-hub gla-1.3B: hidden 2048, 24 layers, 4 heads, K=256, V=512
         cfg = GLAConfig(hidden_size=2048, num_hidden_layers=24, num_heads=4, vocab_size=32000)
     torch.manual_seed(0)
@@ -249,7 +251,8 @@ async def server_times(client: httpx.AsyncClient) -> dict[str, float]:
     """Sums and counts of the server's own latency histograms (`/metrics`), to split a client's
     time to first token into the engine's part (arrival after the state load -> first token) and
     the rest (HTTP, the conversation load, SSE)."""
-    want = ("time_to_first_token_seconds", "request_queue_time_seconds", "engine_step_phase_seconds")
+    want = ("time_to_first_token_seconds", "request_queue_time_seconds", "engine_step_phase_seconds",
+            "redis_op_latency_seconds")
     out: dict[str, float] = {}
     for line in (await client.get("/metrics")).text.splitlines():
         if line.startswith("#") or not any(w in line for w in want):
@@ -260,9 +263,9 @@ async def server_times(client: httpx.AsyncClient) -> dict[str, float]:
     return out
 
 
-def _mean_ms(before: dict[str, float], after: dict[str, float], metric: str) -> float | None:
-    s = [k for k in after if metric in k and "_sum" in k]
-    c = [k for k in after if metric in k and "_count" in k]
+def _mean_ms(before: dict[str, float], after: dict[str, float], metric: str, label: str = "") -> float | None:
+    s = [k for k in after if metric in k and label in k and "_sum" in k]
+    c = [k for k in after if metric in k and label in k and "_count" in k]
     if not s or not c:
         return None
     dn = sum(after[k] - before.get(k, 0.0) for k in c)
@@ -306,6 +309,7 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
             resumed = []
             server_ttft: list[float | None] = []
             server_queue: list[float | None] = []
+            redis_get: list[float | None] = []
             phases: list[dict[str, float]] = []
             for i in range(turns):
                 cid = f"resume-{n}-{i}-{client_kind}"
@@ -318,6 +322,7 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
                 resumed.append(t)
                 server_ttft.append(_mean_ms(before, after, "time_to_first_token_seconds"))
                 server_queue.append(_mean_ms(before, after, "request_queue_time_seconds"))
+                redis_get.append(_mean_ms(before, after, "redis_op_latency_seconds", 'op="get"'))
                 phases.append(_phase_ms(before, after))
             row = {"history_tokens": n, "new_tokens": new_tokens,
                    "reprefill_ttft_ms": 1e3 * statistics.median(full),
@@ -326,12 +331,15 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
                    # the engine's part of the resumed turn (arrival after the load -> first token),
                    # its queueing, and its steps by phase (the whole 2-token request)
                    "resumed_server_ttft_ms": server_ttft, "resumed_queue_ms": server_queue,
-                   "resumed_step_phases_ms": phases}
+                   "resumed_step_phases_ms": phases,
+                   # the server's own time per Redis snapshot read in the resumed turn (Redis tier)
+                   "resumed_redis_get_ms": redis_get}
             row["speedup"] = row["reprefill_ttft_ms"] / row["resumed_ttft_ms"]
             srv = [x for x in server_ttft if x is not None]
             print(f"history {n:6d}: re-prefill TTFT {row['reprefill_ttft_ms']:8.1f} ms, resumed "
                   f"{row['resumed_ttft_ms']:7.1f} ms, x{row['speedup']:.1f}"
-                  + (f" (engine part {statistics.median(srv):.2f} ms, phases {phases[-1]})" if srv else ""),
+                  + (f" (engine part {statistics.median(srv):.2f} ms, phases {phases[-1]})" if srv else "")
+                  + (f", redis get {statistics.median(g):.1f} ms" if (g := [x for x in redis_get if x]) else ""),
                   flush=True)
             rows.append(row)
         if isinstance(client, RawSSEClient):

