@@ -338,8 +338,8 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
             srv = [x for x in server_ttft if x is not None]
             print(f"history {n:6d}: re-prefill TTFT {row['reprefill_ttft_ms']:8.1f} ms, resumed "
                   f"{row['resumed_ttft_ms']:7.1f} ms, x{row['speedup']:.1f}"
-                  + (f" (engine part {statistics.median(srv):.2f} ms, phases {phases[-1]})" if srv else "")
-                  + (f", redis get {statistics.median(g):.1f} ms" if (g := [x for x in redis_get if x]) else ""),
+                  + (f", redis get {statistics.median(g):.1f} ms" if (g := [x for x in redis_get if x]) else "")
+                  + (f" (engine part {statistics.median(srv):.2f} ms, phases {phases[-1]})" if srv else ""),
                   flush=True)
             rows.append(row)
         if isinstance(client, RawSSEClient):

@@ -4,7 +4,8 @@
 #   STEPS=redisharness           the Redis tier's resumed turn: e2e_server.py measured ~50 ms where
 #                                trace_resume.py (same server settings but max_num_seqs) measured 27-33 ms;
 #                                each harness at the other's max_num_seqs, plus per-chunk read timelines; and
-#                                GETRANGE pieces (new default) vs one GET per chunk (issue 5)
+#                                GETRANGE pieces (new default) vs one GET per chunk; e2e_server now prints
+#                                the server's own Redis read time, trace_resume Redis' slowlog (issue 5)
 #   STEPS=pdl                    batch-1 GEMV chain with programmatic dependent launch vs cuBLAS, then the
 #                                whole B=1 decode step with GLA_TRITON_GEMV / GLA_GEMV_PDL (issue 8)
 #   STEPS=redisprof              the same turn with the server's threads sampled
@@ -50,13 +51,13 @@ if has redisharness; then  # issue 5: why e2e_server.py and trace_resume.py disa
   timeout 100 python3 benchmarks/probe_read_conditions.py 2>&1 | grep -v -i warn | tee "$OUT/probe-read-conditions.txt"
   timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
     --resume-tier redis --client raw --resume-turns 7 --read-piece-bytes 0 --out "$OUT/resume-redis-get.json" 2>&1 \
-    | grep "^history" | cut -c1-100 | sed "s/^/e2e_server whole-chunk GET: /"
+    | grep "^history" | cut -c1-130 | sed "s/^/e2e_server whole-chunk GET: /"
   for seqs in 1 32; do
     timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --max-num-seqs $seqs --prompt-tokens 512 --max-tokens 8 \
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --out "$OUT/resume-redis-seqs$seqs.json" 2>&1 \
-      | grep "^history" | cut -c1-100 | sed "s/^/e2e_server max_num_seqs $seqs: /"
-    timeout 110 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 \
-      --max-num-seqs $seqs --out "$OUT/trace-resume-redis-seqs$seqs.json" 2>&1 | grep "^client" \
+      | grep "^history" | cut -c1-130 | sed "s/^/e2e_server max_num_seqs $seqs: /"
+    timeout 110 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 --gil-watchdog \
+      --max-num-seqs $seqs --out "$OUT/trace-resume-redis-seqs$seqs.json" 2>&1 | grep "^client\|^redis command" \
       | sed "s/^/trace max_num_seqs $seqs: /"
   done
 fi

@@ -298,7 +298,13 @@ def main() -> None:
         redis_slow = {"slowlog": [[e["duration"], words(e["command"])] for e in r.slowlog_get(100000)],
                       "latency_latest": [[x.decode() if isinstance(x, bytes) else x for x in row]
                                          for row in r.execute_command("LATENCY", "LATEST")]}
-        print("redis slowlog (us, command):", redis_slow["slowlog"][:20], "latency:", redis_slow["latency_latest"])
+        by_cmd: dict[str, list[int]] = {}
+        for us, cmd in redis_slow["slowlog"]:
+            by_cmd.setdefault(cmd.split()[0], []).append(us)
+        print("redis command times (slowlog, whole run): " + "; ".join(
+            f"{c} n={len(v)} median {statistics.median(v):.0f} us max {max(v)} us total {sum(v) / 1e3:.1f} ms"
+            for c, v in sorted(by_cmd.items(), key=lambda kv: -sum(kv[1]))[:4])
+            + f"; latency events: {redis_slow['latency_latest']}", flush=True)
     if redis is not None:
         redis.stop()
     if args.out:
@@ -313,7 +319,8 @@ def main() -> None:
                                                         "read_piece_bytes")},
                 "uvicorn_loop": "uvloop" if "uvloop" in sys.modules else "asyncio",
                 "http_parser": "httptools" if "httptools" in sys.modules else "h11"}
-        Path(args.out).write_text(json.dumps({**meta, "results": results, "redis_slow": redis_slow}, indent=1))
+        out = {**meta, "results": results, "redis_slow": redis_slow}
+        Path(args.out).write_text(json.dumps(out, separators=(",", ":")))  # compact: every stamp of every run
         print("wrote", args.out)
 
 
