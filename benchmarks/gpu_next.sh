@@ -7,6 +7,9 @@
 #                                own Redis read time, trace_resume Redis' slowlog and a GIL watchdog (issue 5)
 #   STEPS=redisprobe             the read alone (GET vs GETRANGE pieces), e2e_server with whole-chunk GETs,
 #                                and trace_resume against a Redis pre-filled with 3 GiB (issue 5)
+#   STEPS=host                   host time per kernel call with Launcher.int_pointers off/on (tensors passed
+#                                as addresses skip Triton's per-pointer cuPointerGetAttribute), and the kernel
+#                                GPU tests with it on; if it pays, make it the default (issue 3: prefill <= 50 us)
 #   STEPS=pdl                    batch-1 GEMV chain with programmatic dependent launch vs cuBLAS, then the
 #                                whole B=1 decode step with GLA_TRITON_GEMV / GLA_GEMV_PDL (issue 8)
 #   STEPS=redisprof              the same turn with the server's threads sampled
@@ -128,8 +131,11 @@ fi
 if has profmodel; then  # issue 8: per-kernel GPU time of a decode step and a model prefill
   timeout 100 python3 benchmarks/profile_gpu.py --parts model --out "$OUT/profile-model.json" 2>&1 | grep -v -i warn | tail -60
 fi
-if has host; then  # issue 3: host time per eager kernel call
-  timeout 60 python3 benchmarks/host_overhead.py --out "$OUT/host-overhead.json" 2>&1 | grep -v -i warn | tail -12
+if has host; then  # issue 3: host time per eager kernel call, with Launcher.int_pointers off and on
+  timeout 90 python3 benchmarks/host_overhead.py --out "$OUT/host-overhead.json" 2>&1 | grep -v -i warn | tail -40
+  # the kernels' GPU tests with tensors launched as addresses (the direct path runs from each key's 2nd launch)
+  GLA_LAUNCH_INT_POINTERS=1 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+    tests/kernels/test_triton.py 2>&1 | tail -3
 fi
 if has profile; then  # issues 3 and 8: per-kernel time after the prep and fusion changes
   timeout 190 python3 benchmarks/profile_gpu.py --no-fla --out "$OUT/profile.json" 2>&1 | grep -v -i warn | tail -40
