@@ -24,7 +24,7 @@ class _SamplingFields(_Body):
 
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    top_k: int = Field(0, ge=0, le=2**31 - 1, description="keep the k most likely tokens (0 = off)")
     min_p: float = Field(0.0, ge=0, le=1, description="drop tokens below min_p x the top probability")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="HF-style, over prompt and output")
     presence_penalty: float = Field(0.0, ge=-2, le=2)

@@ -36,7 +36,7 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.temperature >= 0, "temperature", "must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)"),
+            (0 <= self.top_k <= 2**31 - 1, "top_k", "must be in [0, 2**31 - 1] (0 disables it)"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),

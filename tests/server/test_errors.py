@@ -36,6 +36,7 @@ BAD_REQUESTS = {
     "prompt-type": ("/generate", {"json": {"prompt": 12}}, "prompt"),
     "negative-max-tokens": ("/generate", {"json": {"prompt": "a", "max_tokens": -1}}, "max_tokens"),
     "top-p-above-1": ("/generate", {"json": {"prompt": "a", "top_p": 1.5}}, "top_p"),
+    "top-k-beyond-int64": ("/generate", {"json": {"prompt": "a", "top_k": 2**63}}, "top_k"),
     "empty-prompt": ("/generate", {"json": {"prompt": ""}}, "prompt"),
     "empty-token-ids": ("/generate", {"json": {"prompt_token_ids": []}}, "prompt"),
     "token-id-outside-vocab": ("/generate", {"json": {"prompt_token_ids": [10**9]}}, "prompt_token_ids"),
