@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from prometheus_client import (
@@ -385,9 +386,10 @@ class StateCacheMetrics:
         cache.on_event = self.on_cache_event
         self._rebuild = store.on_rebuild
         store.on_rebuild = self.on_rebuild
-        if cache.redis is not None:
-            self._redis_op = cache.redis.on_op
-            cache.redis.on_op = self.on_redis_op
+        self._redis_ops: dict[int, Callable[[str, float, bool], None] | None] = {}
+        for tier in {id(t): t for t in (cache.redis, cache.log_redis) if t is not None}.values():
+            self._redis_ops[id(tier)] = tier.on_op  # chained, whatever was there before
+            tier.on_op = partial(self.on_redis_op, id(tier))
         metrics.state_cache_bytes.labels("host").set_function(lambda: cache.host.bytes_used)
 
     def on_cache_event(self, name: str, amount: int) -> None:
@@ -407,13 +409,15 @@ class StateCacheMetrics:
         if self._cache_event is not None:
             self._cache_event(name, amount)
 
-    def on_redis_op(self, what: str, seconds: float, ok: bool) -> None:
+    def on_redis_op(self, tier: int, what: str, seconds: float, ok: bool) -> None:
+        """A Redis call returned (either instance: states, or token logs and leases)."""
         op = REDIS_OP_OF_CALL.get(what, "other")
         self.metrics.redis_op_latency.labels(op).observe(seconds)
         if not ok:
             self.metrics.redis_errors.labels(op).inc()
-        if self._redis_op is not None:
-            self._redis_op(what, seconds, ok)
+        chained = self._redis_ops.get(tier)
+        if chained is not None:
+            chained(what, seconds, ok)
 
     def on_rebuild(self, reason: str) -> None:
         self.metrics.on_state_rebuild(reason)

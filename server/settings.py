@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         "for prefix reuse (0 = off)"
     )
     redis_url: SecretStr | None = Field(None, description="redis:// or rediss:// URL of the shared state tier")
+    redis_log_url: SecretStr | None = Field(
+        None, description="redis:// or rediss:// URL for token logs and turn leases, the conversations' source of "
+        "truth (unset: redis_url). Give them an instance that never evicts (maxmemory-policy noeviction) when "
+        "redis_url's may: there every key has a TTL, so a volatile-* policy can evict a log as readily as a state",
+    )
     redis_key_prefix: str = Field("gla", description="prefix of every Redis key")
     redis_ttl_s: int = Field(86_400, ge=1, description="Redis entry time to live")
     redis_timeout_s: float = Field(0.5, gt=0, description="timeout of one Redis operation")

@@ -22,24 +22,31 @@ def fingerprint_from_model_dir(path: str | Path | None) -> bytes:
     return model_fingerprint(config, weights_digest_from_files(p.glob("*.safetensors")))
 
 
+def _redis_tier(settings: Settings, url: str, bulk_connections: int) -> RedisTier:
+    return RedisTier(
+        url,
+        ttl_s=settings.redis_ttl_s,
+        op_timeout_s=settings.redis_timeout_s,
+        failure_threshold=settings.redis_breaker_failures,
+        base_backoff_s=settings.redis_breaker_reset_s,
+        max_backoff_s=max(30.0, 8 * settings.redis_breaker_reset_s),
+        bulk_connections=bulk_connections,
+        read_piece_bytes=settings.redis_read_piece_bytes,
+    )
+
+
 def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCache:
-    redis = None
+    redis = log_redis = None
     if settings.redis_url is not None:
         tune_malloc_for_snapshots()  # Redis reads stop re-faulting their reply memory (redis_tier.py)
-        redis = RedisTier(
-            settings.redis_url.get_secret_value(),
-            ttl_s=settings.redis_ttl_s,
-            op_timeout_s=settings.redis_timeout_s,
-            failure_threshold=settings.redis_breaker_failures,
-            base_backoff_s=settings.redis_breaker_reset_s,
-            max_backoff_s=max(30.0, 8 * settings.redis_breaker_reset_s),
-            bulk_connections=settings.redis_bulk_connections,
-            read_piece_bytes=settings.redis_read_piece_bytes,
-        )
+        redis = _redis_tier(settings, settings.redis_url.get_secret_value(), settings.redis_bulk_connections)
+    if settings.redis_log_url is not None:  # logs and leases only: no snapshot reads, no bulk sockets
+        log_redis = _redis_tier(settings, settings.redis_log_url.get_secret_value(), 0)
     return TieredStateCache(
         fingerprint,
         host_budget_bytes=settings.host_cache_bytes,
         redis=redis,
+        log_redis=log_redis,
         key_prefix=f"{settings.redis_key_prefix}:",
         storage_dtype=torch.bfloat16 if settings.state_cache_dtype == "bfloat16" else None,
     )

@@ -69,6 +69,9 @@ class TieredStateCache:
         fingerprint: `keys.model_fingerprint(config, weights_digest)`; snapshots must match it.
         host_budget_bytes: host tier size (e.g. 8 GiB = ~170 states of the 1.3B model).
         redis: a `RedisTier`, or None for a single-replica, host-only cache.
+        log_redis: the `RedisTier` for token logs and turn leases (default: `redis`). Logs are the
+            source of truth and states only a cache of them, so they may live in an instance that
+            never evicts while the states' instance evicts freely.
         key_prefix: namespace shared by the replicas of one deployment.
         storage_dtype: torch.bfloat16 halves Redis bytes (lossy); None (default) stores exactly.
             The host tier keeps exact tensors of what it stored itself.
@@ -94,6 +97,7 @@ class TieredStateCache:
         *,
         host_budget_bytes: int,
         redis: RedisTier | None = None,
+        log_redis: RedisTier | None = None,
         key_prefix: str = "gla:",
         storage_dtype: torch.dtype | None = None,
         pin_memory: bool | None = None,
@@ -109,6 +113,7 @@ class TieredStateCache:
         self.keys = KeySpace(key_prefix, model_tag(fingerprint))
         self.host = HostLRU(host_budget_bytes, pin_memory=pin_memory, on_evict=self._host_evicted)
         self.redis = redis
+        self.log_redis = log_redis if log_redis is not None else redis
         self.storage_dtype = storage_dtype
         self.widen_on_host = not self.host.pin_memory if widen_on_host is None else widen_on_host
         self.max_pending_write_bytes = max_pending_write_bytes
@@ -263,6 +268,8 @@ class TieredStateCache:
         await self.flush()
         if self.redis is not None:
             await self.redis.close()
+        if self.log_redis is not None and self.log_redis is not self.redis:
+            await self.log_redis.close()
 
     # -- lookup -----------------------------------------------------------------------------------
     async def lookup_prefix(self, tenant: str, token_ids: Sequence[int]) -> CacheHit | None:
@@ -397,8 +404,8 @@ class TieredStateCache:
     async def get_token_log(self, tenant: str, conversation_id: str) -> list[int] | None:
         """The conversation's token ids: Redis (shared by replicas) first, then this process."""
         key = self.keys.token_log(tenant, conversation_id)
-        if self.redis is not None:
-            remote = await self.redis.get_token_log(key)
+        if self.log_redis is not None:
+            remote = await self.log_redis.get_token_log(key)
             if remote is not None:
                 self._remember(self._logs, key, remote)
                 return remote
@@ -410,7 +417,7 @@ class TieredStateCache:
     async def set_token_log(self, tenant: str, conversation_id: str, token_ids: Sequence[int]) -> None:
         key = self.keys.token_log(tenant, conversation_id)
         self._remember(self._logs, key, token_ids if isinstance(token_ids, list) else list(token_ids))
-        if self.redis is not None and not await self.redis.set_token_log(key, token_ids):
+        if self.log_redis is not None and not await self.log_redis.set_token_log(key, token_ids):
             self._count("token_log_writes_skipped")
 
     async def append_token_log(
@@ -427,9 +434,9 @@ class TieredStateCache:
             old = await self.get_token_log(tenant, conversation_id) or []
         new_log = [*old, *new_ids]
         self._remember(self._logs, key, new_log)
-        if self.redis is not None:
-            if not await self.redis.append_token_log(key, new_ids, expected_len=len(old)):
-                if not await self.redis.set_token_log(key, new_log):
+        if self.log_redis is not None:
+            if not await self.log_redis.append_token_log(key, new_ids, expected_len=len(old)):
+                if not await self.log_redis.set_token_log(key, new_log):
                     self._count("token_log_writes_skipped")
         return list(new_log)
 
@@ -448,8 +455,8 @@ class TieredStateCache:
             return None
         token = os.urandom(16).hex()
         distributed = False
-        if self.redis is not None:
-            got = await self.redis.acquire_lease(key, token, ttl_s)
+        if self.log_redis is not None:
+            got = await self.log_redis.acquire_lease(key, token, ttl_s)
             if got is False:
                 self._count("lease_conflicts")
                 return None
@@ -464,16 +471,16 @@ class TieredStateCache:
         if held is None or held[0] != lease.token:
             return False
         self._leases[lease.key] = (lease.token, time.monotonic() + ttl_s)
-        if lease.is_distributed and self.redis is not None:
-            return await self.redis.extend_lease(lease.key, lease.token, ttl_s)
+        if lease.is_distributed and self.log_redis is not None:
+            return await self.log_redis.extend_lease(lease.key, lease.token, ttl_s)
         return True
 
     async def release_lease(self, lease: Lease) -> None:
         held = self._leases.get(lease.key)
         if held is not None and held[0] == lease.token:
             del self._leases[lease.key]
-        if lease.is_distributed and self.redis is not None:
-            await self.redis.release_lease(lease.key, lease.token)
+        if lease.is_distributed and self.log_redis is not None:
+            await self.log_redis.release_lease(lease.key, lease.token)
 
     # -- metrics ----------------------------------------------------------------------------------
     @property
@@ -490,4 +497,6 @@ class TieredStateCache:
         out["fetches_coalesced"] = self.flights.num_coalesced
         if self.redis is not None:
             out.update(self.redis.stats())
+        if self.log_redis is not None and self.log_redis is not self.redis:
+            out.update({f"log_{k}": v for k, v in self.log_redis.stats().items()})
         return out

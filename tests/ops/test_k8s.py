@@ -127,25 +127,41 @@ def test_selectors_ports_and_references_line_up() -> None:
     # Every referenced ConfigMap / Secret key exists, unless the reference is optional.
     for ref in server_container()["envFrom"]:
         assert ("ConfigMap", ref["configMapRef"]["name"]) in RENDERED
-    for container in server_container(), pod_spec("StatefulSet", "gla-redis")["containers"][0]:
+    for container in (server_container(), pod_spec("StatefulSet", "gla-redis")["containers"][0],
+                      pod_spec("StatefulSet", "gla-redis-logs")["containers"][0]):
         for env in container.get("env", []):
             ref = env.get("valueFrom", {}).get("secretKeyRef")
             if ref and not ref.get("optional"):
                 assert ref["key"] in RENDERED[("Secret", ref["name"])]["stringData"]
 
 
-def test_redis_persists_with_aof_and_a_password() -> None:
-    redis = RENDERED[("StatefulSet", "gla-redis")]
-    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--appendonly") + 1] == "yes"
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+def redis_args(name: str) -> dict[str, str]:
+    args = RENDERED[("StatefulSet", name)]["spec"]["template"]["spec"]["containers"][0]["args"]
+    return dict(zip(args[::2], args[1::2], strict=True))
+
+
+@pytest.mark.parametrize("name", ["gla-redis", "gla-redis-logs"])
+def test_both_redis_instances_take_the_password_and_only_gla_serve(name: str) -> None:
+    redis = RENDERED[("StatefulSet", name)]
+    assert redis_args(name)["--requirepass"] == "$(REDIS_PASSWORD)"
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert ("Service", redis["spec"]["serviceName"]) in RENDERED
+    policy = RENDERED[("NetworkPolicy", name)]["spec"]
+    assert policy["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    assert policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "gla-serve"
+
+
+def test_logs_never_evict_and_persist_while_states_evict_freely() -> None:
+    """Token logs are the source of truth and carry TTLs like everything else, so they get an
+    instance that never evicts (and persists); the states' instance is a cache of them."""
+    logs, states = redis_args("gla-redis-logs"), redis_args("gla-redis")
+    assert logs["--maxmemory-policy"] == "noeviction" and logs["--appendonly"] == "yes"
+    assert states["--maxmemory-policy"] == "allkeys-lru" and states["--appendonly"] == "no"
     env = {e["name"]: e for e in server_container()["env"]}
     assert env["GLA_REDIS_URL"]["value"].startswith("redis://:$(REDIS_PASSWORD)@gla-redis:6379")
-    assert list(env).index("REDIS_PASSWORD") < list(env).index("GLA_REDIS_URL")  # $(VAR) needs order
-    policy = RENDERED[("NetworkPolicy", "gla-redis")]["spec"]
-    assert policy["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    assert env["GLA_REDIS_LOG_URL"]["value"].startswith("redis://:$(REDIS_PASSWORD)@gla-redis-logs:6379")
+    names = list(env)
+    assert names.index("REDIS_PASSWORD") < min(names.index("GLA_REDIS_URL"), names.index("GLA_REDIS_LOG_URL"))
 
 
 def test_gla_env_names_are_server_settings() -> None:
