@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from server.conversations import ConversationKey
+from server.metrics import Metrics, StateCacheMetrics
 from server.settings import Settings
 from server.state_cache.conversation_store import TieredConversationStore
 from server.state_cache.redis_tier import RedisTier
@@ -38,6 +39,7 @@ def test_logs_and_leases_live_only_in_the_log_instance(redis_proc, own_redis):
         log_tier = RedisTier(own_redis.url, op_timeout_s=5, bulk_connections=0)
         store = TieredConversationStore(new_cache(redis_proc.url, prefix, log_redis=log_tier))
         assert store.cache.log_redis is log_tier and store.cache.redis is not log_tier
+        StateCacheMetrics(metrics, store)  # both instances' calls are timed
         await turn(store, key, [1, 2, 3], state_seed=1)
         await store.flush()
         log_key, lease_key = store.cache.keys.token_log("t", "c"), store.cache.keys.lease("t", "c")
@@ -58,8 +60,12 @@ def test_logs_and_leases_live_only_in_the_log_instance(redis_proc, own_redis):
         await store.cache.close()
         return stats
 
+    metrics = Metrics(process_metrics=False)
     stats = asyncio.run(main())
     assert stats["log_redis_breaker_state"] == "closed" and stats["redis_breaker_state"] == "closed"
+    text = metrics.render()[0].decode()
+    for op in ("lease", "other", "put"):  # leases and log GET/SETs from the log instance, states from the other
+        assert f'gla:redis_op_latency_seconds_count{{op="{op}"}} 0.0' not in text, op
 
 
 def test_a_state_instance_that_loses_everything_loses_no_conversation(redis_proc, own_redis):
