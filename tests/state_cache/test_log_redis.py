@@ -126,3 +126,19 @@ def test_without_a_log_instance_logs_share_the_state_instance(redis_proc):
     cache = new_cache(redis_proc.url, ns())
     assert cache.log_redis is cache.redis
     assert new_cache(None, ns()).log_redis is None
+
+
+def test_a_log_instance_alone_shares_logs_while_states_stay_in_process(redis_proc):
+    prefix = ns()
+
+    async def main() -> list[int] | None:
+        a = new_cache(None, prefix, log_redis=RedisTier(redis_proc.url, op_timeout_s=5, bulk_connections=0))
+        await a.set_token_log("t", "c", [7, 8, 9])
+        b = new_cache(None, prefix, log_redis=RedisTier(redis_proc.url, op_timeout_s=5, bulk_connections=0))
+        got = await b.get_token_log("t", "c")  # another replica reads the log
+        await a.close()
+        await b.close()
+        return got
+
+    assert asyncio.run(main()) == [7, 8, 9]
+    assert not any(":snap:" in k for k in keys_of(redis_proc.url, prefix))
