@@ -47,7 +47,9 @@ class TieredConversationStore:
         self._pending: dict[ConversationKey, concurrent.futures.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prefix_writes: set[concurrent.futures.Future] = set()
+        self._keepers: dict[ConversationKey, asyncio.Task] = {}  # lease renewals of turns in progress
         self.num_loads = 0
+        self.num_lease_renewals_failed = 0
         self.num_resumed = 0
         self.num_resident = 0  # loads that skipped the lookup: the engine's slot holds the state
         self.num_rebuilds = 0
@@ -81,6 +83,8 @@ class TieredConversationStore:
             raise _busy(key)
         with self._lock:
             self._leases[key] = lease
+        if lease.is_distributed:
+            self._keepers[key] = asyncio.create_task(self._keep_alive(lease))
         self.num_loads += 1
         log = await self.cache.get_token_log(key.tenant, key.conversation_id)
         if not log:
@@ -125,9 +129,21 @@ class TieredConversationStore:
         except Exception:  # a lost prefix state only means a longer prefill later
             log.exception("storing a prefix state failed")
 
+    async def _keep_alive(self, lease: Lease) -> None:
+        """Renews a turn's lease every third of its lifetime until the turn is released, so a turn
+        longer than `lease_ttl_s` keeps it. A failed renewal (Redis unreachable, or the lease
+        already gone) is counted and retried; the fenced log write at commit has the last word."""
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            if not await self.cache.extend_lease(lease, self.lease_ttl_s):
+                self.num_lease_renewals_failed += 1
+                log.warning("renewing the turn lease %s failed", lease.key)
+
     def commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
         """Schedules the write; never blocks the engine step."""
-        self._schedule(key, self._commit(key, snapshot))
+        with self._lock:
+            lease = self._leases.get(key)
+        self._schedule(key, self._commit(key, snapshot, lease))
 
     def release(self, key: ConversationKey) -> None:
         with self._lock:
@@ -135,7 +151,7 @@ class TieredConversationStore:
             lease = self._leases.pop(key, None)
             after = self._pending.get(key)
         if lease is not None:
-            self._schedule(key, self._release(lease, after))
+            self._schedule(key, self._release(key, lease, after))
 
     def _schedule(self, key: ConversationKey, coro: Coroutine[Any, Any, None]) -> None:
         if self._loop is None:  # nothing was loaded yet, so nothing can be committed or leased
@@ -151,7 +167,7 @@ class TieredConversationStore:
             if self._pending.get(key) is fut:
                 del self._pending[key]
 
-    async def _commit(self, key: ConversationKey, snapshot: ConversationSnapshot) -> None:
+    async def _commit(self, key: ConversationKey, snapshot: ConversationSnapshot, lease: Lease | None = None) -> None:
         log_ids = snapshot.token_ids
         try:
             if snapshot.state is not None:
@@ -159,7 +175,10 @@ class TieredConversationStore:
                     key.tenant, log_ids[:-1], snapshot.state, conversation_id=key.conversation_id,
                     wait_for_redis=self.wait_for_redis,
                 )
-            await self.cache.set_token_log(key.tenant, key.conversation_id, log_ids)
+            # fenced by the lease: a turn that lost it leaves the log to the turn that took it (the
+            # state stored above is then only a prefix state, and the pointer a stale one that
+            # the next load rejects against the log)
+            await self.cache.set_token_log(key.tenant, key.conversation_id, log_ids, lease=lease)
         except Exception:  # the turn already answered; a lost commit means a rebuild later
             log.exception("committing conversation %r failed", key.conversation_id)
 
@@ -184,9 +203,12 @@ class TieredConversationStore:
         with self._lock:
             return [*self._pending.values(), *self._prefix_writes]
 
-    async def _release(self, lease: Lease, after: concurrent.futures.Future | None) -> None:
+    async def _release(self, key: ConversationKey, lease: Lease, after: concurrent.futures.Future | None) -> None:
         if after is not None:
             await asyncio.wait([asyncio.wrap_future(after)])
+        keeper = self._keepers.pop(key, None)
+        if keeper is not None:
+            keeper.cancel()
         await self.cache.release_lease(lease)
 
     def stats(self) -> dict[str, Any]:
@@ -196,6 +218,7 @@ class TieredConversationStore:
             "conversation_resident": self.num_resident,
             "conversation_rebuilds": self.num_rebuilds,
             "conversation_new": self.num_new,
+            "lease_renewals_failed": self.num_lease_renewals_failed,
             "conversations": self.cache.num_local_conversations,
             "busy": len(self._busy),
         }

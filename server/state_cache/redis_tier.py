@@ -49,6 +49,13 @@ redis.call('APPEND', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return n + string.len(ARGV[1])
 """
+# A committed turn's log is written only by the holder of the conversation's turn lease (KEYS[2]):
+# a turn that outlived its lease must not overwrite the turn another replica has taken since.
+_SET_LOG_IF_LEASED = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -187,6 +194,7 @@ class RedisTier:
         self._client = aioredis.from_url(url, **kwargs)
         self._append_log = self._client.register_script(_APPEND_LOG)
         self._release_lease = self._client.register_script(_RELEASE_LEASE)
+        self._set_log_if_leased = self._client.register_script(_SET_LOG_IF_LEASED)
         self._extend_lease = self._client.register_script(_EXTEND_LEASE)
         self.num_errors = 0
         self.num_timeouts = 0
@@ -505,6 +513,21 @@ class RedisTier:
 
     async def set_token_log(self, key: str, token_ids: Sequence[int], ttl_s: float | None = None) -> bool:
         return await self.set_bytes(key, tokens_to_bytes(token_ids), ttl_s)
+
+    async def set_token_log_if_leased(
+        self, key: str, token_ids: Sequence[int], lease_key: str, lease_token: str, ttl_s: float | None = None
+    ) -> bool | None:
+        """Writes the log only while `lease_key` holds `lease_token`, atomically: True written, False
+        refused (the lease expired or another turn holds it), None when Redis cannot say."""
+        data = tokens_to_bytes(token_ids)
+        res = await self._call(
+            "set_log_if_leased",
+            lambda r: self._set_log_if_leased(keys=[key, lease_key], args=[data, lease_token, self._ttl(ttl_s)],
+                                              client=r),
+        )
+        if isinstance(res, _Unavailable):
+            return None
+        return res == 1
 
     async def append_token_log(
         self, key: str, new_ids: Sequence[int], expected_len: int, ttl_s: float | None = None

@@ -414,11 +414,28 @@ class TieredStateCache:
         # of comparing 32K ids (`ParkedState.summarises`).
         return self._logs.get(key)
 
-    async def set_token_log(self, tenant: str, conversation_id: str, token_ids: Sequence[int]) -> None:
+    async def set_token_log(
+        self, tenant: str, conversation_id: str, token_ids: Sequence[int], lease: Lease | None = None
+    ) -> bool:
+        """Stores the conversation's whole log. With the turn's `lease` (held in Redis), the write
+        is fenced: refused, here and in Redis, once that lease is no longer held (counted as
+        `token_log_writes_fenced`), so a turn that outlived its lease cannot erase the turn another
+        replica took since. Returns False only then."""
         key = self.keys.token_log(tenant, conversation_id)
+        if lease is not None and lease.is_distributed and self.log_redis is not None:
+            written = await self.log_redis.set_token_log_if_leased(key, token_ids, lease.key, lease.token)
+            if written is False:
+                self._count("token_log_writes_fenced")
+                log.warning("token log of %r not written: its turn lease was lost", conversation_id)
+                return False
+            self._remember(self._logs, key, token_ids if isinstance(token_ids, list) else list(token_ids))
+            if written is None:
+                self._count("token_log_writes_skipped")
+            return True
         self._remember(self._logs, key, token_ids if isinstance(token_ids, list) else list(token_ids))
         if self.log_redis is not None and not await self.log_redis.set_token_log(key, token_ids):
             self._count("token_log_writes_skipped")
+        return True
 
     async def append_token_log(
         self, tenant: str, conversation_id: str, new_ids: Sequence[int]

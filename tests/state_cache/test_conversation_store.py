@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 import pytest
+import redis
 import uvicorn
 
 from server.app import create_app
@@ -201,3 +202,60 @@ def test_resident_slot_evicted_before_the_turn_claims_it_rebuilds_from_the_log()
 
     resumed, replayed, stats = asyncio.run(main())
     assert resumed == replayed and stats["resident_lost"] == 1
+
+
+# -- turn leases that outlive their TTL -----------------------------------------------------------
+
+
+def test_a_turn_longer_than_its_lease_keeps_it(redis_proc):
+    """The lease is renewed while the turn runs: after 4x its TTL another replica still gets 409."""
+    prefix = ns()
+    key = ConversationKey("t", "long")
+
+    async def main() -> dict:
+        a = TieredConversationStore(new_cache(redis_proc.url, prefix), lease_ttl_s=0.3)
+        b = TieredConversationStore(new_cache(redis_proc.url, prefix), lease_ttl_s=0.3)
+        await turn(a, key, [1, 2, 3], state_seed=1)
+        await a.flush()
+        a.acquire(key)
+        snap = await a.load(key)
+        await asyncio.sleep(1.2)  # a long turn
+        b.acquire(key)
+        with pytest.raises(ConversationBusy):
+            await b.load(key)
+        b.release(key)
+        await asyncio.to_thread(a.commit, key, ConversationSnapshot(snap.token_ids + [4], make_state(seed=2)))
+        await asyncio.to_thread(a.release, key)
+        await a.flush()
+        assert (await turn(b, key, [5], state_seed=3)).token_ids == [1, 2, 3, 4]  # free again, A's turn in
+        await b.flush()
+        return a.stats()
+
+    stats = asyncio.run(main())
+    assert stats["lease_renewals_failed"] == 0
+
+
+def test_a_turn_that_lost_its_lease_cannot_erase_the_turn_taken_since(redis_proc):
+    """A's lease is gone mid-turn (expired while Redis was unreachable, say) and B takes the next
+    turn: A's late commit is fenced off, so the log keeps B's turn."""
+    prefix = ns()
+    key = ConversationKey("t", "fenced")
+
+    async def main() -> tuple[list[int] | None, dict]:
+        a = TieredConversationStore(new_cache(redis_proc.url, prefix))
+        b = TieredConversationStore(new_cache(redis_proc.url, prefix))
+        await turn(a, key, [1, 2, 3], state_seed=1)
+        await a.flush()
+        a.acquire(key)
+        snap = await a.load(key)
+        redis.Redis.from_url(redis_proc.url).delete(a.cache.keys.lease("t", "fenced"))  # A's lease lapses
+        assert (await turn(b, key, [9], state_seed=2)).token_ids == [1, 2, 3]
+        await b.flush()
+        await asyncio.to_thread(a.commit, key, ConversationSnapshot(snap.token_ids + [4], make_state(seed=3)))
+        await asyncio.to_thread(a.release, key)
+        await a.flush()
+        return await b.cache.get_token_log("t", "fenced"), a.cache.stats()
+
+    log, stats = asyncio.run(main())
+    assert log == [1, 2, 3, 9]
+    assert stats["token_log_writes_fenced"] == 1
