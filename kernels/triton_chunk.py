@@ -45,6 +45,12 @@ CONFIGS: dict[int, dict[str, int]] = {
 # SPLIT_MAX_PROGRAMS: `bench_kernels.py --sweep-split` on an H200 chose 68 (chunks x heads): at the
 # 1.3B shape T=512 94 -> 50 us, T=1024 108 -> 81 us; at T=2048 the split was slower (131 -> 137 us).
 PREP: dict[str, int] = {"BKC": 32, "num_warps": 4, "BKD": 0, "SPLIT_MAX_PROGRAMS": 68}
+# fp32 inputs (exact IEEE dots, which Triton lowers to FMAs, not tensor cores) need smaller tiles per
+# thread. Built for sm_90 (tests/kernels/test_sm90_build.py, Triton 3.9), the 16-bit settings spilled
+# 1.6 KB per thread in the prep, 0.8 KB in the state kernel and 13 KB in the output kernel at K=256;
+# these spill 0 / 0 / 0.5 KB. Chosen from the compiler's report alone: not yet timed on a GPU.
+PREP_FP32: dict[str, int] = {"BKC": 16, "num_warps": 8}
+FP32_TILES: dict[str, int] = {"BV": 16, "num_warps": 8, "num_stages": 1}
 # Precision of the prep kernel's off-diagonal score dots for 16-bit inputs (their operands are fp32
 # products q*exp(G - r), k*exp(r - G)); fp32 inputs always get "ieee".
 A_PRECISION: dict[str, str] = {"half": "tf32"}
@@ -340,11 +346,16 @@ def _segment_len(T: int, H: int, NV: int, waves: int, device: torch.device) -> i
 
 
 def config(K: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tunables for head_k_dim K and the input dtype (fp32 tiles need twice the shared memory)."""
+    """Tunables of the state and output kernels for head_k_dim K and the input dtype."""
     cfg = CONFIGS.get(K) or CONFIGS[256 if K > 128 else 64]
     if dtype == torch.float32:
-        cfg = {**cfg, "BV": min(cfg["BV"], 32), "num_stages": 1}
+        cfg = {**cfg, **FP32_TILES, "BV": min(cfg["BV"], FP32_TILES["BV"])}
     return cfg
+
+
+def prep_config(dtype: torch.dtype) -> dict[str, int]:
+    """The prep kernel's key block and warps for the input dtype (the rest of PREP applies to all)."""
+    return {**PREP, **PREP_FP32} if dtype == torch.float32 else PREP
 
 
 _prep = Launcher(_prep_kernel)
@@ -396,10 +407,11 @@ def chunk_gla_prefill_triton(
     h0_mask = initial_state_mask if has_mask else state_slots
     dev = q.device
     n_chunks = T // BT + N
-    bkc = min(PREP["BKC"], BK)
+    prep = prep_config(dt)
+    bkc = min(prep["BKC"], BK)
     # few chunks: one program per key block too, summing A with fp32 atomics (short prompts, where
     # chunks x heads alone would leave most SMs idle)
-    split = BK > bkc and n_chunks * H <= PREP["SPLIT_MAX_PROGRAMS"]
+    split = BK > bkc and n_chunks * H <= prep["SPLIT_MAX_PROGRAMS"]
     A = torch.zeros(T, H, BT, dtype=torch.float32, device=dev) if split else torch.empty(T, H, BT, dtype=dt,
                                                                                           device=dev)
     qg = torch.empty(T, H, K, dtype=dt, device=dev)
@@ -411,15 +423,15 @@ def chunk_gla_prefill_triton(
     key = (dev.index, dt, v.dtype, g.dtype, H, K, V, BV, multi, has_mask, cu_seqlens.dtype,
            state_slots.dtype, h0_mask.dtype, cfg["num_warps"], cfg["num_stages"]) if ok else None
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    bkd = PREP["BKD"]
+    bkd = prep["BKD"]
     # fp32 inputs get exact fp32 dots: someone serving in fp32 asked for fp32 accuracy (TF32 put the
     # logits of a prefill + decode hand-off 7e-4 from fla's fp32 model; IEEE dots: 1e-6)
     prec = "ieee" if dt == torch.float32 else "tf32"
     grid = (n_chunks, H, cdiv(K, bkc)) if split else (n_chunks, H)
     prec_a = prec if dt == torch.float32 else A_PRECISION["half"]
-    _prep(grid, key + (bkc, bkd, PREP["num_warps"], split, prec_a) if key else None,
+    _prep(grid, key + (bkc, bkd, prep["num_warps"], split, prec_a) if key else None,
           (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec_a, split),
-          num_warps=PREP["num_warps"])
+          num_warps=prep["num_warps"])
     n_segs = T // seg + N
     W = Wd = state_pool
     if multi:

@@ -1,0 +1,135 @@
+"""The prefill and decode kernels built for an H100/H200 (sm_90) by the real compiler, on a CPU.
+
+Under TRITON_INTERPRET the kernels run but are never compiled, so an edit that only the GPU compiler
+rejects (a layout it cannot lower, a dtype mix in a dot) or that blows up register use would first
+show on the GPU. This builds each kernel of the serving paths at the gla-1.3B and 340M shapes with
+the launch configs the wrappers use, 16-byte-aligned pointers as at run time, in a process without
+TRITON_INTERPRET, and reads registers and stack from the cubin.
+
+Spills: at the 1.3B shape the output kernel holds a [64, 256] fp32 state tile in 4 warps and sits
+at 255 registers (Triton 3.9 spilled 24 bytes, 144 with the split-K prep's fp32 A, and 504 with
+fp32 inputs). The fp32 tiles spilled up to 13 KB per thread before this test existed
+(`triton_chunk.FP32_TILES`). The bound is a guard against that class of regression, with room for
+the compiler version CI happens to install, not a claim of zero spills.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels import triton_chunk, triton_recurrent
+
+MAX_STACK_BYTES = 4096
+
+_BUILD = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import triton, triton.backends.nvidia
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+out = []
+for mod, name, sig, consts, opts in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module(mod), name)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
+    src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    out.append({"kernel": name, "regs": int(m.group(1)), "stack": int(m.group(2))})
+print(json.dumps(out))
+"""
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def prefill_cases(dt: str, K: int, V: int, split: bool = False) -> list[list]:
+    """The four chunked-prefill kernels as `chunk_gla_prefill_triton` launches them."""
+    torch_dt = {"bf16": "bfloat16", "fp32": "float32"}[dt]
+    import torch
+
+    cfg = triton_chunk.config(K, getattr(torch, torch_dt))
+    prep = triton_chunk.prep_config(getattr(torch, torch_dt))
+    P, A = "*" + dt, ("*fp32" if split or dt == "fp32" else "*" + dt)
+    prec = "ieee" if dt == "fp32" else "tf32"
+    prec_a = prec if dt == "fp32" else triton_chunk.A_PRECISION["half"]
+    BK = max(16, _pow2(K))
+    BV = min(cfg["BV"], max(16, _pow2(V)))
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    m = "kernels.triton_chunk"
+    pool = {"pool": "*fp32", "slots": "*i32", "h0_mask": "*i32"}
+    return [
+        [m, "_prep_kernel", {"q": P, "k": P, "g": P, "A": A, "qg": P, "kd": P, "gl": "*fp32", "cu": "*i32",
+                             "N": "i32", "scale": "fp32"},
+         {"H": 4, "K": K, "BKC": min(prep["BKC"], BK), "BT": 64, "BC": 16, "BKD": prep["BKD"], "PREC": prec_a,
+          "SPLIT": split}, {"num_warps": prep["num_warps"]}],
+        [m, "_state_kernel", {"k": P, "v": P, "g": P, "kd": P, "gl": "*fp32", **pool, "W": "*fp32", "Wd": "*fp32",
+                              "out": "*fp32", "pos": "*i32", "cu": "*i32", "N": "i32", "SEG": "i32"},
+         {"H": 4, "K": K, "V": V, "BK": BK, "BV": BV, "BT": 64, "IS_CKPT": False, "HAS_MASK": True, "PREC": prec},
+         opts],
+        [m, "_scan_kernel", {**pool, "W": "*fp32", "Wd": "*fp32", "cu": "*i32", "SEG": "i32"},
+         {"H": 4, "K": K, "V": V, "BLOCK": 2048, "HAS_MASK": True}, {"num_warps": 8}],
+        [m, "_output_kernel", {"qg": P, "kd": P, "v": P, "gl": "*fp32", "A": A, "o": P, **pool, "W": "*fp32",
+                               "cu": "*i32", "N": "i32", "SEG": "i32", "scale": "fp32"},
+         {"H": 4, "K": K, "V": V, "BK": BK, "BV": BV, "BT": 64, "MULTI_SEG": True, "HAS_MASK": True, "PREC": prec},
+         opts],
+    ]
+
+
+def decode_cases(dt: str, K: int, V: int, R: int = 16) -> list[list]:
+    """The fused decode kernel with the norm x gate and the in-kernel log-gate (the model's path),
+    and the token-by-token short prefill."""
+    P = "*" + dt
+    BK = _pow2(K)
+    BV = min(_pow2(V), max(16, triton_recurrent.DECODE["TILE_ELEMS"] // BK))
+    sig = {"q": P, "k": P, "v": P, "g": P, "pool": "*fp32", "slots": "*i32", "o": P, "o_raw": "*fp32", "gate": P,
+           "weight": P, "counter": "*i32", "lowrank": P, "w1": P, "b1": P, "sq": "i32", "sk": "i32", "sv": "i32",
+           "sz": "i32", "sl": "i32", "scale": "fp32", "eps": "fp32", "normalizer": "fp32", "clamp_min": "fp32"}
+    consts = {"H": 4, "G": 1, "K": K, "V": V, "R": R, "BK": BK, "BV": BV, "NV": _pow2(-(-V // BV)), "BVF": _pow2(V),
+              "BR": _pow2(R), "HAS_GATE": True, "HAS_WEIGHT": True, "PREP": True, "HAS_BIAS": False,
+              "HAS_CLAMP": False}
+    short = triton_recurrent.SHORT
+    sbv = min(_pow2(V), max(1, short["TILE_ELEMS"] // BK))
+    return [
+        ["kernels.triton_recurrent", "_decode_kernel", sig, consts,
+         {"num_warps": triton_recurrent.DECODE["num_warps"]}],
+        ["kernels.triton_recurrent", "_short_prefill_kernel",
+         {"q": P, "k": P, "v": P, "g": P, "pool": "*fp32", "slots": "*i32", "h0_mask": "*i32", "cu": "*i32", "o": P,
+          "scale": "fp32"},
+         {"H": 4, "K": K, "V": V, "BK": BK, "BV": sbv, "HAS_MASK": True}, {"num_warps": short["num_warps"]}],
+    ]
+
+
+SHAPES = {"gla-1.3B": (256, 512), "gla-340M": (128, 256)}
+CASES = {
+    **{f"prefill-{s}-bf16": prefill_cases("bf16", *kv) for s, kv in SHAPES.items()},
+    "prefill-gla-1.3B-bf16-split": prefill_cases("bf16", *SHAPES["gla-1.3B"], split=True),
+    "prefill-gla-1.3B-fp32": prefill_cases("fp32", *SHAPES["gla-1.3B"]),
+    **{f"decode-{s}-bf16": decode_cases("bf16", *kv) for s, kv in SHAPES.items()},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_serving_kernels_build_for_sm90(case: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", _BUILD, json.dumps(CASES[case])], capture_output=True, text=True,
+                       env=env, cwd=Path(__file__).resolve().parents[2], timeout=600)
+    if r.returncode != 0 and ("ptxas" in r.stderr.lower() and "not found" in r.stderr.lower()
+                              or "FileNotFoundError" in r.stderr):
+        pytest.skip(f"cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    built = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [b["kernel"] for b in built] == [c[1] for c in CASES[case]]
+    assert all(b["regs"] <= 255 and b["stack"] <= MAX_STACK_BYTES for b in built), built
