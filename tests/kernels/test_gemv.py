@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gla_testutils import assert_close
+from sm90 import build_for_sm90
 
 import kernels
 from kernels.fused_torch import gemv_torch, swiglu_gemv_torch
@@ -165,61 +166,27 @@ def test_gemv_at_gla13b_sizes(name: str, M: int, dt: str, pdl: int, config, nan_
 
 
 # ---- compile for an H100/H200 without one: the interpreter never builds the kernel -------------
-_AOT = """
-import json, os, re, subprocess, sys, tempfile
-import triton.backends.nvidia
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import triton
-from kernels import triton_gemv as tg
-out = []
-for M, N, K, swiglu, dt, gdc in json.loads(sys.argv[1]):
-    p = tg.plan(M, N, K)
+def _gemv_case(M: int, N: int, K: int, swiglu: bool, dt: str, gdc: bool) -> list:
+    p = triton_gemv.plan(M, N, K)
     consts = {"SX": 2 * K if swiglu else K, "N": N, "K": K, "KS": p["KS"], "BM": p["BM"], "BN": p["BN"],
               "BK": p["BK"], "SPLIT": p["SPLIT"], "SWIGLU": swiglu, "DOT": bool(p["dot"]), "IEEE": dt == "fp32",
               "EVEN_N": N % p["BN"] == 0, "EVEN_K": p["KS"] * p["SPLIT"] == K, "USE_GDC": gdc}
-    sig = {"x": "*" + dt, "w": "*" + dt, "y": "*" + dt, "part": "*fp32", "M": "i32",
-           **dict.fromkeys(consts, "constexpr")}
-    k = triton.compile(ASTSource(fn=tg._gemv_kernel, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": p["num_warps"], "num_stages": p["num_stages"], "launch_pdl": gdc})
-    if gdc:  # the PDL variant really waits for the previous grid (and lets the next one launch)
-        assert "griddepcontrol.wait" in k.asm["ptx"] and "griddepcontrol.launch_dependents" in k.asm["ptx"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\\d+) STACK:(\\d+)", usage)
-    out.append({"regs": int(m.group(1)), "stack": int(m.group(2))})
-print(json.dumps(out))
-"""
+    sig = {"x": "*" + dt, "w": "*" + dt, "y": "*" + dt, "part": "*fp32", "M": "i32"}
+    return ["kernels.triton_gemv", "_gemv_kernel", sig, consts,
+            {"num_warps": p["num_warps"], "num_stages": p["num_stages"], "launch_pdl": gdc}]
 
 
 def test_compiles_for_sm90_without_spills() -> None:
     """The real compiler (ptxas, sm_90) at the 1.3B shapes with the default config, with and without
-    programmatic dependent launch, in a process without TRITON_INTERPRET: the interpreter runs the
-    kernels but never builds them."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    programmatic dependent launch: the interpreter runs the kernels but never builds them."""
     cases = [(1, 6160, 2048, False, "bf16", False), (16, 2048, 2048, False, "bf16", False),
              (1, 2048, 5632, True, "bf16", False), (4, 2048, 5632, True, "fp32", False),
              (3, 11264, 2048, False, "bf16", False),
              # programmatic dependent launch (GEMV["PDL"]): the M = 1 path with its prefetched tile
              (1, 6160, 2048, False, "bf16", True), (1, 2048, 5632, True, "bf16", True),
              (16, 2048, 2048, False, "bf16", True)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-c", _AOT, json.dumps(cases)], capture_output=True, text=True, env=env,
-                       cwd=root, timeout=240)
-    if r.returncode != 0 and ("ptxas" in r.stderr.lower() and "not found" in r.stderr.lower()
-                              or "ImportError" in r.stderr or "FileNotFoundError" in r.stderr):
-        pytest.skip(f"cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = build_for_sm90([_gemv_case(*c) for c in cases])
+    for c, r in zip(cases, results, strict=True):
+        if c[-1]:  # the PDL variant really waits for the previous grid (and lets the next one launch)
+            assert all(r["ptx"].values()), (c, r)
     assert all(c["stack"] == 0 and c["regs"] <= 255 for c in results), results  # no spills

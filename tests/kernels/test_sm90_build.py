@@ -15,39 +15,12 @@ the compiler version CI happens to install, not a claim of zero spills.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from sm90 import build_for_sm90
 
 from kernels import triton_chunk, triton_recurrent
 
 MAX_STACK_BYTES = 4096
-
-_BUILD = r"""
-import importlib, json, os, re, subprocess, sys, tempfile
-import triton, triton.backends.nvidia
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-out = []
-for mod, name, sig, consts, opts in json.loads(sys.argv[1]):
-    fn = getattr(importlib.import_module(mod), name)
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
-    src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    out.append({"kernel": name, "regs": int(m.group(1)), "stack": int(m.group(2))})
-print(json.dumps(out))
-"""
-
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
@@ -122,14 +95,5 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_serving_kernels_build_for_sm90(case: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _BUILD, json.dumps(CASES[case])], capture_output=True, text=True,
-                       env=env, cwd=Path(__file__).resolve().parents[2], timeout=600)
-    if r.returncode != 0 and ("ptxas" in r.stderr.lower() and "not found" in r.stderr.lower()
-                              or "FileNotFoundError" in r.stderr):
-        pytest.skip(f"cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    built = json.loads(r.stdout.strip().splitlines()[-1])
-    assert [b["kernel"] for b in built] == [c[1] for c in CASES[case]]
+    built = build_for_sm90(CASES[case])
     assert all(b["regs"] <= 255 and b["stack"] <= MAX_STACK_BYTES for b in built), built
