@@ -9,7 +9,8 @@
 #                                and trace_resume against a Redis pre-filled with 3 GiB (issue 5)
 #   STEPS=host                   host time per kernel call with Launcher.int_pointers off/on (tensors passed
 #                                as addresses skip Triton's per-pointer cuPointerGetAttribute), and the kernel
-#                                GPU tests with it on; if it pays, make it the default (issue 3: prefill <= 50 us)
+#                                GPU tests with it on (they also cover the new fp32 prefill tiles, chosen from
+#                                ptxas spill counts); if it pays, make it the default (issue 3: prefill <= 50 us)
 #   STEPS=pdl                    batch-1 GEMV chain with programmatic dependent launch vs cuBLAS, then the
 #                                whole B=1 decode step with GLA_TRITON_GEMV / GLA_GEMV_PDL (issue 8)
 #   STEPS=redisprof              the same turn with the server's threads sampled
