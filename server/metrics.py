@@ -40,7 +40,7 @@ REDIS_OPS = ("get", "put", "delete", "log", "lease", "index", "other")
 # the prefix index (anchor sets); pointers, pings and TTL reads are "other".
 REDIS_OP_OF_CALL = {
     "read_snapshot": "get", "get_snapshot": "get", "stream_snapshot": "get", "put_snapshot": "put",
-    "getdel": "delete", "unlink": "delete", "append_log": "log", "set_log_if_leased": "log",
+    "getdel": "delete", "unlink": "delete", "append_log": "log", "set_log_checked": "log",
     "lease": "lease", "unlease": "lease", "extend_lease": "lease",
     "anchor_add": "index", "anchor_members": "index", "anchor_rem": "index",
 }

@@ -49,10 +49,14 @@ redis.call('APPEND', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return n + string.len(ARGV[1])
 """
-# A committed turn's log is written only by the holder of the conversation's turn lease (KEYS[2]):
-# a turn that outlived its lease must not overwrite the turn another replica has taken since.
-_SET_LOG_IF_LEASED = """
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+# A committed turn's log (KEYS[1]) is written only if it extends the stored one (or none is stored)
+# and, given a lease token, only while the turn lease (KEYS[2]) still holds it: a turn that outlived
+# its lease, or ran on a stale log while Redis was unreachable, must not erase turns taken since.
+# 1 written, 0 lease lost, -1 the stored log is not a prefix of the new one.
+_SET_LOG_CHECKED = """
+if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(ARGV[1], 1, string.len(cur)) ~= cur then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return 1
 """
@@ -194,7 +198,7 @@ class RedisTier:
         self._client = aioredis.from_url(url, **kwargs)
         self._append_log = self._client.register_script(_APPEND_LOG)
         self._release_lease = self._client.register_script(_RELEASE_LEASE)
-        self._set_log_if_leased = self._client.register_script(_SET_LOG_IF_LEASED)
+        self._set_log_checked = self._client.register_script(_SET_LOG_CHECKED)
         self._extend_lease = self._client.register_script(_EXTEND_LEASE)
         self.num_errors = 0
         self.num_timeouts = 0
@@ -514,20 +518,23 @@ class RedisTier:
     async def set_token_log(self, key: str, token_ids: Sequence[int], ttl_s: float | None = None) -> bool:
         return await self.set_bytes(key, tokens_to_bytes(token_ids), ttl_s)
 
-    async def set_token_log_if_leased(
-        self, key: str, token_ids: Sequence[int], lease_key: str, lease_token: str, ttl_s: float | None = None
-    ) -> bool | None:
-        """Writes the log only while `lease_key` holds `lease_token`, atomically: True written, False
-        refused (the lease expired or another turn holds it), None when Redis cannot say."""
+    async def set_token_log_checked(
+        self, key: str, token_ids: Sequence[int], lease_key: str | None = None, lease_token: str | None = None,
+        ttl_s: float | None = None,
+    ) -> str | None:
+        """Writes a committed turn's whole log, atomically checked (`_SET_LOG_CHECKED`): "written";
+        "lease_lost" when `lease_key` no longer holds `lease_token`; "diverged" when the stored log
+        is not a prefix of `token_ids` (another turn was committed since this one's log was read);
+        None when Redis cannot say."""
         data = tokens_to_bytes(token_ids)
         res = await self._call(
-            "set_log_if_leased",
-            lambda r: self._set_log_if_leased(keys=[key, lease_key], args=[data, lease_token, self._ttl(ttl_s)],
-                                              client=r),
+            "set_log_checked",
+            lambda r: self._set_log_checked(keys=[key, lease_key or key], args=[data, lease_token or "",
+                                                                              self._ttl(ttl_s)], client=r),
         )
         if isinstance(res, _Unavailable):
             return None
-        return res == 1
+        return {1: "written", 0: "lease_lost", -1: "diverged"}.get(res, "diverged")
 
     async def append_token_log(
         self, key: str, new_ids: Sequence[int], expected_len: int, ttl_s: float | None = None

@@ -417,23 +417,26 @@ class TieredStateCache:
     async def set_token_log(
         self, tenant: str, conversation_id: str, token_ids: Sequence[int], lease: Lease | None = None
     ) -> bool:
-        """Stores the conversation's whole log. With the turn's `lease` (held in Redis), the write
-        is fenced: refused, here and in Redis, once that lease is no longer held (counted as
-        `token_log_writes_fenced`), so a turn that outlived its lease cannot erase the turn another
-        replica took since. Returns False only then."""
+        """Stores a committed turn's whole log. Redis takes it only if it extends the stored log (or
+        none is stored) and, with the turn's `lease` held in Redis, only while that lease is still
+        this turn's: a turn that outlived its lease, or ran on a stale log while Redis was
+        unreachable, cannot erase the turns taken since. Such a write is refused here too and
+        counted (`token_log_writes_fenced`, `token_log_writes_diverged`); returns False then."""
         key = self.keys.token_log(tenant, conversation_id)
-        if lease is not None and lease.is_distributed and self.log_redis is not None:
-            written = await self.log_redis.set_token_log_if_leased(key, token_ids, lease.key, lease.token)
-            if written is False:
-                self._count("token_log_writes_fenced")
-                log.warning("token log of %r not written: its turn lease was lost", conversation_id)
-                return False
-            self._remember(self._logs, key, token_ids if isinstance(token_ids, list) else list(token_ids))
-            if written is None:
-                self._count("token_log_writes_skipped")
+        ids = token_ids if isinstance(token_ids, list) else list(token_ids)
+        if self.log_redis is None:
+            self._remember(self._logs, key, ids)
             return True
-        self._remember(self._logs, key, token_ids if isinstance(token_ids, list) else list(token_ids))
-        if self.log_redis is not None and not await self.log_redis.set_token_log(key, token_ids):
+        leased = lease is not None and lease.is_distributed
+        outcome = await self.log_redis.set_token_log_checked(
+            key, ids, lease.key if leased and lease else None, lease.token if leased and lease else None)
+        if outcome in ("lease_lost", "diverged"):
+            self._count("token_log_writes_fenced" if outcome == "lease_lost" else "token_log_writes_diverged")
+            log.warning("token log of %r not written: %s", conversation_id,
+                        "its turn lease was lost" if outcome == "lease_lost" else "another turn was committed since")
+            return False
+        self._remember(self._logs, key, ids)
+        if outcome is None:
             self._count("token_log_writes_skipped")
         return True
 

@@ -259,3 +259,26 @@ def test_a_turn_that_lost_its_lease_cannot_erase_the_turn_taken_since(redis_proc
     log, stats = asyncio.run(main())
     assert log == [1, 2, 3, 9]
     assert stats["token_log_writes_fenced"] == 1
+
+
+def test_a_committed_log_must_extend_the_stored_one(redis_proc):
+    """A turn that ran on a stale log (say, with a local-only lease while Redis was unreachable)
+    cannot erase turns committed since: its log is not an extension of the stored one."""
+    prefix = ns()
+
+    async def main() -> tuple[list[int] | None, dict]:
+        a, b = new_cache(redis_proc.url, prefix), new_cache(redis_proc.url, prefix)
+        assert await a.set_token_log("t", "c", [1, 2])  # nothing stored yet
+        assert await a.set_token_log("t", "c", [1, 2, 3, 4])  # extends it
+        assert await b.set_token_log("t", "c", [1, 2, 3, 4, 9])  # another replica's turn
+        assert not await a.set_token_log("t", "c", [1, 2, 3, 4, 5])  # a turn on the stale [1, 2, 3, 4]
+        redis.Redis.from_url(redis_proc.url).delete(a.keys.token_log("t", "c"))  # expired, or Redis restarted
+        assert await a.set_token_log("t", "c", [1, 2, 3, 4, 9, 6])
+        log = await b.get_token_log("t", "c")
+        await a.close()
+        await b.close()
+        return log, a.stats()
+
+    log, stats = asyncio.run(main())
+    assert log == [1, 2, 3, 4, 9, 6]
+    assert stats["token_log_writes_diverged"] == 1 and "token_log_writes_fenced" not in stats
