@@ -45,6 +45,7 @@ REDIS_OP_OF_CALL = {
     "anchor_add": "index", "anchor_members": "index", "anchor_rem": "index",
 }
 REBUILD_REASONS = ("missing", "corrupt", "fingerprint")
+REFUSED_LOG_REASONS = ("lease_lost", "diverged")
 
 _STEP_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -146,6 +147,9 @@ class Metrics:
         self.redis_errors = counter("redis_errors", "Redis operations that failed, by op.", ("op",))
         self.state_rebuilds = counter(
             "state_rebuilds", "States rebuilt by prefilling the token log, by reason.", ("reason",))
+        self.token_log_writes_refused = counter(
+            "token_log_writes_refused", "Committed turns whose token log Redis refused, so as not to erase a turn "
+            "taken since: the turn's lease was lost, or its log did not extend the stored one.", ("reason",))
 
         for phase in STEP_PHASES:
             self.engine_step_phase.labels(phase)
@@ -162,6 +166,8 @@ class Metrics:
             self.redis_errors.labels(op)
         for reason in REBUILD_REASONS:
             self.state_rebuilds.labels(reason)
+        for reason in REFUSED_LOG_REASONS:
+            self.token_log_writes_refused.labels(reason)
 
         if process_metrics:
             ProcessCollector(registry=r)
@@ -407,6 +413,10 @@ class StateCacheMetrics:
             m.state_cache_hits.labels("redis").inc(amount)
         elif name == "host_evictions":
             m.on_cache_evict("host", amount)
+        elif name == "token_log_writes_fenced":
+            m.token_log_writes_refused.labels("lease_lost").inc(amount)
+        elif name == "token_log_writes_diverged":
+            m.token_log_writes_refused.labels("diverged").inc(amount)
         if self._cache_event is not None:
             self._cache_event(name, amount)
 

@@ -14,6 +14,7 @@ import uvicorn
 from server.app import create_app
 from server.conversations import ConversationKey, ConversationSnapshot
 from server.errors import ConversationBusy
+from server.metrics import Metrics, StateCacheMetrics
 from server.settings import Settings
 from server.state_cache.conversation_store import TieredConversationStore
 from server.state_cache.factory import build_conversation_store, fingerprint_from_model_dir
@@ -266,8 +267,11 @@ def test_a_committed_log_must_extend_the_stored_one(redis_proc):
     cannot erase turns committed since: its log is not an extension of the stored one."""
     prefix = ns()
 
+    metrics = Metrics(process_metrics=False)
+
     async def main() -> tuple[list[int] | None, dict]:
         a, b = new_cache(redis_proc.url, prefix), new_cache(redis_proc.url, prefix)
+        StateCacheMetrics(metrics, TieredConversationStore(a))
         assert await a.set_token_log("t", "c", [1, 2])  # nothing stored yet
         assert await a.set_token_log("t", "c", [1, 2, 3, 4])  # extends it
         assert await b.set_token_log("t", "c", [1, 2, 3, 4, 9])  # another replica's turn
@@ -282,3 +286,6 @@ def test_a_committed_log_must_extend_the_stored_one(redis_proc):
     log, stats = asyncio.run(main())
     assert log == [1, 2, 3, 4, 9, 6]
     assert stats["token_log_writes_diverged"] == 1 and "token_log_writes_fenced" not in stats
+    text = metrics.render()[0].decode()
+    assert 'gla:token_log_writes_refused_total{reason="diverged"} 1.0' in text
+    assert 'gla:token_log_writes_refused_total{reason="lease_lost"} 0.0' in text
