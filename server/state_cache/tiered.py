@@ -446,7 +446,7 @@ class TieredStateCache:
         """Appends a committed turn's tokens; returns the whole log.
 
         Redis gets an APPEND if its copy has the length this process knows, else (it missed an
-        append during an outage, or expired) the whole log is rewritten.
+        append during an outage, or expired) the whole log is rewritten if it extends Redis' copy.
         """
         key = self.keys.token_log(tenant, conversation_id)
         old = self._logs.get(key)
@@ -456,8 +456,13 @@ class TieredStateCache:
         self._remember(self._logs, key, new_log)
         if self.log_redis is not None:
             if not await self.log_redis.append_token_log(key, new_ids, expected_len=len(old)):
-                if not await self.log_redis.set_token_log(key, new_log):
+                # Redis missed appends (an outage) or expired the log: rewrite it, but only as an
+                # extension of what it holds, never over turns another replica appended
+                outcome = await self.log_redis.set_token_log_checked(key, new_log)
+                if outcome is None:
                     self._count("token_log_writes_skipped")
+                elif outcome != "written":
+                    self._count("token_log_writes_diverged")
         return list(new_log)
 
     # -- turn lease -------------------------------------------------------------------------------
