@@ -130,6 +130,51 @@ def instrument() -> None:
     wrap(snapshot.SnapshotDecoder, "part_checksum", "bulk.each.crc")
     wrap(snapshot.SnapshotDecoder, "absorb", "bulk.each.absorb")
     wrap(snapshot.SnapshotDecoder, "finish", "decoder.finish")
+    _instrument_http_stack()
+
+
+def _instrument_http_stack() -> None:
+    """Stamps between the ASGI entry and our route: each of our middlewares, Starlette's router,
+    FastAPI's handler (request object, body read) and its dependency solving (JSON + validation)."""
+    import fastapi.dependencies.utils as deps
+    import fastapi.routing as fastapi_routing
+    import starlette.routing as starlette_routing
+
+    import server.auth as auth
+    import server.drain as drain
+    import server.middleware as middleware
+
+    def entry(cls: Any, label: str) -> None:
+        fn = cls.__call__
+
+        async def stamped(self: Any, scope: dict, receive: Any, send: Any) -> None:
+            if scope.get("path") == "/generate_stream":
+                mark(label)
+            return await fn(self, scope, receive, send)
+        cls.__call__ = stamped
+
+    entry(drain.DrainMiddleware, "http.drain_in")
+    entry(auth.AuthMiddleware, "http.auth_in")
+    entry(middleware.BodySizeLimit, "http.bodylimit_in")
+    entry(starlette_routing.Router, "http.router_in")
+    make_handler = fastapi_routing.get_request_handler  # routes built after this (create_app) get the stamp
+
+    def get_request_handler(*a: Any, **k: Any) -> Any:
+        handler = make_handler(*a, **k)
+
+        async def stamped(request: Any) -> Any:
+            if request.url.path == "/generate_stream":
+                mark("http.fastapi_handler_in")
+            return await handler(request)
+        return stamped
+    fastapi_routing.get_request_handler = get_request_handler
+    solve = deps.solve_dependencies
+
+    async def solved(*a: Any, **k: Any) -> Any:
+        out = await solve(*a, **k)
+        mark("http.dependencies_solved")
+        return out
+    fastapi_routing.solve_dependencies = solved
 
 
 # ---- clients (run in a separate process) ------------------------------------------------------------
