@@ -142,3 +142,36 @@ def test_a_log_instance_alone_shares_logs_while_states_stay_in_process(redis_pro
 
     assert asyncio.run(main()) == [7, 8, 9]
     assert not any(":snap:" in k for k in keys_of(redis_proc.url, prefix))
+
+
+def test_a_log_instance_outage_is_not_an_error(redis_proc, own_redis):
+    """The log instance down: turns still run (leases local to the replica, logs kept in process)
+    and resume from the states' instance; when it returns, the next commit writes the whole log."""
+    prefix = ns()
+    key = ConversationKey("t", "c")
+
+    async def main() -> tuple[list[int] | None, dict]:
+        log_tier = RedisTier(own_redis.url, op_timeout_s=5, bulk_connections=0, failure_threshold=1,
+                             base_backoff_s=0.05, max_backoff_s=0.1)
+        store = TieredConversationStore(new_cache(redis_proc.url, prefix, log_redis=log_tier))
+        await turn(store, key, [1, 2, 3], state_seed=1)
+        await store.flush()
+        own_redis.stop()
+        snap = await turn(store, key, [4], state_seed=2)  # no exception, the state still resumes
+        assert snap is not None and snap.token_ids == [1, 2, 3] and snap.state is not None
+        await store.flush()
+        own_redis.start()  # same port, empty
+        await asyncio.sleep(0.2)  # the breaker's backoff
+        for _ in range(50):
+            if await turn(store, key, [5], state_seed=3) is not None and log_tier.breaker.state == "closed":
+                break
+            await asyncio.sleep(0.05)
+        await store.flush()
+        remote = await RedisTier(own_redis.url, bulk_connections=0).get_token_log(store.cache.keys.token_log("t", "c"))
+        stats = store.stats()
+        await store.cache.close()
+        return remote, stats
+
+    remote, stats = asyncio.run(main())
+    assert stats["lease_local_only"] >= 1
+    assert remote is not None and remote[:5] == [1, 2, 3, 4, 5]  # the whole log, written again
