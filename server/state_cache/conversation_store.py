@@ -132,7 +132,7 @@ class TieredConversationStore:
     async def _keep_alive(self, lease: Lease) -> None:
         """Renews a turn's lease every third of its lifetime until the turn is released, so a turn
         longer than `lease_ttl_s` keeps it. A failed renewal (Redis unreachable, or the lease
-        already gone) is counted and retried; the fenced log write at commit has the last word."""
+        already gone) is counted and retried; the checked log write at commit has the last word."""
         while True:
             await asyncio.sleep(self.lease_ttl_s / 3)
             if not await self.cache.extend_lease(lease, self.lease_ttl_s):
@@ -175,9 +175,9 @@ class TieredConversationStore:
                     key.tenant, log_ids[:-1], snapshot.state, conversation_id=key.conversation_id,
                     wait_for_redis=self.wait_for_redis,
                 )
-            # fenced by the lease: a turn that lost it leaves the log to the turn that took it (the
-            # state stored above is then only a prefix state, and the pointer a stale one that
-            # the next load rejects against the log)
+            # checked: the log must extend the stored one and the lease must still be this turn's,
+            # else the turn taken since keeps the log (the state stored above is then only a
+            # prefix state, and the pointer a stale one that the next load rejects against the log)
             await self.cache.set_token_log(key.tenant, key.conversation_id, log_ids, lease=lease)
         except Exception:  # the turn already answered; a lost commit means a rebuild later
             log.exception("committing conversation %r failed", key.conversation_id)
