@@ -145,6 +145,9 @@ class Metrics:
         self.redis_op_latency = histogram(
             "redis_op_latency_seconds", "Latency of Redis operations, by op.", _REDIS_BUCKETS_S, ("op",))
         self.redis_errors = counter("redis_errors", "Redis operations that failed, by op.", ("op",))
+        self.redis_up = gauge(
+            "redis_up", "1 while calls go out to a Redis instance, 0 while its circuit breaker is open (the tier "
+            "is off: states miss, leases and logs stay local), by instance (states, logs).", ("instance",))
         self.state_rebuilds = counter(
             "state_rebuilds", "States rebuilt by prefilling the token log, by reason.", ("reason",))
         self.token_log_writes_refused = counter(
@@ -307,6 +310,10 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def _is_up(tier: Any) -> float:
+    return float(tier.is_available)
+
+
 def _tier(tier: str) -> str:
     # A typo here would silently create a new series that no dashboard panel shows.
     if tier not in CACHE_TIERS:
@@ -393,6 +400,9 @@ class StateCacheMetrics:
         cache.on_event = self.on_cache_event
         self._rebuild = store.on_rebuild
         store.on_rebuild = self.on_rebuild
+        for instance, tier in (("states", cache.redis), ("logs", cache.log_redis)):
+            if tier is not None:
+                metrics.redis_up.labels(instance).set_function(partial(_is_up, tier))
         self._redis_ops: dict[int, Callable[[str, float, bool], None] | None] = {}
         for tier in {id(t): t for t in (cache.redis, cache.log_redis) if t is not None}.values():
             self._redis_ops[id(tier)] = tier.on_op  # chained, whatever was there before

@@ -73,6 +73,7 @@ def test_store_events_feed_tier_redis_and_rebuild_metrics(redis_proc):
 
     text, stats, _ = asyncio.run(main())
     assert stats["conversation_rebuilds"] == 3 and stats["conversation_resumed"] == 1
+    assert value(text, "gla:redis_up", instance="states") == 1
     for reason in ("corrupt", "fingerprint", "missing"):
         assert value(text, "gla:state_rebuilds_total", reason=reason) == 1, reason
     assert value(text, "gla:state_cache_hits_total", tier="redis") == 1
@@ -118,6 +119,8 @@ def test_redis_errors_are_counted_by_op_while_redis_is_down(own_redis):
     text = asyncio.run(main())
     assert value(text, "gla:redis_errors_total", op="other") == 1
     assert value(text, "gla:redis_op_latency_seconds_count", op="other") == 1
+    # one instance serves both roles here, and its breaker opened on the failure
+    assert value(text, "gla:redis_up", instance="states") == value(text, "gla:redis_up", instance="logs") == 0
 
 
 @pytest.mark.slow
