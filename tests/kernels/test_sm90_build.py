@@ -96,4 +96,5 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_serving_kernels_build_for_sm90(case: str) -> None:
     built = build_for_sm90(CASES[case])
+    print(case, [(b["kernel"], b["regs"], b["stack"]) for b in built])  # shown with -s (the GPU plan's host step)
     assert all(b["regs"] <= 255 and b["stack"] <= MAX_STACK_BYTES for b in built), built
