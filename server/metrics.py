@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -286,22 +285,12 @@ class Metrics:
         """A state was missing, corrupt or from another model and was rebuilt from the token log."""
         self.state_rebuilds.labels(reason).inc()
 
-    @contextmanager
-    def time_redis(self, op: str) -> Iterator[None]:
-        """Times one Redis operation; an exception counts as an error and propagates.
-
-        Example:
-            with metrics.time_redis("get"):
-                blob = await redis.get(key)
-        """
-        start = self._clock()
-        try:
-            yield
-        except Exception:
+    def on_redis_op(self, op: str, seconds: float, ok: bool) -> None:
+        """One Redis call returned after `seconds`; a failed one (timeout, refused connection, error
+        reply) also counts as an error. `op` is a label of REDIS_OPS (see REDIS_OP_OF_CALL)."""
+        self.redis_op_latency.labels(op).observe(seconds)
+        if not ok:
             self.redis_errors.labels(op).inc()
-            raise
-        finally:
-            self.redis_op_latency.labels(op).observe(self._clock() - start)
 
     # -- exposition ---------------------------------------------------------------------------------
 
@@ -432,10 +421,7 @@ class StateCacheMetrics:
 
     def on_redis_op(self, tier: int, what: str, seconds: float, ok: bool) -> None:
         """A Redis call returned (either instance: states, or token logs and leases)."""
-        op = REDIS_OP_OF_CALL.get(what, "other")
-        self.metrics.redis_op_latency.labels(op).observe(seconds)
-        if not ok:
-            self.metrics.redis_errors.labels(op).inc()
+        self.metrics.on_redis_op(REDIS_OP_OF_CALL.get(what, "other"), seconds, ok)
         chained = self._redis_ops.get(tier)
         if chained is not None:
             chained(what, seconds, ok)
