@@ -430,15 +430,21 @@ class TieredStateCache:
         leased = lease is not None and lease.is_distributed
         outcome = await self.log_redis.set_token_log_checked(
             key, ids, lease.key if leased and lease else None, lease.token if leased and lease else None)
-        if outcome in ("lease_lost", "diverged"):
+        if self._log_write_refused(conversation_id, outcome):
+            return False
+        self._remember(self._logs, key, ids)
+        return True
+
+    def _log_write_refused(self, conversation_id: str, outcome: str | None) -> bool:
+        """Counts a checked log write's outcome (`RedisTier.set_token_log_checked`); True if refused."""
+        if outcome is None:
+            self._count("token_log_writes_skipped")
+        elif outcome != "written":
             self._count("token_log_writes_fenced" if outcome == "lease_lost" else "token_log_writes_diverged")
             log.warning("token log of %r not written: %s", conversation_id,
                         "its turn lease was lost" if outcome == "lease_lost" else "another turn was committed since")
-            return False
-        self._remember(self._logs, key, ids)
-        if outcome is None:
-            self._count("token_log_writes_skipped")
-        return True
+            return True
+        return False
 
     async def append_token_log(
         self, tenant: str, conversation_id: str, new_ids: Sequence[int]
@@ -458,11 +464,7 @@ class TieredStateCache:
             if not await self.log_redis.append_token_log(key, new_ids, expected_len=len(old)):
                 # Redis missed appends (an outage) or expired the log: rewrite it, but only as an
                 # extension of what it holds, never over turns another replica appended
-                outcome = await self.log_redis.set_token_log_checked(key, new_log)
-                if outcome is None:
-                    self._count("token_log_writes_skipped")
-                elif outcome != "written":
-                    self._count("token_log_writes_diverged")
+                self._log_write_refused(conversation_id, await self.log_redis.set_token_log_checked(key, new_log))
         return list(new_log)
 
     # -- turn lease -------------------------------------------------------------------------------
