@@ -73,14 +73,15 @@ if has redisprobe; then  # issue 5: the read alone; GET vs GETRANGE pieces in th
     --max-num-seqs 1 --out "$OUT/trace-resume-redis-fill3.json" 2>&1 | grep "^client\|^redis command" \
     | sed "s/^/trace Redis filled with 3 GiB: /"
 fi
-if has pdl; then  # issue 8: the batch-1 GEMV chain with programmatic dependent launch (GEMV["PDL"])
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py -k gla13b 2>&1 | tail -2
-  timeout 150 python3 benchmarks/bench_pdl_chain.py --out "$OUT/pdl-chain.json" 2>&1 | grep -v -i warn | tail -5
-  for v in "0 0" "1 0" "1 1"; do  # the whole decode step: cuBLAS; Triton GEMV; Triton GEMV with PDL
-    set -- $v
-    GLA_TRITON_GEMV=$1 GLA_GEMV_PDL=$2 timeout 150 python3 benchmarks/e2e.py --quick --no-fla --batches 1 \
-      --new-tokens 32 --out "$OUT/e2e-b1-gemv$1-pdl$2.json" 2>&1 | grep -E "^decode" | sed "s/^/gemv $1 pdl $2: /"
-  done
+if has pdl; then  # issue 8: programmatic dependent launch (kernels/_launch.py PDL, GEMV["PDL"]) at batch 1
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py \
+    tests/model/test_gemv_route.py -k "(gla13b and pdl) or graphed" 2>&1 | tail -2
+  GLA_PDL=1 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_triton.py \
+    -k decode tests/kernels/test_fused.py tests/model/test_fused.py tests/server/test_gpu_serving.py 2>&1 | tail -2
+  timeout 120 python3 benchmarks/bench_pdl_chain.py --out "$OUT/pdl-chain.json" 2>&1 | grep -v -i warn | tail -5
+  # the whole B=1 decode step, graph replays round-robin: GEMV route x GEMV PDL x PDL of the fused kernels
+  timeout 200 python3 benchmarks/bench_small_steps.py --decode-only --pdl --max-seqs 1 --out "$OUT/small-steps-pdl.json" \
+    2>&1 | grep -v -i warn | tail -8
 fi
 if has kernels13; then  # issue 3: our prefill at the 1.3B layer shape against fla in the same process
   timeout 300 python3 benchmarks/bench_kernels.py --quick --parts prefill --shapes gla-1.3B \

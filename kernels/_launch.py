@@ -10,12 +10,25 @@ convention, the first direct call raises and we fall back to the normal path for
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import torch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_ON = ("1", "true", "yes", "on")
+
+# Programmatic dependent launch (PDL) for the serving kernels (env GLA_PDL=1; off until measured).
+# A kernel launched with it may start while the kernel before it in the stream still runs: it calls
+# griddepcontrol.launch_dependents first (so the kernel after it may launch too), reads only weights,
+# then griddepcontrol.wait (the previous grid has finished and its writes are visible) before it reads
+# anything an earlier kernel wrote. Since every PDL kernel waits before it ends, a kernel that passed
+# its wait sees every kernel before it finished. Inside a CUDA graph of a batch-1 decode step, where
+# each of ~220 small kernels pays a launch gap and a ramp, the gaps overlap the previous kernel's tail.
+# "fused": the norm, SwiGLU and decode kernels; the GEMVs have their own switch (triton_gemv.GEMV["PDL"],
+# env GLA_GEMV_PDL=1, also on with GLA_PDL=1).
+PDL: dict[str, int] = {"fused": int(os.environ.get("GLA_PDL", "0").lower() in _ON)}
 
 
 def _stream_getter() -> Any:
@@ -63,6 +76,22 @@ class Launcher:
         kernel = self.fn[grid](*args, **opts)
         if key is not None and Launcher.fast_ok and kernel is not None and hasattr(kernel, "function"):
             self.compiled[key] = kernel
+
+
+@functools.cache
+def _pdl_device_ok(device_type: str, index: int | None) -> bool:
+    return device_type == "cuda" and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or newer (never in
+    the interpreter)."""
+    return not _INTERPRET and _pdl_device_ok(device.type, device.index)
+
+
+def use_pdl(device: torch.device, switch: int) -> bool:
+    """Whether a kernel behind `switch` (a PDL entry or GEMV["PDL"]) launches with PDL on this device."""
+    return bool(switch) and pdl_ok(device)
 
 
 def pointers_as_ints(args: tuple) -> tuple:

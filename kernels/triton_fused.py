@@ -16,15 +16,21 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import Launcher, aligned, cdiv, next_pow2
+from kernels._launch import PDL, Launcher, aligned, cdiv, next_pow2, use_pdl
 
 
 @triton.jit
 def _rms_norm_kernel(x, r, z, w, y, s, eps, D: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr,
-                     ROUND_SUM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr):
+                     ROUND_SUM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr,
+                     USE_GDC: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
+    if HAS_W:  # a weight: safe to read before the previous grid has finished (kernels/_launch.py PDL)
+        b_w = tl.load(w + o_d, mask=m_d, other=0.).to(tl.float32)
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b_s = tl.load(x + row * D + o_d, mask=m_d, other=0.).to(tl.float32)
     if HAS_RES:
         b_s += tl.load(r + row * D + o_d, mask=m_d, other=0.).to(tl.float32)
@@ -33,7 +39,7 @@ def _rms_norm_kernel(x, r, z, w, y, s, eps, D: tl.constexpr, BD: tl.constexpr, H
         tl.store(s + row * D + o_d, b_s.to(s.dtype.element_ty), mask=m_d)
     b_y = b_s * tl.rsqrt(tl.sum(b_s * b_s, axis=0) / D + eps)
     if HAS_W:
-        b_y = b_y * tl.load(w + o_d, mask=m_d, other=0.).to(tl.float32)
+        b_y = b_y * b_w
     if HAS_GATE:
         b_z = tl.load(z + row * D + o_d, mask=m_d, other=0.).to(tl.float32)
         b_y = b_y * (b_z * tl.sigmoid(b_z))
@@ -41,7 +47,10 @@ def _rms_norm_kernel(x, r, z, w, y, s, eps, D: tl.constexpr, BD: tl.constexpr, H
 
 
 @triton.jit
-def _swiglu_kernel(x, y, NI: tl.constexpr, BI: tl.constexpr):
+def _swiglu_kernel(x, y, NI: tl.constexpr, BI: tl.constexpr, USE_GDC: tl.constexpr = False):
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     o_i = tl.program_id(1) * BI + tl.arange(0, BI)
     m_i = o_i < NI
@@ -101,6 +110,11 @@ _swiglu = Launcher(_swiglu_kernel)
 _prep = Launcher(_gla_prep_kernel)
 
 
+def _pdl(gdc: bool) -> dict[str, bool]:
+    """The launch option of a kernel built with USE_GDC (Triton compiles launch_pdl into the kernel)."""
+    return {"launch_pdl": True} if gdc else {}
+
+
 def _warps(block: int) -> int:
     return min(8, max(1, block // 256))
 
@@ -119,11 +133,12 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, gate: torch
     z = _rows(gate) if gate is not None else x
     w = weight if weight is not None else x
     BD = next_pow2(D)
-    flags = (residual is not None, round_sum, gate is not None, weight is not None)
+    gdc = use_pdl(x.device, PDL["fused"])
+    flags = (residual is not None, round_sum, gate is not None, weight is not None, gdc)
     key = (x.device.index, x.dtype, r.dtype, z.dtype, w.dtype, D, *flags) if aligned(x, r, z, w, y, s) else None
     rows = x.numel() // D
     if rows:
-        _norm((rows,), key, (x, r, z, w, y, s, eps, D, BD, *flags), num_warps=_warps(BD))
+        _norm((rows,), key, (x, r, z, w, y, s, eps, D, BD, *flags), num_warps=_warps(BD), **_pdl(gdc))
     return y, s
 
 
@@ -146,9 +161,10 @@ def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(*x.shape[:-1], NI, dtype=x.dtype, device=x.device)
     rows = x.numel() // (2 * NI)
     BI = min(1024, next_pow2(NI))
-    key = (x.device.index, x.dtype, NI, BI) if aligned(x, y) else None
+    gdc = use_pdl(x.device, PDL["fused"])
+    key = (x.device.index, x.dtype, NI, BI, gdc) if aligned(x, y) else None
     if rows:
-        _swiglu((rows, cdiv(NI, BI)), key, (x, y, NI, BI), num_warps=4)
+        _swiglu((rows, cdiv(NI, BI)), key, (x, y, NI, BI, gdc), num_warps=4, **_pdl(gdc))
     return y
 
 

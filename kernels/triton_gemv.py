@@ -24,14 +24,13 @@ Unmeasured on a GPU: `benchmarks/bench_gemv.py` times it against cuBLAS and swee
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import _INTERPRET, Launcher, aligned, cdiv, next_pow2
+from kernels._launch import _INTERPRET, _ON, PDL, Launcher, aligned, cdiv, next_pow2, use_pdl
 
 MAX_ROWS = 16  # the dot path pads x to 16 rows; larger batches are GEMMs, not GEMVs
 
@@ -51,7 +50,7 @@ GEMV: dict[str, int] = {
 # the next kernel launch, and only then waits for the previous grid (griddepcontrol.wait) before it
 # reads x. Inside a CUDA graph of back-to-back GEMVs the launch gap and the previous kernel's tail
 # overlap weight streaming. Off until measured (`benchmarks/bench_pdl_chain.py`).
-GEMV["PDL"] = int(os.environ.get("GLA_GEMV_PDL", "0") in ("1", "true", "yes", "on"))
+GEMV["PDL"] = int(os.environ.get("GLA_GEMV_PDL", "0").lower() in _ON or bool(PDL["fused"]))
 
 
 @triton.jit
@@ -186,7 +185,7 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.T
     part = torch.empty(p["SPLIT"], M, N, dtype=torch.float32, device=x.device) if p["SPLIT"] > 1 else y
     SX = x2.stride(0) if M > 1 else x2.shape[-1]
     ieee = _INTERPRET or x.dtype != w.dtype or x.dtype == torch.float32
-    gdc = bool(GEMV["PDL"]) and _pdl_ok(x.device)
+    gdc = use_pdl(x.device, GEMV["PDL"])
     flags = (bool(swiglu), bool(p["dot"]), ieee, N % p["BN"] == 0, p["KS"] * p["SPLIT"] == K, gdc)
     consts = (SX, N, K, p["KS"], p["BM"], p["BN"], p["BK"], p["SPLIT"], *flags)
     opts = {"num_warps": p["num_warps"], "num_stages": p["num_stages"]}
@@ -198,12 +197,6 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.T
         rkey = (x.device.index, y.dtype, p["SPLIT"], BR, gdc) if aligned(part, y) else None
         _split_sum((cdiv(M * N, BR),), rkey, (part, y, M * N, p["SPLIT"], BR, gdc), num_warps=4, **pdl)
     return y.view(*lead, N)
-
-
-@functools.cache
-def _pdl_ok(device: torch.device) -> bool:
-    """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or newer."""
-    return not _INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import Launcher, aligned, cdiv, next_pow2
+from kernels._launch import PDL, Launcher, aligned, cdiv, next_pow2, use_pdl
 from kernels.triton_fused import log_gate
 
 # State elements per program (4K fp32 = 16 KB read and written) and warps; the benchmark sweeps them.
@@ -30,11 +30,12 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, low
                    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
                    BR: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, PREP: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr, USE_GDC: tl.constexpr = False):
     """q, k, v, gate rows at batch strides sq, sk, sv, sz (head h reads kv head h // G). With PREP
     they are column slices of the fused input projection and the log-gate is computed here from its
     low-rank part (lowrank rows at stride sl, w1 [H/G * K, R], b1) as `gla_prep` would; else g is
-    the log-gate [B, H, K]."""
+    the log-gate [B, H, K]. USE_GDC: launched with PDL (kernels/_launch.py); everything but the weights
+    (w1, b1) is read after the wait, the state included (a graph may run prefill kernels first)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
@@ -43,6 +44,16 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, low
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
+    if PREP:  # the gate's low-rank weights first: they are not written by any kernel
+        o_r = tl.arange(0, BR)
+        m_r = o_r < R
+        b_w = tl.load(w1 + (i_kv * K + o_k)[:, None] * R + o_r[None, :], mask=m_k[:, None] & m_r[None, :],
+                      other=0.).to(tl.float32)
+        if HAS_BIAS:
+            b_b1 = tl.load(b1 + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     slot = tl.load(slots + i_b).to(tl.int64)
     p_h = pool + (slot * H + i_h) * V * K + o_v[:, None] * K + o_k[None, :]
     m_h = m_v[:, None] & m_k[None, :]
@@ -52,14 +63,10 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, low
     b_k = tl.load(k + i_b * sk + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
     b_v = tl.load(v + i_b * sv + i_kv * V + o_v, mask=m_v, other=0.).to(tl.float32)
     if PREP:
-        o_r = tl.arange(0, BR)
-        m_r = o_r < R
         b_l = tl.load(lowrank + i_b * sl + o_r, mask=m_r, other=0.).to(tl.float32)
-        b_w = tl.load(w1 + (i_kv * K + o_k)[:, None] * R + o_r[None, :], mask=m_k[:, None] & m_r[None, :],
-                      other=0.).to(tl.float32)
         b_pre = tl.sum(b_w * b_l[None, :], axis=1)
         if HAS_BIAS:
-            b_pre += tl.load(b1 + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
+            b_pre += b_b1
         b_g = log_gate(b_pre, lowrank.dtype.element_ty, normalizer, clamp_min, HAS_CLAMP)
         b_g = b_g.to(lowrank.dtype.element_ty).to(tl.float32)
     else:
@@ -128,11 +135,13 @@ def _launch_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         lowrank = w1 = b1 = g
         R, sl, normalizer, clamp_min, flags = 1, 0, 1.0, None, (False, False, False)
     ptrs = (q, k, v, g, state_pool, state_slots, o, o_raw, z, weight, counter, lowrank, w1, b1)
+    gdc = use_pdl(v.device, PDL["fused"])
     key = (v.device.index, *(t.dtype for t in ptrs), H, G, K, V, R, BV, nw, has_gate, norm_weight is not None,
-           *flags) if aligned(*ptrs) else None
+           *flags, gdc) if aligned(*ptrs) else None
     _decode((NV, B * H), key, (*ptrs, *strides, sl, scale, norm_eps, float(normalizer), float(clamp_min or 0.),
                                H, G, K, V, R, BK, BV, NV, next_pow2(V), next_pow2(R), has_gate,
-                               norm_weight is not None, *flags), num_warps=nw)
+                               norm_weight is not None, *flags, gdc), num_warps=nw,
+            **({"launch_pdl": True} if gdc else {}))
     return o
 
 

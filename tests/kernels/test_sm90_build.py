@@ -98,3 +98,28 @@ def test_serving_kernels_build_for_sm90(case: str) -> None:
     built = build_for_sm90(CASES[case])
     print(case, [(b["kernel"], b["regs"], b["stack"]) for b in built])  # shown with -s (the GPU plan's host step)
     assert all(b["regs"] <= 255 and b["stack"] <= MAX_STACK_BYTES for b in built), built
+
+
+def _fused_pdl_cases(gdc: bool) -> list[list]:
+    """The decode step's small kernels as their wrappers launch them with kernels._launch.PDL on (off)."""
+    dec = decode_cases("bf16", *SHAPES["gla-1.3B"])[0]
+    dec = [dec[0], dec[1], dec[2], {**dec[3], "USE_GDC": gdc}, {**dec[4], "launch_pdl": gdc}]
+    norm_sig = {"x": "*bf16", "r": "*bf16", "z": "*bf16", "w": "*bf16", "y": "*bf16", "s": "*bf16", "eps": "fp32"}
+    norm = ["kernels.triton_fused", "_rms_norm_kernel", norm_sig,
+            {"D": 2048, "BD": 2048, "HAS_RES": True, "ROUND_SUM": False, "HAS_GATE": False, "HAS_W": True,
+             "USE_GDC": gdc}, {"num_warps": 8, "launch_pdl": gdc}]
+    swiglu = ["kernels.triton_fused", "_swiglu_kernel", {"x": "*bf16", "y": "*bf16"},
+              {"NI": 5632, "BI": 1024, "USE_GDC": gdc}, {"num_warps": 4, "launch_pdl": gdc}]
+    return [dec, norm, swiglu]
+
+
+@pytest.mark.slow
+def test_pdl_variants_wait_for_the_previous_grid() -> None:
+    """With PDL (kernels/_launch.py) each small kernel of the decode step lets the next one launch and
+    waits for the previous grid; without it neither instruction is emitted (so the switch is real)."""
+    on, off = build_for_sm90(_fused_pdl_cases(True)), build_for_sm90(_fused_pdl_cases(False))
+    for b in on:
+        assert all(b["ptx"].values()), b
+        assert b["regs"] <= 255 and b["stack"] == 0, b
+    for b in off:
+        assert not any(b["ptx"].values()), b
