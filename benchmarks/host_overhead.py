@@ -50,20 +50,21 @@ def main() -> None:
     pool = torch.randn(2 * B, H, V, K, device="cuda")
     slots = torch.arange(B, dtype=torch.int32, device="cuda")
     res["decode_call_us"] = per_call_us(lambda: fused_recurrent_gla_decode_triton(q, k, v, g, pool, slots))
-    o = torch.empty_like(v)
-    nw = triton_recurrent.DECODE["num_warps"]
-    BV = min(V, triton_recurrent.DECODE["TILE_ELEMS"] // K)
-    NV = V // BV
-    key = (v.device.index, q.dtype, v.dtype, g.dtype, slots.dtype, H, K, V, BV, nw)
-    kargs = (q, k, v, g, pool, slots, o, o, o, o, o, K**-0.5, 1e-6, H, K, V, K, BV, NV, 16, False, False)
-    res["decode_launch_only_us"] = per_call_us(lambda: triton_recurrent._decode((NV, B * H), key, kargs,
-                                                                                num_warps=nw))
+    # the launch alone, with the arguments the wrapper built on its last call (recorded, then replayed)
+    seen: list[tuple] = []
+    real = triton_recurrent._decode
+    triton_recurrent._decode = lambda grid, key, kargs, **opts: seen.append((grid, key, kargs, opts)) or real(
+        grid, key, kargs, **opts)
+    fused_recurrent_gla_decode_triton(q, k, v, g, pool, slots)
+    triton_recurrent._decode = real
+    grid, key, kargs, opts = seen[-1]
+    res["decode_launch_only_us"] = per_call_us(lambda: real(grid, key, kargs, **opts))
     res["torch_empty_us"] = per_call_us(lambda: torch.empty(B, H, V, dtype=torch.bfloat16, device="cuda"))
     res["raw_stream_us"] = per_call_us(lambda: _launch._current_stream(0))
     res["stream_object_us"] = per_call_us(lambda: torch.cuda.current_stream().cuda_stream)
     res["fast_launch_ok"] = float(_launch.Launcher.fast_ok)
     prefills = {}
-    for T in (2048, 32768):
+    for T in (512, 2048, 32768):
         qq, kk = (torch.randn(T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         vv = torch.randn(T, H, V, device="cuda", dtype=torch.bfloat16)
         gg = (F.logsigmoid(torch.randn(T, H, K, device="cuda")) / 16).to(torch.bfloat16)
@@ -80,8 +81,7 @@ def main() -> None:
             tag = f"int_pointers_{int(on)}_rep{rep}"
             res[f"decode_call_us_{tag}"] = per_call_us(
                 lambda: fused_recurrent_gla_decode_triton(q, k, v, g, pool, slots))
-            res[f"decode_launch_only_us_{tag}"] = per_call_us(
-                lambda: triton_recurrent._decode((NV, B * H), key, kargs, num_warps=nw))
+            res[f"decode_launch_only_us_{tag}"] = per_call_us(lambda: real(grid, key, kargs, **opts))
             for T, fn in prefills.items():
                 res[f"prefill_T{T}_call_us_{tag}"] = per_call_us(fn, n=50)
     _launch.Launcher.int_pointers = False

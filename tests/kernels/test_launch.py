@@ -98,3 +98,61 @@ def test_pointers_as_ints_keeps_everything_but_tensors():
     t = torch.empty(0)
     out = pointers_as_ints((p, t, None, 2, 1.5, False, "s"))
     assert out == (p.data_ptr(), t.data_ptr(), None, 2, 1.5, False, "s")
+
+
+def test_ready_only_after_a_direct_launch_succeeded(direct, monkeypatch):
+    """Callers pass raw addresses only when the next launch under that key is direct and takes ints:
+    int_pointers on, the key compiled, and a direct launch seen to work in this process."""
+    monkeypatch.setattr(Launcher, "direct_seen", False)
+    launch = Launcher(FakeKernel(FakeCompiled()))
+    args = (torch.ones(2), 3)
+    monkeypatch.setattr(Launcher, "int_pointers", True)
+    assert not launch.ready((0, "k"))
+    launch((1,), (0, "k"), args)  # compiles
+    assert not launch.ready((0, "k")) and not launch.ready(None)  # no direct launch yet
+    launch((1,), (0, "k"), args)  # direct
+    assert launch.ready((0, "k")) and not launch.ready((0, "other"))
+    monkeypatch.setattr(Launcher, "int_pointers", False)
+    assert not launch.ready((0, "k"))
+
+
+def test_workspace_parts_are_aligned_and_disjoint():
+    sizes = [1, 300, 0, 4096, 17]
+    owner, parts = _launch.workspace(torch.device("cpu"), sizes)
+    base = owner.data_ptr()
+    assert parts[0] == base
+    for p, n, nxt in zip(parts, sizes, parts[1:] + [base + owner.numel()], strict=True):
+        assert (p - base) % _launch.WORKSPACE_ALIGN == 0 and p + n <= nxt
+    assert owner.numel() <= sum(sizes) + len(sizes) * _launch.WORKSPACE_ALIGN
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,dt", [(100, torch.bfloat16), (9000, torch.bfloat16), (300, torch.float32)],
+                         ids=["short-split", "multi-segment", "fp32"])
+def test_prefill_from_one_workspace_equals_separate_buffers(T: int, dt: torch.dtype, monkeypatch) -> None:
+    """With int_pointers, a prefill whose kernels are compiled passes its scratch buffers as parts of
+    one allocation: the same output and states, bit for bit, as the call that allocated them apart."""
+    import torch.nn.functional as F
+
+    from kernels.triton_chunk import chunk_gla_prefill_triton
+
+    monkeypatch.setattr(Launcher, "int_pointers", True)
+    H, K, V = 4, 256, 512
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(T, H, K, device="cuda", generator=gen).to(dt) for _ in range(2))
+    v = torch.randn(T, H, V, device="cuda", generator=gen).to(dt)
+    g = (F.logsigmoid(torch.randn(T, H, K, device="cuda", generator=gen)) / 16).to(dt)
+    cu = torch.tensor([0, T // 3, T], dtype=torch.int32, device="cuda")
+    slots = torch.tensor([2, 0], dtype=torch.int32, device="cuda")
+    mask = torch.tensor([True, False], device="cuda")
+    pool0 = torch.randn(3, H, V, K, device="cuda", generator=gen)
+    outs = []
+    for _ in range(3):  # 1st compiles, 2nd launches directly (and marks the direct path seen), 3rd: workspace
+        pool = pool0.clone()
+        o = chunk_gla_prefill_triton(q, k, v, g, cu, pool, slots, initial_state_mask=mask)
+        outs.append((o, pool))
+    from kernels.triton_chunk import _output
+
+    assert Launcher.direct_seen and any(_output.ready(key) for key in _output.compiled)
+    for o, pool in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(pool, outs[0][1])

@@ -70,7 +70,7 @@ def decode_cases(dt: str, K: int, V: int, R: int = 16) -> list[list]:
            "sz": "i32", "sl": "i32", "scale": "fp32", "eps": "fp32", "normalizer": "fp32", "clamp_min": "fp32"}
     consts = {"H": 4, "G": 1, "K": K, "V": V, "R": R, "BK": BK, "BV": BV, "NV": _pow2(-(-V // BV)), "BVF": _pow2(V),
               "BR": _pow2(R), "HAS_GATE": True, "HAS_WEIGHT": True, "PREP": True, "HAS_BIAS": False,
-              "HAS_CLAMP": False}
+              "HAS_CLAMP": False, "USE_GDC": False}
     short = triton_recurrent.SHORT
     sbv = min(_pow2(V), max(1, short["TILE_ELEMS"] // BK))
     return [
@@ -103,7 +103,7 @@ def test_serving_kernels_build_for_sm90(case: str) -> None:
 def _fused_pdl_cases(gdc: bool) -> list[list]:
     """The decode step's small kernels as their wrappers launch them with kernels._launch.PDL on (off)."""
     dec = decode_cases("bf16", *SHAPES["gla-1.3B"])[0]
-    dec = [dec[0], dec[1], dec[2], {**dec[3], "USE_GDC": gdc}, {**dec[4], "launch_pdl": gdc}]
+    dec = [*dec[:3], {**dec[3], "USE_GDC": gdc}, {**dec[4], "launch_pdl": gdc}]
     norm_sig = {"x": "*bf16", "r": "*bf16", "z": "*bf16", "w": "*bf16", "y": "*bf16", "s": "*bf16", "eps": "fp32"}
     norm = ["kernels.triton_fused", "_rms_norm_kernel", norm_sig,
             {"D": 2048, "BD": 2048, "HAS_RES": True, "ROUND_SUM": False, "HAS_GATE": False, "HAS_W": True,
