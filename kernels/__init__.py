@@ -28,6 +28,7 @@ from kernels.fused_torch import (
     add_rms_norm_torch,
     gemv_torch,
     gla_prep_torch,
+    norm_gemv_torch,
     rms_norm_gate_torch,
     swiglu_gemv_torch,
     swiglu_torch,
@@ -49,6 +50,7 @@ __all__ = [
     "greedy_logprob",
     "linear",
     "naive_recurrent_gla",
+    "norm_gemv",
     "rms_norm_gate",
     "rms_norm_swish_gate",
     "swiglu",
@@ -308,6 +310,7 @@ _TRITON_SAMPLING = _load_guarded("triton_sampling", {"greedy_logprob": ("greedy_
 _TRITON_GEMV = _load_guarded("triton_gemv", {
     "gemv": ("gemv_triton", gemv_torch),
     "swiglu_gemv": ("swiglu_gemv_triton", swiglu_gemv_torch),
+    "norm_gemv": ("norm_gemv_triton", norm_gemv_torch),
 })
 GEMV_MAX_ROWS = 16  # kernels/triton_gemv.py MAX_ROWS; more rows go to the GEMM
 
@@ -390,6 +393,24 @@ def swiglu_gemv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if h.is_cuda and _TRITON_GEMV is not None and 0 < rows <= GEMV_MAX_ROWS:
         return _TRITON_GEMV["swiglu_gemv"]((rows == 1, h.dtype == torch.float32), h, weight)
     return swiglu_gemv_torch(h, weight)
+
+
+def norm_gemv(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float, round_sum: bool,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`add_rms_norm(x, residual, ...)`'s normed rows @ weight [N, K]^T, their sum in residual.dtype);
+    without a residual, `rms_norm_gate(x, None, norm_weight, eps)` @ weight^T and None.
+
+    On CUDA with at most 16 rows the norm is the GEMV's prologue (kernels/triton_gemv.py): each
+    program recomputes the rows' RMS from x (+ residual), which are a few KB, and the programs of the
+    first output block store the sum, so a decode step loses its two norm kernels per layer.
+    """
+    rows = math.prod(x.shape[:-1])
+    if x.is_cuda and _TRITON_GEMV is not None and 0 < rows <= GEMV_MAX_ROWS:
+        return _TRITON_GEMV["norm_gemv"]((rows == 1, x.dtype == torch.float32, residual is None, round_sum), x,
+                                         residual, norm_weight, eps, round_sum, weight)
+    return norm_gemv_torch(x, residual, norm_weight, eps, round_sum, weight)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

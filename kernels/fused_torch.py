@@ -98,3 +98,15 @@ def gemv_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def swiglu_gemv_torch(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h [..., 2I] = gate | up -> swiglu (rounded to h.dtype) @ weight [N, I]^T: the MLP's SwiGLU + down_proj."""
     return F.linear(swiglu_torch(h), weight)
+
+
+def norm_gemv_torch(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float, round_sum: bool,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pre-norm then a projection: (`add_rms_norm` (or `rms_norm_gate` without a residual) of x,
+    then @ weight [N, K]^T, the sum or None): what `norm_gemv` fuses into one kernel."""
+    if residual is None:
+        return F.linear(rms_norm_gate_torch(x, None, norm_weight, eps), weight), None
+    y, s = add_rms_norm_torch(x, residual, norm_weight, eps, round_sum)
+    return F.linear(y, weight), s

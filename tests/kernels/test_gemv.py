@@ -166,12 +166,14 @@ def test_gemv_at_gla13b_sizes(name: str, M: int, dt: str, pdl: int, config, nan_
 
 
 # ---- compile for an H100/H200 without one: the interpreter never builds the kernel -------------
-def _gemv_case(M: int, N: int, K: int, swiglu: bool, dt: str, gdc: bool) -> list:
+def _gemv_case(M: int, N: int, K: int, swiglu: bool, dt: str, gdc: bool, norm: int = 0) -> list:
     p = triton_gemv.plan(M, N, K)
     consts = {"SX": 2 * K if swiglu else K, "N": N, "K": K, "KS": p["KS"], "BM": p["BM"], "BN": p["BN"],
               "BK": p["BK"], "SPLIT": p["SPLIT"], "SWIGLU": swiglu, "DOT": bool(p["dot"]), "IEEE": dt == "fp32",
-              "EVEN_N": N % p["BN"] == 0, "EVEN_K": p["KS"] * p["SPLIT"] == K, "USE_GDC": gdc}
-    sig = {"x": "*" + dt, "w": "*" + dt, "y": "*" + dt, "part": "*fp32", "M": "i32"}
+              "EVEN_N": N % p["BN"] == 0, "EVEN_K": p["KS"] * p["SPLIT"] == K, "USE_GDC": gdc, "NORM": norm,
+              "HAS_NW": norm > 0}
+    sig = {"x": "*" + dt, "w": "*" + dt, "y": "*" + dt, "part": "*fp32", "r": "*" + dt, "nw": "*" + dt,
+           "s": "*" + dt, "M": "i32", "eps": "fp32"}
     return ["kernels.triton_gemv", "_gemv_kernel", sig, consts,
             {"num_warps": p["num_warps"], "num_stages": p["num_stages"], "launch_pdl": gdc}]
 
@@ -184,9 +186,67 @@ def test_compiles_for_sm90_without_spills() -> None:
              (3, 11264, 2048, False, "bf16", False),
              # programmatic dependent launch (GEMV["PDL"]): the M = 1 path with its prefetched tile
              (1, 6160, 2048, False, "bf16", True), (1, 2048, 5632, True, "bf16", True),
-             (16, 2048, 2048, False, "bf16", True)]
+             (16, 2048, 2048, False, "bf16", True),
+             # the norm prologue (norm_gemv): in_proj after the round_sum add, gate|up after mlp_norm
+             (1, 6160, 2048, False, "bf16", True, 3), (1, 11264, 2048, False, "bf16", True, 2),
+             (1, 6160, 2048, False, "bf16", False, 1), (4, 11264, 2048, False, "bf16", False, 2)]
     results = build_for_sm90([_gemv_case(*c) for c in cases])
     for c, r in zip(cases, results, strict=True):
-        if c[-1]:  # the PDL variant really waits for the previous grid (and lets the next one launch)
+        if c[5]:  # the PDL variant really waits for the previous grid (and lets the next one launch)
             assert all(r["ptx"].values()), (c, r)
     assert all(c["stack"] == 0 and c["regs"] <= 255 for c in results), results  # no spills
+
+
+# ---- the RMSNorm prologue (norm_gemv): the pre-norm of a decode step's in_proj and gate|up ----------
+NORM_MODES = {"rms": (False, False), "add": (True, False), "add-round": (True, True)}
+NORM_SHAPES = [(1, 37, 257), (3, 300, 60), (16, 1, 1000)]
+
+
+def norm_ref(x: torch.Tensor, r: torch.Tensor | None, nw: torch.Tensor | None, eps: float, round_sum: bool,
+             w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float64 norm of the (fp32, or rounded with round_sum) sum, rounded to x's dtype where the kernel
+    rounds it, then the GEMM; and the sum rounded to the residual's dtype."""
+    s = x.double() if r is None else x.double() + r.double()
+    if r is not None:
+        s32 = x.float() + r.float()  # the kernel's fp32 sum (exact for these dtypes)
+        s = round_as_kernel(s32, r.dtype) if round_sum else s32.double()
+    y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    if nw is not None:
+        y = y * nw.double()
+    return round_as_kernel(y, x.dtype) @ w.double().T, (None if r is None else round_as_kernel(s32, r.dtype))
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("mode", list(NORM_MODES))
+@pytest.mark.parametrize("M,N,K", NORM_SHAPES, ids=[_ids(c) for c in NORM_SHAPES])
+def test_norm_gemv(M: int, N: int, K: int, mode: str, dt: str, path: str, split: str, config,  # type: ignore[no-untyped-def]
+                   nan_poison: None) -> None:
+    """Against the norm then the GEMM in float64; the sum (the next residual) exactly as the norm
+    kernel stores it. Every program recomputes the whole rows' RMS, whatever its K range (split)."""
+    config(SMALL_TILES, PATHS[path], SPLITS[split])
+    dtype = DTYPES[dt]
+    has_res, round_sum = NORM_MODES[mode]
+    x = randn(M, K, dtype=dtype, seed=K + M, scale=3.0)
+    r = randn(M, K, dtype=dtype, seed=K + 1) if has_res else None
+    nw = randn(K, dtype=dtype, seed=2, scale=0.5) + 1 if M != 3 else None  # M = 3: no norm weight
+    w = randn(N, K, dtype=dtype, seed=N, scale=0.05)
+    y, s = triton_gemv.norm_gemv_triton(x, r, nw, 1e-6, round_sum, w)
+    ref_y, ref_s = norm_ref(x, r, nw, 1e-6, round_sum, w)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert_close(y, ref_y, BOUND[dt], "y")
+    if has_res:
+        assert s is not None and s.dtype == dtype and torch.equal(s.double(), ref_s)
+    else:
+        assert s is None
+
+
+def test_norm_gemv_public_op_on_the_cpu_is_norm_then_linear() -> None:
+    x, r = randn(2, 3, 40, dtype=torch.float32, seed=8).cpu(), randn(2, 3, 40, dtype=torch.float32, seed=9).cpu()
+    nw, w = randn(40, dtype=torch.float32, seed=10).cpu(), randn(7, 40, dtype=torch.float32, seed=11).cpu()
+    y, s = kernels.norm_gemv(x, r, nw, 1e-5, True, w)
+    n, h = kernels.add_rms_norm(x, r, nw, 1e-5, round_sum=True)
+    assert torch.equal(y, F.linear(n, w)) and torch.equal(s, h)
+    y1, s1 = kernels.norm_gemv(x, None, nw, 1e-5, False, w)
+    assert s1 is None and torch.equal(y1, F.linear(kernels.rms_norm_gate(x, None, nw, 1e-5), w))
