@@ -50,6 +50,9 @@ __all__ = [
     "greedy_logprob",
     "linear",
     "naive_recurrent_gla",
+    "PreNorm",
+    "prenorm_linear",
+    "use_prenorm",
     "norm_gemv",
     "rms_norm_gate",
     "rms_norm_swish_gate",
@@ -320,7 +323,47 @@ GEMV_MAX_ROWS = 16  # kernels/triton_gemv.py MAX_ROWS; more rows go to the GEMM
 GEMV_ROUTE: dict[str, Any] = {
     "enabled": os.environ.get("GLA_TRITON_GEMV", "").lower() in ("1", "true", "yes", "on"),
     "max_rows": GEMV_MAX_ROWS,
+    # with the route on, the pre-norms (attn_norm, mlp_norm) run as the next GEMV's prologue (norm_gemv)
+    "prenorm": os.environ.get("GLA_GEMV_PRENORM", "1").lower() in ("1", "true", "yes", "on"),
 }
+
+
+class PreNorm:
+    """A residual add + RMSNorm not yet applied: the model hands it to the projection that consumes
+    the normed rows (`prenorm_linear`), which fuses the norm into its GEMV when `linear` would take
+    the GEMV route. `sum` is the new residual (x + residual in its dtype; None without a residual)
+    once the norm has run; `materialize()` runs it as the plain norm kernel for other consumers."""
+
+    __slots__ = ("x", "residual", "weight", "eps", "round_sum", "normed", "sum")
+
+    def __init__(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                 round_sum: bool) -> None:
+        self.x, self.residual, self.weight, self.eps, self.round_sum = x, residual, weight, eps, round_sum
+        self.normed: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+
+    def materialize(self) -> torch.Tensor:
+        if self.normed is None:
+            if self.residual is None:
+                self.normed = rms_norm_gate(self.x, None, self.weight, self.eps)
+            else:
+                self.normed, self.sum = add_rms_norm(self.x, self.residual, self.weight, self.eps, self.round_sum)
+        return self.normed
+
+
+def prenorm_linear(pre: PreNorm, weight: torch.Tensor) -> torch.Tensor:
+    """`linear(pre.materialize(), weight)`, with the norm fused into the GEMV (`norm_gemv`) where
+    `linear` would run a GEMV; sets pre.sum either way."""
+    if (pre.normed is None and GEMV_ROUTE["enabled"] and GEMV_ROUTE["prenorm"]
+            and math.prod(pre.x.shape[:-1]) <= GEMV_ROUTE["max_rows"]):
+        y, pre.sum = norm_gemv(pre.x, pre.residual, pre.weight, pre.eps, pre.round_sum, weight)
+        return y
+    return linear(pre.materialize(), weight)
+
+
+def use_prenorm(rows: int) -> bool:
+    """Whether the model should hand its pre-norms to the projections as `PreNorm`s for `rows` rows."""
+    return bool(GEMV_ROUTE["enabled"] and GEMV_ROUTE["prenorm"] and rows <= GEMV_ROUTE["max_rows"])
 
 
 def add_rms_norm(

@@ -81,18 +81,20 @@ class GatedMLP(nn.Module):
         """gate/up weights become halves of one [2I, d] tensor (one GEMM when gradients are off)."""
         self.fused = fuse(self.fused, [self.gate_proj.weight, self.up_proj.weight])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | kernels.PreNorm) -> torch.Tensor:
         # fla's fused swiglu: act(gate) * up in fp32, stored in the input dtype, then down_proj
         f = self.fused
         if f is not None and not torch.is_grad_enabled() and f.valid():  # the GEMM bypasses the params
-            gu = kernels.linear(x, f.weight)
+            gu = kernels.prenorm_linear(x, f.weight) if isinstance(x, kernels.PreNorm) else kernels.linear(x, f.weight)
             if self.act is F.silu:  # swiglu + down_proj (one GEMV kernel at small batches, GEMV_ROUTE)
                 return kernels.swiglu_linear(gu, self.down_proj.weight)
             gate, up = gu.chunk(2, dim=-1)
         else:
+            if isinstance(x, kernels.PreNorm):
+                x = x.materialize()
             gate, up = self.gate_proj(x), self.up_proj(x)
         h = self.act(gate.float()) * up.float()
-        return self.down_proj(h.to(x.dtype))
+        return self.down_proj(h.to(gate.dtype))
 
 
 class ShortConvolution(nn.Module):
@@ -253,13 +255,15 @@ class GatedLinearAttention(nn.Module):
         return self.o_proj(self._gate_norm(o, gate).flatten(-2)).view(B, T, -1)
 
     # ---- serving: packed prefill and one-token decode ----------------------------------------------
-    def _in_proj(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _in_proj(self, x: torch.Tensor | kernels.PreNorm) -> tuple[list[torch.Tensor], torch.Tensor]:
         """([q, k, v, (g), lowrank], q|k|v [M, C]) from one fused GEMM (strided column slices, no copy)
         or from separate GEMMs (then q|k|v is concatenated, and only needed with use_short_conv)."""
         f = self.fused_in
         if f is not None and f.valid():
-            y = kernels.linear(x, f.weight)
+            y = kernels.prenorm_linear(x, f.weight) if isinstance(x, kernels.PreNorm) else kernels.linear(x, f.weight)
             return list(y.split(f.splits, dim=-1)), y[..., : sum(self._conv_splits())]
+        if isinstance(x, kernels.PreNorm):
+            x = x.materialize()
         parts = [F.linear(x, w) for w in self._in_params()]
         return parts, torch.cat(parts[:3], dim=-1) if self.use_short_conv else parts[0]
 
@@ -270,7 +274,7 @@ class GatedLinearAttention(nn.Module):
         return torch.cat([w.detach() for w in self._conv_params()], dim=0)
 
     def _project(
-        self, x: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor] | None
+        self, x: torch.Tensor | kernels.PreNorm, conv: Callable[[torch.Tensor], torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x [M, d] -> kernel-ready q, k, gk [M, H, K], v, gate [M, H, V] (gate None without g_proj).
 
@@ -299,7 +303,7 @@ class GatedLinearAttention(nn.Module):
 
     def prefill(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | kernels.PreNorm,
         cu_seqlens: torch.Tensor,
         cu_seqlens_cpu: list[int],
         recurrent: torch.Tensor,
@@ -339,7 +343,7 @@ class GatedLinearAttention(nn.Module):
         return kernels.linear(self._gate_norm(o, gate).flatten(-2), self.o_proj.weight)
 
     def decode(
-        self, x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor | None, slots: torch.Tensor
+        self, x: torch.Tensor | kernels.PreNorm, recurrent: torch.Tensor, conv: torch.Tensor | None, slots: torch.Tensor
     ) -> torch.Tensor:
         """One token per sequence: x [B, d]; states at `slots` [B] updated in place."""
         conv_fn = None

@@ -63,7 +63,8 @@ class GLAModel(GLAPreTrainedModel):
         return self.norm(h)
 
     def serve_layers(
-        self, h: torch.Tensor, attn: Callable[[int, GatedLinearAttention, torch.Tensor], torch.Tensor]
+        self, h: torch.Tensor,
+        attn: Callable[[int, GatedLinearAttention, torch.Tensor | kernels.PreNorm], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer stack of prefill/decode: embeddings h [M, d] -> (residual, last MLP output).
 
@@ -73,6 +74,19 @@ class GLAModel(GLAPreTrainedModel):
         with the final norm via `final_norm`. `attn(i, layer.attn, x)` runs layer i's attention.
         """
         m: torch.Tensor | None = None
+        if kernels.use_prenorm(h.shape[0]):  # each norm runs inside the GEMV after it (norm_gemv)
+            for i, layer in enumerate(self.layers):
+                n = layer.attn_norm
+                pre = kernels.PreNorm(h if m is None else m, None if m is None else h, n.weight, n.eps, True)
+                a = attn(i, layer.attn, pre)
+                if m is not None:
+                    assert pre.sum is not None, "the attention layer did not consume its PreNorm"
+                    h = pre.sum
+                pre = kernels.PreNorm(a, h, layer.mlp_norm.weight, layer.mlp_norm.eps, False)
+                m = layer.mlp(pre)
+                assert pre.sum is not None, "the MLP did not consume its PreNorm"
+                h = pre.sum
+            return h, m
         for i, layer in enumerate(self.layers):
             n = layer.attn_norm
             if m is None:
@@ -223,7 +237,7 @@ class GLAForCausalLM(GLAPreTrainedModel):
                 raise ValueError("checkpoint states are not supported with use_short_conv (no conv tails at p)")
             positions = torch.tensor(checkpoint_positions, dtype=torch.long).to(dev, non_blocking=True)
 
-        def attn(i: int, layer: GatedLinearAttention, x: torch.Tensor) -> torch.Tensor:
+        def attn(i: int, layer: GatedLinearAttention, x: torch.Tensor | kernels.PreNorm) -> torch.Tensor:
             return layer.prefill(x, cu_seqlens, cu_cpu, pool.recurrent[i], conv[i] if conv is not None else None,
                                  slots, initial_state_mask, conv_meta, positions, states, short)
 
@@ -243,7 +257,7 @@ class GLAForCausalLM(GLAPreTrainedModel):
         """
         conv = pool.conv
 
-        def attn(i: int, layer: GatedLinearAttention, x: torch.Tensor) -> torch.Tensor:
+        def attn(i: int, layer: GatedLinearAttention, x: torch.Tensor | kernels.PreNorm) -> torch.Tensor:
             return layer.decode(x, pool.recurrent[i], conv[i] if conv is not None else None, slots)
 
         h, m = self.model.serve_layers(self.model.embeddings(input_ids), attn)

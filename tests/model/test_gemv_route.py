@@ -56,9 +56,11 @@ def test_switch_on_the_cpu_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> N
     assert_same(run(model, ids), off, 0.0)
 
 
+@pytest.mark.parametrize("prenorm", [True, False], ids=["prenorm", "separate-norms"])
 @pytest.mark.parametrize("variant", ["plain", "gelu-unfused-norm"])
-def test_switch_on_through_the_triton_gemv(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decode and a short prefill with the Triton GEMVs (interpreted on the CPU) == the switch off."""
+def test_switch_on_through_the_triton_gemv(variant: str, prenorm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode and a short prefill with the Triton GEMVs (interpreted on the CPU) == the switch off.
+    prenorm: attn_norm and mlp_norm run as the prologue of the in_proj and gate|up GEMVs (norm_gemv)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors need the Triton interpreter (CUDA: test_switch_on_cuda_graphed_decode)")
     pytest.importorskip("triton")
@@ -76,8 +78,14 @@ def test_switch_on_through_the_triton_gemv(variant: str, monkeypatch: pytest.Mon
             return fn(x, w)
         return call
 
+    def counted_norm(x: torch.Tensor, *args):  # type: ignore[no-untyped-def]
+        calls["norm_gemv", x.numel() // x.shape[-1]] += 1
+        return tg.norm_gemv_triton(x, *args)
+
     monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", True)
+    monkeypatch.setitem(kernels.GEMV_ROUTE, "prenorm", prenorm)
     monkeypatch.setattr(kernels, "gemv", counted("gemv", tg.gemv_triton))
+    monkeypatch.setattr(kernels, "norm_gemv", counted_norm)
     monkeypatch.setattr(kernels, "swiglu_gemv", counted("swiglu_gemv", tg.swiglu_gemv_triton))
     monkeypatch.setitem(tg.GEMV, "SPLIT_K", 2)  # the tiny model's K = 64: also exercise split-K
     monkeypatch.setitem(tg.GEMV, "BLOCK_K", 32)
@@ -85,9 +93,14 @@ def test_switch_on_through_the_triton_gemv(variant: str, monkeypatch: pytest.Mon
     assert_same(run(model, ids), off, TOL)
     layers = model.config.num_hidden_layers
     swiglu_layers = layers if variant == "plain" else 0  # gelu keeps the separate activation + down_proj
-    # per layer and step: input projection, o_proj, gate|up (gemv); down_proj (swiglu_gemv)
-    # steps with <= 16 tokens: the 9-token prefill, 3 decodes of 2, 1 decode of 1
-    assert calls["gemv", 9] == 3 * layers and calls["gemv", 2] == 3 * 3 * layers and calls["gemv", 1] == 3 * layers
+    # per layer and step: input projection, o_proj, gate|up (gemv, or norm_gemv for the first and
+    # last with prenorm); down_proj (swiglu_gemv). Steps with <= 16 tokens: the 9-token prefill,
+    # 3 decodes of 2, 1 decode of 1
+    per, normed = (1, 2) if prenorm else (3, 0)
+    assert calls["gemv", 9] == per * layers and calls["gemv", 2] == 3 * per * layers
+    assert calls["gemv", 1] == per * layers
+    assert calls["norm_gemv", 9] == normed * layers and calls["norm_gemv", 2] == 3 * normed * layers
+    assert calls["norm_gemv", 1] == normed * layers
     assert calls["swiglu_gemv", 2] == 3 * swiglu_layers and calls["swiglu_gemv", 1] == swiglu_layers
     assert not any(rows > 16 for _, rows in calls)
 
