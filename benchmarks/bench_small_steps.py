@@ -55,14 +55,16 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
     decoders = {}
     from kernels import _launch, triton_gemv
 
-    saved = (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"])
+    saved = (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"],
+             kernels.GEMV_ROUTE["prenorm"])
     for var in variants:
         kernels.DECODE_PROJ["enabled"] = var["decode_proj"]
         kernels.GEMV_ROUTE["enabled"] = bool(var.get("gemv", saved[0]))
         triton_gemv.GEMV["PDL"] = int(var.get("gemv_pdl", saved[1]))
         _launch.PDL["fused"] = int(var.get("pdl", saved[2]))
-        name = f"proj{int(var['decode_proj'])}" + "".join(f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl")
-                                                          if k in var)
+        kernels.GEMV_ROUTE["prenorm"] = bool(var.get("prenorm", saved[3]))
+        name = f"proj{int(var['decode_proj'])}" + "".join(
+            f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm") if k in var)
         try:
             decoders[name] = GraphedDecoder(model, pool, pool.num_slots - 1, max_batch=1, buckets=[1])
             with torch.no_grad():
@@ -83,7 +85,8 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
               f"{' '.join(f'{x:.3f}' for x in row['graph_ms_rounds'])}), eager {prof['kernels_per_call']:.0f} "
               f"kernels {prof['gpu_us_per_call']:.0f} us GPU", flush=True)
     kernels.DECODE_PROJ["enabled"] = True
-    kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"] = saved
+    (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"],
+     kernels.GEMV_ROUTE["prenorm"]) = saved
 
 
 def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict) -> None:
@@ -163,7 +166,7 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, nargs="+", default=[1, 32, 64])
     ap.add_argument("--decode-only", action="store_true", help="skip the resumed-turn prefill part")
     ap.add_argument("--pdl", action="store_true",
-                    help="decode variants: GEMV route x programmatic dependent launch (instead of the prep fusion)")
+                    help="decode variants: GEMV route x programmatic dependent launch x norm_gemv prologue")
     args = ap.parse_args()
     from model import state_bytes_per_sequence
 
@@ -187,8 +190,9 @@ def main() -> None:
     }, "decode_b1": {}, "resume_prefill": {}}
     print(f"copy {bw:.0f} GB/s; B=1 floor {res['meta']['floor_b1_ms']:.3f} ms", flush=True)
     if args.pdl:  # issue 8: programmatic dependent launch, with cuBLAS GEMMs and with the Triton GEMVs
-        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": gp, "pdl": f}
-                    for g, gp, f in ((0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 1, 0), (1, 1, 1))]
+        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": gp, "pdl": f, "prenorm": n}
+                    for g, gp, f, n in ((0, 0, 0, 0), (0, 0, 1, 0), (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 0),
+                                        (1, 1, 1, 0), (1, 1, 1, 1))]
     else:
         variants = [{"decode_proj": p} for p in (False, True)]
     decode_variants(model, pool, variants, res)
