@@ -56,18 +56,11 @@ class Launcher:
     """
 
     fast_ok = not _INTERPRET
-    direct_seen = False  # a direct launch has succeeded in this process (the calling convention fits)
     int_pointers = os.environ.get("GLA_LAUNCH_INT_POINTERS") == "1"
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
         self.compiled: dict[tuple, Any] = {}
-
-    def ready(self, key: tuple | None) -> bool:
-        """Whether a launch under `key` takes the direct path with every tensor passed as its address,
-        so a caller may pass plain addresses (e.g. into one workspace) instead of tensors."""
-        return (Launcher.int_pointers and Launcher.fast_ok and Launcher.direct_seen and key is not None
-                and key in self.compiled)
 
     def __call__(self, grid: tuple[int, ...], key: tuple | None, args: tuple, **opts: int) -> None:
         kernel = self.compiled.get(key) if key is not None else None
@@ -77,7 +70,6 @@ class Launcher:
             try:
                 kernel.run(g[0], g[1], g[2], _current_stream(key[0]), kernel.function,
                            kernel.packed_metadata, None, None, None, *run_args)
-                Launcher.direct_seen = True
                 return
             except (TypeError, AttributeError, ValueError):
                 Launcher.fast_ok = False  # another Triton calling convention: launch normally below
@@ -100,25 +92,6 @@ def pdl_ok(device: torch.device) -> bool:
 def use_pdl(device: torch.device, switch: int) -> bool:
     """Whether a kernel behind `switch` (a PDL entry or GEMV["PDL"]) launches with PDL on this device."""
     return bool(switch) and pdl_ok(device)
-
-
-WORKSPACE_ALIGN = 256  # bytes: every part of a workspace starts at a multiple (Triton assumes 16)
-
-
-def workspace(device: torch.device, nbytes: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """One uint8 allocation for several scratch buffers: (the tensor that owns it, each part's address).
-
-    Allocating a tensor costs a few microseconds of host time each (the chunked prefill needs up to
-    six scratch buffers per call); one allocation and integer offsets cost one. The owner must stay
-    alive until the kernels that use the parts are queued (the caching allocator then reuses the
-    memory in stream order, as for any temporary)."""
-    offsets, total = [], 0
-    for n in nbytes:
-        offsets.append(total)
-        total += -(-n // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
-    owner = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
-    base = owner.data_ptr()
-    return owner, [base + o for o in offsets]
 
 
 def pointers_as_ints(args: tuple) -> tuple:

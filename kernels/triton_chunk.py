@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import Launcher, aligned, cdiv, next_pow2, workspace
+from kernels._launch import Launcher, aligned, cdiv, next_pow2
 
 BT = 64  # chunk length
 BC = 16  # diagonal sub-block length
@@ -412,48 +412,31 @@ def chunk_gla_prefill_triton(
     # few chunks: one program per key block too, summing A with fp32 atomics (short prompts, where
     # chunks x heads alone would leave most SMs idle)
     split = BK > bkc and n_chunks * H <= prep["SPLIT_MAX_PROGRAMS"]
+    A = torch.zeros(T, H, BT, dtype=torch.float32, device=dev) if split else torch.empty(T, H, BT, dtype=dt,
+                                                                                          device=dev)
+    qg = torch.empty(T, H, K, dtype=dt, device=dev)
+    kd = torch.empty(T, H, K, dtype=dt, device=dev)
+    gl = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
+    o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     ok = aligned(q, k, v, g, cu_seqlens, state_pool, state_slots, h0_mask)
     # everything but the sizes that are runtime arguments selects the compiled code
     key = (dev.index, dt, v.dtype, g.dtype, H, K, V, BV, multi, has_mask, cu_seqlens.dtype,
            state_slots.dtype, h0_mask.dtype, cfg["num_warps"], cfg["num_stages"]) if ok else None
-    bkd = prep["BKD"]
-    prec_a = "ieee" if dt == torch.float32 else A_PRECISION["half"]
-    pkey = key + (bkc, bkd, prep["num_warps"], split, prec_a) if key else None
-    okey = key + (split,) if key else None
-    n_segs = T // seg + N
-    o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
-    if (checkpoint_positions is None and _prep.ready(pkey) and _output.ready(okey)
-            and (not multi or (_state.ready(key) and _scan.ready(key)))):
-        # every launch below passes addresses: the scratch buffers are parts of one allocation
-        esz, f32 = q.element_size(), 4
-        sizes = [T * H * BT * (f32 if split else esz), T * H * K * esz, T * H * K * esz, n_chunks * H * K * f32]
-        if multi:
-            sizes += [n_segs * H * V * K * f32, n_segs * H * K * f32]
-        ws, parts = workspace(dev, sizes)
-        if split:  # the split prep sums A with atomics
-            ws[: sizes[0]].zero_()
-        A, qg, kd, gl = parts[:4]
-    else:
-        ws = None
-        A = torch.zeros(T, H, BT, dtype=torch.float32, device=dev) if split else torch.empty(T, H, BT, dtype=dt,
-                                                                                              device=dev)
-        qg = torch.empty(T, H, K, dtype=dt, device=dev)
-        kd = torch.empty(T, H, K, dtype=dt, device=dev)
-        gl = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    bkd = prep["BKD"]
     # fp32 inputs get exact fp32 dots: someone serving in fp32 asked for fp32 accuracy (TF32 put the
     # logits of a prefill + decode hand-off 7e-4 from fla's fp32 model; IEEE dots: 1e-6)
     prec = "ieee" if dt == torch.float32 else "tf32"
     grid = (n_chunks, H, cdiv(K, bkc)) if split else (n_chunks, H)
-    _prep(grid, pkey, (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec_a, split),
+    prec_a = prec if dt == torch.float32 else A_PRECISION["half"]
+    _prep(grid, key + (bkc, bkd, prep["num_warps"], split, prec_a) if key else None,
+          (q, k, g, A, qg, kd, gl, cu_seqlens, N, scale, H, K, bkc, BT, BC, bkd, prec_a, split),
           num_warps=prep["num_warps"])
+    n_segs = T // seg + N
     W = Wd = state_pool
-    if multi and ws is not None:
-        W, Wd = parts[4:6]
-    elif multi:
+    if multi:
         W = torch.empty(n_segs, H, V, K, dtype=torch.float32, device=dev)
         Wd = torch.empty(n_segs, H, K, dtype=torch.float32, device=dev)
-    if multi:
         _state((NV, H, n_segs), key, (k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, W,
                                       cu_seqlens, cu_seqlens, N, seg, H, K, V, BK, BV, BT, False,
                                       has_mask, prec), **opts)
@@ -468,7 +451,8 @@ def chunk_gla_prefill_triton(
             _state_kernel[(NV, H, M)](k, v, g, kd, gl, state_pool, state_slots, h0_mask, W, Wd, states,
                                       checkpoint_positions, cu_seqlens, N, seg, H=H, K=K, V=V, BK=BK,
                                       BV=BV, BT=BT, IS_CKPT=True, HAS_MASK=has_mask, PREC=prec, **opts)
-    # A's dtype (fp32 when split, else the input dtype) is part of the compiled _output code (okey)
+    # A's dtype (fp32 when split, else the input dtype) is part of the compiled _output code
+    okey = key + (split,) if key else None
     _output((NV, H, n_segs), okey, (qg, kd, v, gl, A, o, state_pool, state_slots, h0_mask, W, cu_seqlens, N,
                                    seg, scale, H, K, V, BK, BV, BT, multi, has_mask, prec), **opts)
     return o if states is None else (o, states)
