@@ -83,6 +83,15 @@ if has pdl; then  # issue 8: programmatic dependent launch (kernels/_launch.py P
   timeout 200 python3 benchmarks/bench_small_steps.py --decode-only --pdl --max-seqs 1 --out "$OUT/small-steps-pdl.json" \
     2>&1 | grep -v -i warn | tail -8
 fi
+if has defaults; then  # issue 8: the single-row GEMV route + norm prologue + PDL as defaults, against all off
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_gemv_route.py \
+    tests/model/test_fused.py tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py \
+    tests/kernels/test_gemv.py -k "not gla13b or pdl" 2>&1 | tail -3
+  for v in on off on; do
+    env $([[ $v == off ]] && echo GLA_TRITON_GEMV=0 GLA_PDL=0) timeout 150 python3 benchmarks/e2e.py --quick --no-fla \
+      --batches 1 16 --new-tokens 32 --out "$OUT/e2e-defaults-$v.json" 2>&1 | grep -E "^decode" | sed "s/^/$v: /"
+  done
+fi
 if has kernels13; then  # issue 3: our prefill at the 1.3B layer shape against fla in the same process
   timeout 300 python3 benchmarks/bench_kernels.py --quick --parts prefill --shapes gla-1.3B \
     --out "$OUT/kernels-prefill-1.3B.json" 2>&1 | grep -v -i warn | tail -14

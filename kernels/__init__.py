@@ -6,7 +6,7 @@ Importing this package never needs Triton or a GPU. Besides the recurrence, the 
 cut a serving layer to ~9 kernels live here too: add_rms_norm, rms_norm_gate, swiglu and gla_prep
 (kernels/triton_fused.py on CUDA, kernels/fused_torch.py elsewhere), and the small-batch GEMVs gemv and
 swiglu_gemv (kernels/triton_gemv.py), which the model reaches through `linear` / `swiglu_linear` only
-when GEMV_ROUTE["enabled"] (env GLA_TRITON_GEMV=1; off until measured on a GPU). The sampler's
+for single-row steps (GEMV_ROUTE: batch-1 decode; env GLA_TRITON_GEMV=0 turns it off). The sampler's
 all-greedy batches use greedy_logprob (kernels/triton_sampling.py): argmax and its logprob in one pass.
 """
 
@@ -318,11 +318,14 @@ _TRITON_GEMV = _load_guarded("triton_gemv", {
 GEMV_MAX_ROWS = 16  # kernels/triton_gemv.py MAX_ROWS; more rows go to the GEMM
 
 # Whether the model's serving GEMMs (fused input projection, o_proj, gate|up, and SwiGLU + down_proj)
-# run as Triton GEMVs when they have at most max_rows rows. Off by default: not yet timed on a GPU
-# (benchmarks/bench_gemv.py). Set it before a CUDA graph is captured: graphs keep what they captured.
+# run as Triton GEMVs when they have at most max_rows rows. On for 1 row (env GLA_TRITON_GEMV=0 turns
+# it off, GLA_GEMV_MAX_ROWS widens it): on an H200 the batch-1 decode graph took 1.324 ms with the
+# GEMVs, their norm prologue and PDL against 1.374 ms with cuBLAS; at 4-16 rows the GEMV's dot path
+# lost to cuBLAS (down_proj 33 vs 13 us, benchmarks/results/gemv-h200.json). Set it before a CUDA
+# graph is captured: graphs keep what they captured.
 GEMV_ROUTE: dict[str, Any] = {
-    "enabled": os.environ.get("GLA_TRITON_GEMV", "").lower() in ("1", "true", "yes", "on"),
-    "max_rows": GEMV_MAX_ROWS,
+    "enabled": os.environ.get("GLA_TRITON_GEMV", "1").lower() in ("1", "true", "yes", "on"),
+    "max_rows": min(GEMV_MAX_ROWS, int(os.environ.get("GLA_GEMV_MAX_ROWS", "1"))),
     # with the route on, the pre-norms (attn_norm, mlp_norm) run as the next GEMV's prologue (norm_gemv)
     "prenorm": os.environ.get("GLA_GEMV_PRENORM", "1").lower() in ("1", "true", "yes", "on"),
 }

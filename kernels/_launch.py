@@ -19,16 +19,19 @@ import torch
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ON = ("1", "true", "yes", "on")
 
-# Programmatic dependent launch (PDL) for the serving kernels (env GLA_PDL=1; off until measured).
+# Programmatic dependent launch (PDL) for the serving kernels (env GLA_PDL=0 turns it off).
 # A kernel launched with it may start while the kernel before it in the stream still runs: it calls
 # griddepcontrol.launch_dependents first (so the kernel after it may launch too), reads only weights,
 # then griddepcontrol.wait (the previous grid has finished and its writes are visible) before it reads
 # anything an earlier kernel wrote. Since every PDL kernel waits before it ends, a kernel that passed
-# its wait sees every kernel before it finished. Inside a CUDA graph of a batch-1 decode step, where
-# each of ~220 small kernels pays a launch gap and a ramp, the gaps overlap the previous kernel's tail.
+# its wait sees every kernel before it finished. Used up to "max_rows" rows (sequences, tokens):
+# on an H200 the batch-1 decode graph went 1.469 -> 1.366 ms with it on the GEMVs, norms and decode
+# kernel (1.324 with the norm_gemv prologue), but 1.374 -> 1.398 ms with cuBLAS GEMMs between our
+# kernels (benchmarks/results/small-steps-pdl-h200-run13.json), so it follows the GEMV route's rows.
 # "fused": the norm, SwiGLU and decode kernels; the GEMVs have their own switch (triton_gemv.GEMV["PDL"],
-# env GLA_GEMV_PDL=1, also on with GLA_PDL=1).
-PDL: dict[str, int] = {"fused": int(os.environ.get("GLA_PDL", "0").lower() in _ON)}
+# env GLA_GEMV_PDL, on with "fused" by default).
+PDL: dict[str, int] = {"fused": int(os.environ.get("GLA_PDL", "1").lower() in _ON),
+                       "max_rows": int(os.environ.get("GLA_PDL_MAX_ROWS", "1"))}
 
 
 def _stream_getter() -> Any:
@@ -89,9 +92,10 @@ def pdl_ok(device: torch.device) -> bool:
     return not _INTERPRET and _pdl_device_ok(device.type, device.index)
 
 
-def use_pdl(device: torch.device, switch: int) -> bool:
-    """Whether a kernel behind `switch` (a PDL entry or GEMV["PDL"]) launches with PDL on this device."""
-    return bool(switch) and pdl_ok(device)
+def use_pdl(device: torch.device, switch: int, rows: int) -> bool:
+    """Whether a kernel behind `switch` (a PDL entry or GEMV["PDL"]) over `rows` rows launches with PDL
+    on this device."""
+    return bool(switch) and rows <= PDL["max_rows"] and pdl_ok(device)
 
 
 def pointers_as_ints(args: tuple) -> tuple:

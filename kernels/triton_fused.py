@@ -133,10 +133,10 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, gate: torch
     z = _rows(gate) if gate is not None else x
     w = weight if weight is not None else x
     BD = next_pow2(D)
-    gdc = use_pdl(x.device, PDL["fused"])
+    rows = x.numel() // D
+    gdc = use_pdl(x.device, PDL["fused"], rows)
     flags = (residual is not None, round_sum, gate is not None, weight is not None, gdc)
     key = (x.device.index, x.dtype, r.dtype, z.dtype, w.dtype, D, *flags) if aligned(x, r, z, w, y, s) else None
-    rows = x.numel() // D
     if rows:
         _norm((rows,), key, (x, r, z, w, y, s, eps, D, BD, *flags), num_warps=_warps(BD), **_pdl(gdc))
     return y, s
@@ -161,7 +161,7 @@ def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(*x.shape[:-1], NI, dtype=x.dtype, device=x.device)
     rows = x.numel() // (2 * NI)
     BI = min(1024, next_pow2(NI))
-    gdc = use_pdl(x.device, PDL["fused"])
+    gdc = use_pdl(x.device, PDL["fused"], rows)
     key = (x.device.index, x.dtype, NI, BI, gdc) if aligned(x, y) else None
     if rows:
         _swiglu((rows, cdiv(NI, BI)), key, (x, y, NI, BI, gdc), num_warps=4, **_pdl(gdc))

@@ -50,7 +50,7 @@ GEMV: dict[str, int] = {
 # the next kernel launch, and only then waits for the previous grid (griddepcontrol.wait) before it
 # reads x. Inside a CUDA graph of back-to-back GEMVs the launch gap and the previous kernel's tail
 # overlap weight streaming. Off until measured (`benchmarks/bench_pdl_chain.py`).
-GEMV["PDL"] = int(os.environ.get("GLA_GEMV_PDL", "0").lower() in _ON or bool(PDL["fused"]))
+GEMV["PDL"] = int(os.environ.get("GLA_GEMV_PDL", "1" if PDL["fused"] else "0").lower() in _ON)
 
 
 @triton.jit
@@ -264,7 +264,7 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, swiglu: bool,
     part = torch.empty(p["SPLIT"], M, N, dtype=torch.float32, device=x.device) if p["SPLIT"] > 1 else y
     SX = x2.stride(0) if M > 1 else x2.shape[-1]
     ieee = _INTERPRET or x.dtype != w.dtype or x.dtype == torch.float32
-    gdc = use_pdl(x.device, GEMV["PDL"])
+    gdc = use_pdl(x.device, GEMV["PDL"], M)
     flags = (bool(swiglu), bool(p["dot"]), ieee, N % p["BN"] == 0, p["KS"] * p["SPLIT"] == K, gdc, mode,
              nw is not None)
     consts = (SX, N, K, p["KS"], p["BM"], p["BN"], p["BK"], p["SPLIT"], *flags)

@@ -135,7 +135,7 @@ def _launch_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         lowrank = w1 = b1 = g
         R, sl, normalizer, clamp_min, flags = 1, 0, 1.0, None, (False, False, False)
     ptrs = (q, k, v, g, state_pool, state_slots, o, o_raw, z, weight, counter, lowrank, w1, b1)
-    gdc = use_pdl(v.device, PDL["fused"])
+    gdc = use_pdl(v.device, PDL["fused"], B)
     key = (v.device.index, *(t.dtype for t in ptrs), H, G, K, V, R, BV, nw, has_gate, norm_weight is not None,
            *flags, gdc) if aligned(*ptrs) else None
     _decode((NV, B * H), key, (*ptrs, *strides, sl, scale, norm_eps, float(normalizer), float(clamp_min or 0.),

@@ -12,8 +12,9 @@ Serving (`prefill`/`decode`) is bound by kernel launches at small batches, so af
 gate/up as another (model/fusion.py keeps the checkpoint's parameters as views of the fused
 weights), the split + log-gate + GQA repeat is one kernel (`kernels.gla_prep`), and the norms,
 SwiGLU and output gate are fused kernels too. Unfused layers run the same code from separate GEMMs.
-With `kernels.GEMV_ROUTE["enabled"]` (off by default) those GEMMs, o_proj and SwiGLU + down_proj run
-as Triton GEMVs when at most 16 tokens pass (`kernels.linear` / `kernels.swiglu_linear`).
+With `kernels.GEMV_ROUTE` (on for one row: batch-1 decode) those GEMMs, o_proj and SwiGLU + down_proj
+run as Triton GEMVs (`kernels.linear` / `kernels.swiglu_linear`), and the pre-norms arrive as
+`kernels.PreNorm`s that the next GEMV applies as its prologue (`kernels.prenorm_linear`).
 """
 
 from __future__ import annotations

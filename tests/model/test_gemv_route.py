@@ -42,15 +42,26 @@ def assert_same(a: tuple[list[torch.Tensor], StatePool], b: tuple[list[torch.Ten
         assert rel(x, y) <= tol, name
 
 
-def test_the_switch_is_off_by_default() -> None:
-    if os.environ.get("GLA_TRITON_GEMV"):
-        pytest.skip("GLA_TRITON_GEMV is set in this environment")
-    assert kernels.GEMV_ROUTE["enabled"] is False
+def test_the_route_defaults_to_single_rows() -> None:
+    """On by default for one row (batch-1 decode, where it measured faster), with the norm prologue."""
+    if any(os.environ.get(v) for v in ("GLA_TRITON_GEMV", "GLA_GEMV_MAX_ROWS", "GLA_GEMV_PRENORM")):
+        pytest.skip("the route is configured in this environment")
+    assert kernels.GEMV_ROUTE["enabled"] is True and kernels.GEMV_ROUTE["max_rows"] == 1
+    assert kernels.GEMV_ROUTE["prenorm"] is True
+    assert kernels.use_prenorm(1) and not kernels.use_prenorm(2)
+
+
+@pytest.fixture(autouse=True)
+def sixteen_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests route every step of at most 16 rows (the default is batch-1 decode only)."""
+    if request.node.name != "test_the_route_defaults_to_single_rows":
+        monkeypatch.setitem(kernels.GEMV_ROUTE, "max_rows", 16)
 
 
 def test_switch_on_the_cpu_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model().fuse_for_inference()
     ids = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", False)
     off = run(model, ids)
     monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", True)
     assert_same(run(model, ids), off, 0.0)
@@ -69,6 +80,7 @@ def test_switch_on_through_the_triton_gemv(variant: str, prenorm: bool, monkeypa
     overrides = {"gelu-unfused-norm": {"hidden_act": "gelu", "fuse_norm": False}}.get(variant, {})
     model = tiny_model(**overrides).fuse_for_inference()
     ids = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", False)
     off = run(model, ids)
     calls: Counter[tuple[str, int]] = Counter()
 
@@ -121,6 +133,7 @@ def test_switch_on_cuda_graphed_decode(monkeypatch: pytest.MonkeyPatch) -> None:
         b.copy_(a)
     ids = torch.tensor([11, 7, 3], device="cuda")
     slots = torch.tensor([2, 0, 1], dtype=torch.int32, device="cuda")
+    monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", False)
     refs = [model.decode(ids + step, ref_pool, slots) for step in range(3)]
     monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", True)
     dec = GraphedDecoder(model, pool, scratch_slot=3, max_batch=4, buckets=[1, 2, 4])
@@ -150,6 +163,8 @@ def test_pdl_graphed_decode_is_bit_identical(route: bool, monkeypatch: pytest.Mo
     monkeypatch.setitem(kernels.GEMV_ROUTE, "enabled", route)
     ids = torch.randint(0, 1000, (64,), device="cuda")
     slots = torch.tensor([2, 0, 1], dtype=torch.int32, device="cuda")
+
+    monkeypatch.setitem(_launch.PDL, "max_rows", 16)  # PDL at these 3-sequence steps too
 
     def steps(pdl: int, graphed: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
         monkeypatch.setitem(_launch.PDL, "fused", pdl)
