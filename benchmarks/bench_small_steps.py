@@ -56,15 +56,16 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
     from kernels import _launch, triton_gemv
 
     saved = (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"],
-             kernels.GEMV_ROUTE["prenorm"])
+             kernels.GEMV_ROUTE["prenorm"], triton_gemv.GEMV["LAST_SUMS"])
     for var in variants:
         kernels.DECODE_PROJ["enabled"] = var["decode_proj"]
         kernels.GEMV_ROUTE["enabled"] = bool(var.get("gemv", saved[0]))
         triton_gemv.GEMV["PDL"] = int(var.get("gemv_pdl", saved[1]))
         _launch.PDL["fused"] = int(var.get("pdl", saved[2]))
         kernels.GEMV_ROUTE["prenorm"] = bool(var.get("prenorm", saved[3]))
+        triton_gemv.GEMV["LAST_SUMS"] = int(var.get("last_sums", saved[4]))
         name = f"proj{int(var['decode_proj'])}" + "".join(
-            f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm") if k in var)
+            f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm", "last_sums") if k in var)
         try:
             decoders[name] = GraphedDecoder(model, pool, pool.num_slots - 1, max_batch=1, buckets=[1])
             with torch.no_grad():
@@ -86,7 +87,7 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
               f"kernels {prof['gpu_us_per_call']:.0f} us GPU", flush=True)
     kernels.DECODE_PROJ["enabled"] = True
     (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"],
-     kernels.GEMV_ROUTE["prenorm"]) = saved
+     kernels.GEMV_ROUTE["prenorm"], triton_gemv.GEMV["LAST_SUMS"]) = saved
 
 
 def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict) -> None:
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--resume-tokens", type=int, default=17, help="new tokens of the resumed turn (16 + pending)")
     ap.add_argument("--max-seqs", type=int, nargs="+", default=[1, 32, 64])
     ap.add_argument("--decode-only", action="store_true", help="skip the resumed-turn prefill part")
+    ap.add_argument("--last-sums", action="store_true",
+                    help="decode variants: cuBLAS, and the defaults with and without GEMV['LAST_SUMS']")
     ap.add_argument("--pdl", action="store_true",
                     help="decode variants: GEMV route x programmatic dependent launch x norm_gemv prologue")
     args = ap.parse_args()
@@ -183,16 +186,19 @@ def main() -> None:
                                  text=True).stdout.strip(),
         "command": f"python benchmarks/bench_small_steps.py --resume-tokens {args.resume_tokens} --max-seqs "
                    + " ".join(map(str, args.max_seqs)) + (" --decode-only" if args.decode_only else "")
-                   + (" --pdl" if args.pdl else ""),
+                   + (" --pdl" if args.pdl else "") + (" --last-sums" if args.last_sums else ""),
         "copy_gbps": bw, "streamed_weight_bytes": weight_bytes,
         "state_bytes": state_bytes_per_sequence(cfg),
         "floor_b1_ms": (weight_bytes + 2 * state_bytes_per_sequence(cfg)) / (bw * 1e9) * 1e3,
     }, "decode_b1": {}, "resume_prefill": {}}
     print(f"copy {bw:.0f} GB/s; B=1 floor {res['meta']['floor_b1_ms']:.3f} ms", flush=True)
     if args.pdl:  # issue 8: programmatic dependent launch, with cuBLAS GEMMs and with the Triton GEMVs
-        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": gp, "pdl": f, "prenorm": n}
-                    for g, gp, f, n in ((0, 0, 0, 0), (0, 0, 1, 0), (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 0),
-                                        (1, 1, 1, 0), (1, 1, 1, 1))]
+        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": gp, "pdl": f, "prenorm": n, "last_sums": ls}
+                    for g, gp, f, n, ls in ((0, 0, 0, 0, 0), (0, 0, 1, 0, 0), (1, 0, 0, 0, 0), (1, 0, 0, 1, 0),
+                                            (1, 1, 0, 0, 0), (1, 1, 1, 0, 0), (1, 1, 1, 1, 0), (1, 1, 1, 1, 1))]
+    elif args.last_sums:  # cuBLAS; the defaults with the split-K sum kernel; the defaults (last program sums)
+        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": g, "pdl": g, "prenorm": g, "last_sums": ls}
+                    for g, ls in ((0, 0), (1, 0), (1, 1))]
     else:
         variants = [{"decode_proj": p} for p in (False, True)]
     decode_variants(model, pool, variants, res)

@@ -83,6 +83,12 @@ if has pdl; then  # issue 8: programmatic dependent launch (kernels/_launch.py P
   timeout 200 python3 benchmarks/bench_small_steps.py --decode-only --pdl --max-seqs 1 --out "$OUT/small-steps-pdl.json" \
     2>&1 | grep -v -i warn | tail -8
 fi
+if has lastsums; then  # issue 8: split-K partials summed by the last program (GEMV["LAST_SUMS"]) vs a second kernel
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py \
+    -k "gla13b and (o_proj or down) and not M16" 2>&1 | tail -2
+  timeout 150 python3 benchmarks/bench_small_steps.py --decode-only --last-sums --max-seqs 1 \
+    --out "$OUT/small-steps-lastsums.json" 2>&1 | grep -v -i warn | tail -4
+fi
 if has defaults; then  # issue 8: the single-row GEMV route + norm prologue + PDL as defaults, against all off
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_gemv_route.py \
     tests/model/test_fused.py tests/model/test_graphed_prefill.py tests/server/test_gpu_serving.py \

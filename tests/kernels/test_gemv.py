@@ -34,7 +34,9 @@ PATHS = {
     "fma": {"DOT_MIN_M": triton_gemv.MAX_ROWS + 1},  # FMA for every M
     "dot": {"DOT_MIN_M": 1},  # tl.dot for every M, M = 1 included
 }
-SPLITS = {"nosplit": {"SPLIT_K": 1}, "split3": {"SPLIT_K": 3}}
+# split3: the last program of each row block sums the partials (LAST_SUMS); split3-sumkernel: a
+# second kernel does
+SPLITS = {"nosplit": {"SPLIT_K": 1}, "split3": {"SPLIT_K": 3}, "split3-sumkernel": {"SPLIT_K": 3, "LAST_SUMS": 0}}
 
 # (M, N, K): M in {1, 3, 16}, N in {1, 37, 300}, K in {60, 257, 1000}; every value at least twice.
 SHAPES = [(1, 1, 60), (1, 37, 257), (1, 300, 1000), (3, 37, 1000), (3, 300, 60), (16, 1, 257), (16, 300, 257)]
@@ -171,9 +173,9 @@ def _gemv_case(M: int, N: int, K: int, swiglu: bool, dt: str, gdc: bool, norm: i
     consts = {"SX": 2 * K if swiglu else K, "N": N, "K": K, "KS": p["KS"], "BM": p["BM"], "BN": p["BN"],
               "BK": p["BK"], "SPLIT": p["SPLIT"], "SWIGLU": swiglu, "DOT": bool(p["dot"]), "IEEE": dt == "fp32",
               "EVEN_N": N % p["BN"] == 0, "EVEN_K": p["KS"] * p["SPLIT"] == K, "USE_GDC": gdc, "NORM": norm,
-              "HAS_NW": norm > 0}
+              "HAS_NW": norm > 0, "LAST_SUMS": p["SPLIT"] > 1}
     sig = {"x": "*" + dt, "w": "*" + dt, "y": "*" + dt, "part": "*fp32", "r": "*" + dt, "nw": "*" + dt,
-           "s": "*" + dt, "M": "i32", "eps": "fp32"}
+           "s": "*" + dt, "cnt": "*i32", "M": "i32", "eps": "fp32"}
     return ["kernels.triton_gemv", "_gemv_kernel", sig, consts,
             {"num_warps": p["num_warps"], "num_stages": p["num_stages"], "launch_pdl": gdc}]
 
@@ -250,3 +252,15 @@ def test_norm_gemv_public_op_on_the_cpu_is_norm_then_linear() -> None:
     assert torch.equal(y, F.linear(n, w)) and torch.equal(s, h)
     y1, s1 = kernels.norm_gemv(x, None, nw, 1e-5, False, w)
     assert s1 is None and torch.equal(y1, F.linear(kernels.rms_norm_gate(x, None, nw, 1e-5), w))
+
+
+def test_last_sums_leave_their_counters_at_zero(config, nan_poison: None) -> None:  # type: ignore[no-untyped-def]
+    """The split-K ticket counters are back at zero after each launch, so the next launch (the next
+    layer's projection of the same shape) counts from zero; repeated calls give the same bits."""
+    config(SMALL_TILES, SPLITS["split3"])
+    x, w = randn(1, 257, dtype=torch.float32, seed=12), randn(300, 257, dtype=torch.float32, seed=13, scale=0.05)
+    ys = [gemv_triton(x, w) for _ in range(3)]
+    assert all(torch.equal(y, ys[0]) for y in ys)
+    (cnt,) = [c for (dev, n, k), c in triton_gemv._COUNTERS.items() if (n, k) == (300, 257)]
+    assert int(cnt.abs().sum()) == 0
+    assert_close(ys[0], x.double() @ w.double().T, BOUND["f32"], "y")
