@@ -43,11 +43,13 @@ GEMV: dict[str, int] = {
     "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1,
     "DOT_MIN_M": 2, "DOT_BLOCK_N": 32, "DOT_BLOCK_K": 256, "DOT_num_warps": 4, "DOT_num_stages": 3,
     "SPLIT_K": 0, "TARGET_PROGRAMS": 264, "MAX_SPLIT": 8, "REDUCE_BLOCK": 1024,
-    "PDL": 0, "LAST_SUMS": 1,
+    "PDL": 0, "LAST_SUMS": 0,
 }
-# LAST_SUMS = 1: split-K partials are summed by the last program of each row block (a ticket counter)
-# instead of a second kernel; 48 kernels fewer in a batch-1 decode step (env GLA_GEMV_LAST_SUMS=0: off).
-GEMV["LAST_SUMS"] = int(os.environ.get("GLA_GEMV_LAST_SUMS", "1").lower() in _ON)
+# LAST_SUMS = 1 (env GLA_GEMV_LAST_SUMS=1): split-K partials are summed by the last program of each row
+# block (a ticket counter) instead of a second kernel: 48 kernels fewer in a batch-1 decode step
+# (172 -> 124), but the H200 graph did not get faster (1.331 -> 1.338 ms, small-steps-lastsums-h200-
+# run13.json): with PDL the sum kernels already overlap. Off: the plain second kernel is simpler.
+GEMV["LAST_SUMS"] = int(os.environ.get("GLA_GEMV_LAST_SUMS", "0").lower() in _ON)
 # PDL = 1: launch with programmatic dependent launch (Hopper and newer; env GLA_GEMV_PDL=1). A GEMV's
 # weights do not depend on the kernel before it, so each program loads its first weight tile, lets
 # the next kernel launch, and only then waits for the previous grid (griddepcontrol.wait) before it

@@ -34,9 +34,10 @@ PATHS = {
     "fma": {"DOT_MIN_M": triton_gemv.MAX_ROWS + 1},  # FMA for every M
     "dot": {"DOT_MIN_M": 1},  # tl.dot for every M, M = 1 included
 }
-# split3: the last program of each row block sums the partials (LAST_SUMS); split3-sumkernel: a
-# second kernel does
-SPLITS = {"nosplit": {"SPLIT_K": 1}, "split3": {"SPLIT_K": 3}, "split3-sumkernel": {"SPLIT_K": 3, "LAST_SUMS": 0}}
+# split3: a second kernel sums the partials (the default); split3-lastsums: the last program of each
+# row block does (GEMV["LAST_SUMS"])
+SPLITS = {"nosplit": {"SPLIT_K": 1}, "split3": {"SPLIT_K": 3, "LAST_SUMS": 0},
+          "split3-lastsums": {"SPLIT_K": 3, "LAST_SUMS": 1}}
 
 # (M, N, K): M in {1, 3, 16}, N in {1, 37, 300}, K in {60, 257, 1000}; every value at least twice.
 SHAPES = [(1, 1, 60), (1, 37, 257), (1, 300, 1000), (3, 37, 1000), (3, 300, 60), (16, 1, 257), (16, 300, 257)]
@@ -257,7 +258,7 @@ def test_norm_gemv_public_op_on_the_cpu_is_norm_then_linear() -> None:
 def test_last_sums_leave_their_counters_at_zero(config, nan_poison: None) -> None:  # type: ignore[no-untyped-def]
     """The split-K ticket counters are back at zero after each launch, so the next launch (the next
     layer's projection of the same shape) counts from zero; repeated calls give the same bits."""
-    config(SMALL_TILES, SPLITS["split3"])
+    config(SMALL_TILES, SPLITS["split3-lastsums"])
     x, w = randn(1, 257, dtype=torch.float32, seed=12), randn(300, 257, dtype=torch.float32, seed=13, scale=0.05)
     ys = [gemv_triton(x, w) for _ in range(3)]
     assert all(torch.equal(y, ys[0]) for y in ys)
