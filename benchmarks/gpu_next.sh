@@ -1,27 +1,20 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=redisharness           the Redis tier's resumed turn: e2e_server.py measured ~50 ms where
-#                                trace_resume.py (same server settings but max_num_seqs) measured 27-33 ms;
-#                                each harness at the other's max_num_seqs; e2e_server now prints the server's
-#                                own Redis read time, trace_resume Redis' slowlog and a GIL watchdog (issue 5)
+#   STEPS=gputests,smallsteps    GPU tests after the twelfth session's new batch-1 defaults (GEMV route,
+#                                norm_gemv prologue, PDL; already checked by STEPS=defaults) and the B=1 variants
+#   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
+#                                copy bandwidth and are what is left of batch-1 decode (issue 8)
 #   STEPS=redisprobe             the read alone (GET vs GETRANGE pieces), e2e_server with whole-chunk GETs,
-#                                and trace_resume against a Redis pre-filled with 3 GiB (issue 5)
-#   STEPS=host                   host time per kernel call with Launcher.int_pointers off/on (tensors passed
-#                                as addresses skip Triton's per-pointer cuPointerGetAttribute), and the kernel
-#                                GPU tests with it on (they also cover the new fp32 prefill tiles, chosen from
-#                                ptxas spill counts); if it pays, make it the default (issue 3: prefill <= 50 us)
-#   STEPS=pdl                    batch-1 GEMV chain with programmatic dependent launch vs cuBLAS, then the
-#                                whole B=1 decode step with GLA_TRITON_GEMV / GLA_GEMV_PDL (issue 8)
+#                                and trace_resume against a Redis pre-filled with 3 GiB (issue 5); the twelfth
+#                                session's STEPS=redisharness showed Redis' own GETRANGE time varying 3x by run
 #   STEPS=redisprof              the same turn with the server's threads sampled
 #   STEPS=ssepair                SSEResponse vs Starlette's task group, resumed turn at 32K, 3 alternating pairs
 #   STEPS=resumeprefill          the short kernel's tile and a resumed turn's graph rows (bench_resume_prefill.py)
 #   STATE_BENCH=0 HTTP_CLIENTS=raw STEPS=http64,resume   64 HTTP streams, resumed turn per tier (raw client)
-#   STATE_BENCH=0 STEPS=trace    the resumed turn's timeline
-#   STEPS=smallsteps,gputests    B=1 decode variants and a resumed turn's prefill graph; GPU tests
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
-#   (STEPS=kernels13 ran in the tenth session: prefill at the 1.3B shape, unchanged by the score-dot change)
+#   (ran in the twelfth session: pdl, host, defaults, redisharness, profmodel, e2e, lastsums)
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
 # start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
