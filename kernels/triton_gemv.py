@@ -247,9 +247,22 @@ def _counters(device: torch.device, N: int, K: int, blocks: int) -> torch.Tensor
 _split_sum = Launcher(_split_sum_kernel)
 
 
+# Per weight shape (N, K) overrides of GEMV at M = 1, e.g. {(2048, 2048): {"BLOCK_N": 8}}. Empty: not
+# yet measured in a whole decode step. The third session's sweep (gemv-h200.json, each kernel alone)
+# had o_proj [2048, 2048] at 5.48 us with BLOCK_N 8 against 6.96 us, and gate|up [11264, 2048] at
+# 14.58 us on the dot path (DOT_MIN_M 1) against 16.33 us; `bench_small_steps.py --shape-tiles`
+# times the step with those (SUGGESTED_SHAPE_TILES) against without.
+SHAPE_TILES: dict[tuple[int, int], dict[str, int]] = {}
+SUGGESTED_SHAPE_TILES: dict[tuple[int, int], dict[str, int]] = {(2048, 2048): {"BLOCK_N": 8},
+                                                               (11264, 2048): {"DOT_MIN_M": 1}}
+
+
 def plan(M: int, N: int, K: int) -> dict[str, int]:
-    """The launch settings for an [M, K] x [N, K]^T product under the current GEMV config."""
+    """The launch settings for an [M, K] x [N, K]^T product under the current GEMV config (and the
+    shape's SHAPE_TILES entry at M = 1)."""
     c = GEMV
+    if M == 1 and (N, K) in SHAPE_TILES:
+        c = {**GEMV, **SHAPE_TILES[N, K]}
     dot = M >= c["DOT_MIN_M"]
     BN = max(16, c["DOT_BLOCK_N"]) if dot else c["BLOCK_N"]
     BK = c["DOT_BLOCK_K"] if dot else c["BLOCK_K"]

@@ -265,3 +265,31 @@ def test_last_sums_leave_their_counters_at_zero(config, nan_poison: None) -> Non
     (cnt,) = [c for (dev, n, k), c in triton_gemv._COUNTERS.items() if (n, k) == (300, 257)]
     assert int(cnt.abs().sum()) == 0
     assert_close(ys[0], x.double() @ w.double().T, BOUND["f32"], "y")
+
+
+def test_shape_tiles_apply_to_their_shape_at_one_row(monkeypatch: pytest.MonkeyPatch, nan_poison: None) -> None:
+    """SHAPE_TILES overrides the config for one weight shape at M = 1 only; results are unchanged
+    (the suggested kinds of override: a narrower row block, the dot path at one row)."""
+    tiles = {(37, 257): {"BLOCK_N": 8, "BLOCK_K": 64}, (300, 60): {"DOT_MIN_M": 1, "DOT_BLOCK_K": 32}}
+    monkeypatch.setattr(triton_gemv, "SHAPE_TILES", tiles)
+    assert triton_gemv.plan(1, 37, 257)["BN"] == 8 and triton_gemv.plan(2, 37, 257)["BN"] != 8
+    assert triton_gemv.plan(1, 300, 60)["dot"] == 1 and triton_gemv.plan(1, 301, 60)["dot"] == 0
+    assert set(triton_gemv.SUGGESTED_SHAPE_TILES) == {(2048, 2048), (11264, 2048)}
+    for N, K in tiles:
+        x, r = randn(1, K, dtype=torch.float32, seed=K), randn(1, K, dtype=torch.float32, seed=K + 1)
+        w = randn(N, K, dtype=torch.float32, seed=N, scale=0.05)
+        assert_close(gemv_triton(x, w), x.double() @ w.double().T, BOUND["f32"], "y")
+        y, s = triton_gemv.norm_gemv_triton(x, r, None, 1e-6, False, w)
+        ref_y, ref_s = norm_ref(x, r, None, 1e-6, False, w)
+        assert_close(y, ref_y, BOUND["f32"], "normed y")
+        assert s is not None and torch.equal(s.double(), ref_s)
+
+
+def test_suggested_shape_tiles_compile_for_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-shape tiles the next GPU session times (o_proj with 8-row blocks, gate|up on the dot
+    path at one row with the norm prologue) build for sm_90 without spills."""
+    monkeypatch.setattr(triton_gemv, "SHAPE_TILES", triton_gemv.SUGGESTED_SHAPE_TILES)
+    cases = [(1, 2048, 2048, False, "bf16", True), (1, 11264, 2048, False, "bf16", True, 2)]
+    built = build_for_sm90([_gemv_case(*c) for c in cases])
+    assert triton_gemv.plan(1, 11264, 2048)["dot"] == 1 and triton_gemv.plan(1, 2048, 2048)["BN"] == 8
+    assert all(b["stack"] == 0 and b["regs"] <= 255 and all(b["ptx"].values()) for b in built), built
