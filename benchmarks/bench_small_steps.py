@@ -56,7 +56,8 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
     from kernels import _launch, triton_gemv
 
     saved = (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"],
-             kernels.GEMV_ROUTE["prenorm"], triton_gemv.GEMV["LAST_SUMS"], dict(triton_gemv.SHAPE_TILES))
+             kernels.GEMV_ROUTE["prenorm"], triton_gemv.GEMV["LAST_SUMS"], dict(triton_gemv.SHAPE_TILES),
+             triton_gemv.GEMV["L2_PREFETCH"])
     for var in variants:
         kernels.DECODE_PROJ["enabled"] = var["decode_proj"]
         kernels.GEMV_ROUTE["enabled"] = bool(var.get("gemv", saved[0]))
@@ -66,9 +67,10 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
         triton_gemv.GEMV["LAST_SUMS"] = int(var.get("last_sums", saved[4]))
         triton_gemv.SHAPE_TILES.clear()
         triton_gemv.SHAPE_TILES.update(triton_gemv.SUGGESTED_SHAPE_TILES if var.get("shape_tiles") else saved[5])
+        triton_gemv.GEMV["L2_PREFETCH"] = int(var.get("l2_prefetch", saved[6]))
         name = f"proj{int(var['decode_proj'])}" + "".join(
-            f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm", "last_sums", "shape_tiles")
-            if k in var)
+            f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm", "last_sums", "shape_tiles",
+                                           "l2_prefetch") if k in var)
         try:
             decoders[name] = GraphedDecoder(model, pool, pool.num_slots - 1, max_batch=1, buckets=[1])
             with torch.no_grad():
@@ -93,6 +95,7 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
      kernels.GEMV_ROUTE["prenorm"], triton_gemv.GEMV["LAST_SUMS"]) = saved[:5]
     triton_gemv.SHAPE_TILES.clear()
     triton_gemv.SHAPE_TILES.update(saved[5])
+    triton_gemv.GEMV["L2_PREFETCH"] = saved[6]
 
 
 def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict) -> None:
@@ -171,8 +174,9 @@ def main() -> None:
     ap.add_argument("--resume-tokens", type=int, default=17, help="new tokens of the resumed turn (16 + pending)")
     ap.add_argument("--max-seqs", type=int, nargs="+", default=[1, 32, 64])
     ap.add_argument("--decode-only", action="store_true", help="skip the resumed-turn prefill part")
-    ap.add_argument("--shape-tiles", action="store_true",
-                    help="decode variants: cuBLAS, the defaults, the defaults with per-shape GEMV tiles")
+    ap.add_argument("--gemv-options", action="store_true",
+                    help="decode variants: cuBLAS, the defaults, and the defaults with per-shape GEMV tiles "
+                         "and/or the GEMVs' L2 prefetch")
     ap.add_argument("--last-sums", action="store_true",
                     help="decode variants: cuBLAS, and the defaults with and without GEMV['LAST_SUMS']")
     ap.add_argument("--pdl", action="store_true",
@@ -194,7 +198,7 @@ def main() -> None:
         "command": f"python benchmarks/bench_small_steps.py --resume-tokens {args.resume_tokens} --max-seqs "
                    + " ".join(map(str, args.max_seqs)) + (" --decode-only" if args.decode_only else "")
                    + (" --pdl" if args.pdl else "") + (" --last-sums" if args.last_sums else "")
-                   + (" --shape-tiles" if args.shape_tiles else ""),
+                   + (" --gemv-options" if args.gemv_options else ""),
         "copy_gbps": bw, "streamed_weight_bytes": weight_bytes,
         "state_bytes": state_bytes_per_sequence(cfg),
         "floor_b1_ms": (weight_bytes + 2 * state_bytes_per_sequence(cfg)) / (bw * 1e9) * 1e3,
@@ -204,9 +208,9 @@ def main() -> None:
         variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": gp, "pdl": f, "prenorm": n, "last_sums": ls}
                     for g, gp, f, n, ls in ((0, 0, 0, 0, 0), (0, 0, 1, 0, 0), (1, 0, 0, 0, 0), (1, 0, 0, 1, 0),
                                             (1, 1, 0, 0, 0), (1, 1, 1, 0, 0), (1, 1, 1, 1, 0), (1, 1, 1, 1, 1))]
-    elif args.shape_tiles:  # cuBLAS; the defaults; the defaults with triton_gemv.SUGGESTED_SHAPE_TILES
-        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": g, "pdl": g, "prenorm": g, "shape_tiles": t}
-                    for g, t in ((0, 0), (1, 0), (1, 1))]
+    elif args.gemv_options:  # cuBLAS; the defaults; with SUGGESTED_SHAPE_TILES, GEMV["L2_PREFETCH"], both
+        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": g, "pdl": g, "prenorm": g, "shape_tiles": t,
+                     "l2_prefetch": pf} for g, t, pf in ((0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 0, 1), (1, 1, 1))]
     elif args.last_sums:  # cuBLAS; the defaults with the split-K sum kernel; the defaults (last program sums)
         variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": g, "pdl": g, "prenorm": g, "last_sums": ls}
                     for g, ls in ((0, 0), (1, 0), (1, 1))]

@@ -43,8 +43,13 @@ GEMV: dict[str, int] = {
     "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1,
     "DOT_MIN_M": 2, "DOT_BLOCK_N": 32, "DOT_BLOCK_K": 256, "DOT_num_warps": 4, "DOT_num_stages": 3,
     "SPLIT_K": 0, "TARGET_PROGRAMS": 264, "MAX_SPLIT": 8, "REDUCE_BLOCK": 1024,
-    "PDL": 0, "LAST_SUMS": 0,
+    "PDL": 0, "LAST_SUMS": 0, "L2_PREFETCH": 0,
 }
+# L2_PREFETCH = 1 (env GLA_GEMV_L2_PREFETCH=1; only with PDL): each program prefetches its whole weight
+# slice into L2 (prefetch.global.L2::evict_last) before it waits for the previous grid. PDL alone
+# overlapped one 16 KB tile per program and gained little; at batch 1 the GEMVs read their weights at
+# ~52% of copy bandwidth, the rest being each kernel's ramp and tail. Off until measured on a GPU.
+GEMV["L2_PREFETCH"] = int(os.environ.get("GLA_GEMV_L2_PREFETCH", "0").lower() in _ON)
 # LAST_SUMS = 1 (env GLA_GEMV_LAST_SUMS=1): split-K partials are summed by the last program of each row
 # block (a ticket counter) instead of a second kernel: 48 kernels fewer in a batch-1 decode step
 # (172 -> 124), but the H200 graph did not get faster (1.331 -> 1.338 ms, small-steps-lastsums-h200-
@@ -118,6 +123,24 @@ def _x_tile(x, r, nw, s, rstd, write_s, o_m, m_m, o_k, m_k, SX: tl.constexpr, K:
 
 
 @triton.jit
+def _prefetch_l2(p):
+    """Ask the L2 for the 128-byte lines at addresses p, kept with evict_last; nothing waits for them."""
+    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [p],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_slice(w, o_n, N: tl.constexpr, K: tl.constexpr, k0, KS: tl.constexpr, BK: tl.constexpr,
+                    LINE: tl.constexpr):
+    """Prefetch into L2 the program's whole weight slice: rows o_n, columns [k0, k0 + KS), one address
+    per 128-byte line (LINE elements), clamped inside the weight."""
+    p_r = w + tl.minimum(o_n, N - 1).to(tl.int64)[:, None] * K
+    for kk in range(0, KS, BK):
+        o_l = tl.minimum(k0 + kk + tl.arange(0, BK // LINE) * LINE, K - 1)
+        _prefetch_l2(p_r + o_l[None, :])
+
+
+@triton.jit
 def _load_w(p_w, o_k, m_n, m_k, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     if EVEN_N and EVEN_K:
         b_w = tl.load(p_w + o_k[None, :], eviction_policy="evict_first")
@@ -131,12 +154,14 @@ def _gemv_kernel(x, w, y, part, r, nw, s, cnt, M, eps, SX: tl.constexpr, N: tl.c
                  KS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                  SWIGLU: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
                  EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr,
-                 LAST_SUMS: tl.constexpr):
+                 LAST_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr):
     """NORM (the norm prologue; 0 off): 1 RMSNorm(x), 2 RMSNorm(x + r) from the fp32 sum, 3 the sum
     rounded to r's dtype first; times nw with HAS_NW. With NORM >= 2 the programs of the first row
     block store the sum into s over their K range.
     LAST_SUMS (split-K): the last program of each row block to finish (a ticket from cnt[i_n]) sums
-    the SPLIT partials in a fixed order and stores y, then resets its counter; no second kernel."""
+    the SPLIT partials in a fixed order and stores y, then resets its counter; no second kernel.
+    L2_PREFETCH (with USE_GDC): before waiting for the previous grid, the program asks the L2 for its
+    whole weight slice, so the weights stream while the kernels before it finish."""
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -145,6 +170,8 @@ def _gemv_kernel(x, w, y, part, r, nw, s, cnt, M, eps, SX: tl.constexpr, N: tl.c
     p_w = w + o_n.to(tl.int64)[:, None] * K
     write_s = i_n == 0
     k0 = 0
+    if USE_GDC and L2_PREFETCH:
+        _prefetch_slice(w, o_n, N, K, i_s * KS, KS, BK, LINE)
     if DOT or BM > 1:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         if USE_GDC:
@@ -250,7 +277,7 @@ _split_sum = Launcher(_split_sum_kernel)
 # Per weight shape (N, K) overrides of GEMV at M = 1, e.g. {(2048, 2048): {"BLOCK_N": 8}}. Empty: not
 # yet measured in a whole decode step. The third session's sweep (gemv-h200.json, each kernel alone)
 # had o_proj [2048, 2048] at 5.48 us with BLOCK_N 8 against 6.96 us, and gate|up [11264, 2048] at
-# 14.58 us on the dot path (DOT_MIN_M 1) against 16.33 us; `bench_small_steps.py --shape-tiles`
+# 14.58 us on the dot path (DOT_MIN_M 1) against 16.33 us; `bench_small_steps.py --gemv-options`
 # times the step with those (SUGGESTED_SHAPE_TILES) against without.
 SHAPE_TILES: dict[tuple[int, int], dict[str, int]] = {}
 SUGGESTED_SHAPE_TILES: dict[tuple[int, int], dict[str, int]] = {(2048, 2048): {"BLOCK_N": 8},
@@ -313,7 +340,7 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, swiglu: bool,
     ieee = _INTERPRET or x.dtype != w.dtype or x.dtype == torch.float32
     gdc = use_pdl(x.device, GEMV["PDL"], M)
     flags = (bool(swiglu), bool(p["dot"]), ieee, N % p["BN"] == 0, p["KS"] * p["SPLIT"] == K, gdc, mode,
-             nw is not None, last_sums)
+             nw is not None, last_sums, bool(GEMV["L2_PREFETCH"]) and gdc, 128 // w.element_size())
     consts = (SX, N, K, p["KS"], p["BM"], p["BN"], p["BK"], p["SPLIT"], *flags)
     opts = {"num_warps": p["num_warps"], "num_stages": p["num_stages"]}
     pdl = {"launch_pdl": True} if gdc else {}

@@ -18,7 +18,13 @@ import pytest
 
 # A case: [module, kernel name, {arg: type} for runtime args, {arg: value} for constexprs, compile options].
 Case = list[Any]
-PTX_MARKERS = ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
+PTX_MARKERS = ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "prefetch.global.L2")
+GDC_MARKERS = PTX_MARKERS[:2]  # programmatic dependent launch
+
+
+def has_gdc(built: dict[str, Any]) -> bool:
+    """Both PDL instructions are in the kernel's PTX."""
+    return all(built["ptx"][m] for m in GDC_MARKERS)
 
 _BUILD = r"""
 import importlib, json, os, re, subprocess, sys, tempfile

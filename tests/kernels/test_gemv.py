@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gla_testutils import assert_close
-from sm90 import build_for_sm90
+from sm90 import build_for_sm90, has_gdc
 
 import kernels
 from kernels.fused_torch import gemv_torch, swiglu_gemv_torch
@@ -169,12 +169,13 @@ def test_gemv_at_gla13b_sizes(name: str, M: int, dt: str, pdl: int, config, nan_
 
 
 # ---- compile for an H100/H200 without one: the interpreter never builds the kernel -------------
-def _gemv_case(M: int, N: int, K: int, swiglu: bool, dt: str, gdc: bool, norm: int = 0) -> list:
+def _gemv_case(M: int, N: int, K: int, swiglu: bool, dt: str, gdc: bool, norm: int = 0, l2: bool = False) -> list:
     p = triton_gemv.plan(M, N, K)
     consts = {"SX": 2 * K if swiglu else K, "N": N, "K": K, "KS": p["KS"], "BM": p["BM"], "BN": p["BN"],
               "BK": p["BK"], "SPLIT": p["SPLIT"], "SWIGLU": swiglu, "DOT": bool(p["dot"]), "IEEE": dt == "fp32",
               "EVEN_N": N % p["BN"] == 0, "EVEN_K": p["KS"] * p["SPLIT"] == K, "USE_GDC": gdc, "NORM": norm,
-              "HAS_NW": norm > 0, "LAST_SUMS": p["SPLIT"] > 1}
+              "HAS_NW": norm > 0, "LAST_SUMS": p["SPLIT"] > 1, "L2_PREFETCH": l2,
+              "LINE": 32 if dt == "fp32" else 64}
     sig = {"x": "*" + dt, "w": "*" + dt, "y": "*" + dt, "part": "*fp32", "r": "*" + dt, "nw": "*" + dt,
            "s": "*" + dt, "cnt": "*i32", "M": "i32", "eps": "fp32"}
     return ["kernels.triton_gemv", "_gemv_kernel", sig, consts,
@@ -196,7 +197,7 @@ def test_compiles_for_sm90_without_spills() -> None:
     results = build_for_sm90([_gemv_case(*c) for c in cases])
     for c, r in zip(cases, results, strict=True):
         if c[5]:  # the PDL variant really waits for the previous grid (and lets the next one launch)
-            assert all(r["ptx"].values()), (c, r)
+            assert has_gdc(r), (c, r)
     assert all(c["stack"] == 0 and c["regs"] <= 255 for c in results), results  # no spills
 
 
@@ -292,4 +293,15 @@ def test_suggested_shape_tiles_compile_for_sm90(monkeypatch: pytest.MonkeyPatch)
     cases = [(1, 2048, 2048, False, "bf16", True), (1, 11264, 2048, False, "bf16", True, 2)]
     built = build_for_sm90([_gemv_case(*c) for c in cases])
     assert triton_gemv.plan(1, 11264, 2048)["dot"] == 1 and triton_gemv.plan(1, 2048, 2048)["BN"] == 8
-    assert all(b["stack"] == 0 and b["regs"] <= 255 and all(b["ptx"].values()) for b in built), built
+    assert all(b["stack"] == 0 and b["regs"] <= 255 and has_gdc(b) for b in built), built
+
+
+def test_l2_prefetch_variant_compiles_and_prefetches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GEMV["L2_PREFETCH"] (with PDL): the PTX holds the L2 prefetches and the PDL instructions, and the
+    build does not spill; without the switch there is no prefetch."""
+    cases = [(1, 6160, 2048, False, "bf16", True, 3, True), (1, 2048, 5632, True, "bf16", True, 0, True),
+             (4, 11264, 2048, False, "bf16", True, 2, True), (1, 6160, 2048, False, "bf16", True, 3, False)]
+    built = build_for_sm90([_gemv_case(*c) for c in cases])
+    for c, b in zip(cases, built, strict=True):
+        assert b["ptx"]["prefetch.global.L2"] == c[-1] and has_gdc(b), (c, b)
+        assert b["stack"] == 0 and b["regs"] <= 255, (c, b)
