@@ -53,11 +53,11 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
     tok = torch.randint(0, model.config.vocab_size, (1,), device="cuda")
     slots = torch.zeros(1, dtype=torch.int32, device="cuda")
     decoders = {}
-    from kernels import _launch, triton_gemv
+    from kernels import _launch, triton_gemv, triton_recurrent
 
     saved = (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"],
              kernels.GEMV_ROUTE["prenorm"], triton_gemv.GEMV["LAST_SUMS"], dict(triton_gemv.SHAPE_TILES),
-             triton_gemv.GEMV["L2_PREFETCH"])
+             triton_gemv.GEMV["L2_PREFETCH"], triton_recurrent.DECODE["L2_PREFETCH"])
     for var in variants:
         kernels.DECODE_PROJ["enabled"] = var["decode_proj"]
         kernels.GEMV_ROUTE["enabled"] = bool(var.get("gemv", saved[0]))
@@ -68,9 +68,10 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
         triton_gemv.SHAPE_TILES.clear()
         triton_gemv.SHAPE_TILES.update(triton_gemv.SUGGESTED_SHAPE_TILES if var.get("shape_tiles") else saved[5])
         triton_gemv.GEMV["L2_PREFETCH"] = int(var.get("l2_prefetch", saved[6]))
+        triton_recurrent.DECODE["L2_PREFETCH"] = int(var.get("decode_l2", saved[7]))
         name = f"proj{int(var['decode_proj'])}" + "".join(
             f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm", "last_sums", "shape_tiles",
-                                           "l2_prefetch") if k in var)
+                                           "l2_prefetch", "decode_l2") if k in var)
         try:
             decoders[name] = GraphedDecoder(model, pool, pool.num_slots - 1, max_batch=1, buckets=[1])
             with torch.no_grad():
@@ -96,6 +97,7 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
     triton_gemv.SHAPE_TILES.clear()
     triton_gemv.SHAPE_TILES.update(saved[5])
     triton_gemv.GEMV["L2_PREFETCH"] = saved[6]
+    triton_recurrent.DECODE["L2_PREFETCH"] = saved[7]
 
 
 def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict) -> None:
@@ -208,9 +210,11 @@ def main() -> None:
         variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": gp, "pdl": f, "prenorm": n, "last_sums": ls}
                     for g, gp, f, n, ls in ((0, 0, 0, 0, 0), (0, 0, 1, 0, 0), (1, 0, 0, 0, 0), (1, 0, 0, 1, 0),
                                             (1, 1, 0, 0, 0), (1, 1, 1, 0, 0), (1, 1, 1, 1, 0), (1, 1, 1, 1, 1))]
-    elif args.gemv_options:  # cuBLAS; the defaults; with SUGGESTED_SHAPE_TILES, GEMV["L2_PREFETCH"], both
+    elif args.gemv_options:  # cuBLAS; the defaults; + SUGGESTED_SHAPE_TILES / GEMV or DECODE L2_PREFETCH / all
         variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": g, "pdl": g, "prenorm": g, "shape_tiles": t,
-                     "l2_prefetch": pf} for g, t, pf in ((0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 0, 1), (1, 1, 1))]
+                     "l2_prefetch": pf, "decode_l2": dl}
+                    for g, t, pf, dl in ((0, 0, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0), (1, 0, 1, 0), (1, 0, 0, 1),
+                                         (1, 1, 1, 1))]
     elif args.last_sums:  # cuBLAS; the defaults with the split-K sum kernel; the defaults (last program sums)
         variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": g, "pdl": g, "prenorm": g, "last_sums": ls}
                     for g, ls in ((0, 0), (1, 0), (1, 1))]

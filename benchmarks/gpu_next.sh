@@ -4,7 +4,8 @@
 #   STEPS=gputests,smallsteps    GPU tests after the twelfth session's new batch-1 defaults (GEMV route,
 #                                norm_gemv prologue, PDL; already checked by STEPS=defaults) and the B=1 variants
 #   STEPS=gemvopts               the B=1 step with per-shape GEMV tiles from the third session's sweep and with
-#                                the GEMVs prefetching their weights into L2 before the PDL wait (issue 8)
+#                                the GEMVs (and the decode kernel its state) prefetching into L2 before the PDL
+#                                wait (issue 8)
 #   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
 #                                copy bandwidth and are what is left of batch-1 decode (issue 8)
 #   STEPS=redisprobe             the read alone (GET vs GETRANGE pieces), e2e_server with whole-chunk GETs,
@@ -79,8 +80,9 @@ if has pdl; then  # issue 8: programmatic dependent launch (kernels/_launch.py P
     2>&1 | grep -v -i warn | tail -8
 fi
 if has gemvopts; then  # issue 8: per-shape GEMV tiles (SUGGESTED_SHAPE_TILES) and the L2 prefetch in the B=1 step
-  GLA_GEMV_L2_PREFETCH=1 timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
-    tests/kernels/test_gemv.py tests/model/test_gemv_route.py -k "shape_tiles or (gla13b and M1) or graphed" 2>&1 | tail -2
+  GLA_GEMV_L2_PREFETCH=1 GLA_DECODE_L2_PREFETCH=1 timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+    tests/kernels/test_gemv.py tests/model/test_gemv_route.py tests/kernels/test_triton.py \
+    -k "shape_tiles or (gla13b and M1) or graphed or (decode and B1)" 2>&1 | tail -2
   timeout 200 python3 benchmarks/bench_small_steps.py --decode-only --gemv-options --max-seqs 1 \
     --out "$OUT/small-steps-gemvopts.json" 2>&1 | grep -v -i warn | tail -6
 fi
