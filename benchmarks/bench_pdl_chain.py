@@ -60,7 +60,10 @@ class Chain:
         self.x = torch.randn(1, HIDDEN, device="cuda", dtype=DTYPE, generator=gen)
 
     def step(self, ours: bool) -> torch.Tensor:
+        """The first layer's output: compared across variants (random SwiGLU layers shrink x to exact
+        zeros within ~6 layers, so the last layer's output would compare 0 with 0)."""
         x = self.x
+        first: torch.Tensor | None = None
         for w_in, w_o, w_gu, w_down in self.layers:
             if ours:
                 h = gemv_triton(x, w_in)[:, :HIDDEN]
@@ -72,7 +75,9 @@ class Chain:
                 h = F.linear(h, w_o)
                 h = F.linear(h, w_gu)
                 x = F.linear(kernels.swiglu(h), w_down)
-        return x
+            first = x if first is None else first
+        assert first is not None
+        return first
 
 
 def replay_us(g: torch.cuda.CUDAGraph, n: int = 20) -> float:
