@@ -6,6 +6,8 @@
 #   STEPS=gemvopts               the B=1 step with per-shape GEMV tiles from the third session's sweep and with
 #                                the GEMVs (and the decode kernel its state) prefetching into L2 before the PDL
 #                                wait (issue 8)
+#   STEPS=steplaunch             the engine's B=1 step with 172 vs 124 graph nodes (GEMV["LAST_SUMS"]): the graph
+#                                replay call took ~0.26 ms of host time per step with 220 nodes (issue 8, ITL)
 #   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
 #                                copy bandwidth and are what is left of batch-1 decode (issue 8)
 #   STEPS=redisprobe             the read alone (GET vs GETRANGE pieces), e2e_server with whole-chunk GETs,
@@ -178,6 +180,13 @@ if has steptrace; then  # issue 8: an engine decode step's host and GPU time at 
   for b in true false; do
     GLA_STEP_BURSTS=$b timeout 150 python3 benchmarks/trace_step.py --batches 1 16 64 --out "$OUT/trace-step-bursts-$b.json" \
       2>&1 | grep -v -i warn | tail -4
+  done
+fi
+if has steplaunch; then  # issue 8: the engine's B=1 step (host launch of the graph included) by graph size:
+  # the split-K sums as kernels (172 nodes) or summed by the GEMVs' last programs (GEMV["LAST_SUMS"], 124 nodes)
+  for ls in 0 1 0 1; do
+    GLA_GEMV_LAST_SUMS=$ls timeout 100 python3 benchmarks/trace_step.py --batches 1 --out "$OUT/trace-step-lastsums$ls.json" \
+      2>&1 | grep -v -i warn | tail -2 | sed "s/^/last_sums $ls: /"
   done
 fi
 if has trace; then  # issue 5: a resumed turn's timeline (client, route, admission, step, SSE) per client and GIL switch interval
