@@ -50,16 +50,9 @@ class Launcher:
     """`Launcher(kernel)(grid, key, args, num_warps=.., num_stages=..)`; args = every kernel parameter
     in declaration order, constexprs included. key must capture everything that selects the compiled
     code and start with the CUDA device index (None disables the cache for this call, e.g. for
-    misaligned inputs).
-
-    `int_pointers` (env `GLA_LAUNCH_INT_POINTERS=1`; off until measured on a GPU): direct launches
-    pass each tensor as its `data_ptr()` int. Triton's launcher takes an int as the device pointer
-    as it is; for a tensor it calls `data_ptr()` itself and then `cuPointerGetAttribute`, one driver
-    call per pointer argument, about a dozen per prefill kernel. The kernels see the same addresses.
-    """
+    misaligned inputs)."""
 
     fast_ok = not _INTERPRET
-    int_pointers = os.environ.get("GLA_LAUNCH_INT_POINTERS") == "1"
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
@@ -69,10 +62,9 @@ class Launcher:
         kernel = self.compiled.get(key) if key is not None else None
         if kernel is not None and Launcher.fast_ok:
             g = (*grid, 1, 1)
-            run_args = pointers_as_ints(args) if Launcher.int_pointers else args
             try:
                 kernel.run(g[0], g[1], g[2], _current_stream(key[0]), kernel.function,
-                           kernel.packed_metadata, None, None, None, *run_args)
+                           kernel.packed_metadata, None, None, None, *args)
                 return
             except (TypeError, AttributeError, ValueError):
                 Launcher.fast_ok = False  # another Triton calling convention: launch normally below
@@ -96,11 +88,6 @@ def use_pdl(device: torch.device, switch: int, rows: int) -> bool:
     """Whether a kernel behind `switch` (a PDL entry or GEMV["PDL"]) over `rows` rows launches with PDL
     on this device."""
     return bool(switch) and rows <= PDL["max_rows"] and pdl_ok(device)
-
-
-def pointers_as_ints(args: tuple) -> tuple:
-    """Every tensor in `args` replaced by its device address (see `Launcher.int_pointers`)."""
-    return tuple([a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def cdiv(a: int, b: int) -> int:

@@ -2,7 +2,7 @@
 
 The direct path only runs on a GPU (the interpreter always takes Triton's own path), so this checks
 its plumbing on the CPU: the first call compiles through `fn[grid]`, later calls go to the cached
-kernel's `run` with the same arguments, tensors passed as their addresses when `int_pointers` is on,
+kernel's `run` with the same arguments,
 and a launcher with another calling convention falls back to `fn[grid]` for good.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels import _launch
-from kernels._launch import Launcher, pointers_as_ints
+from kernels._launch import Launcher
 
 
 class FakeCompiled:
@@ -53,9 +53,7 @@ def direct(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-@pytest.mark.parametrize("int_pointers", [False, True], ids=["tensors", "int-pointers"])
-def test_cached_kernel_is_launched_directly_with_the_same_arguments(direct, monkeypatch, int_pointers):
-    monkeypatch.setattr(Launcher, "int_pointers", int_pointers)
+def test_cached_kernel_is_launched_directly_with_the_same_arguments(direct):
     compiled = FakeCompiled()
     fn = FakeKernel(compiled)
     launch = Launcher(fn)
@@ -68,11 +66,7 @@ def test_cached_kernel_is_launched_directly_with_the_same_arguments(direct, monk
     (run,) = compiled.runs
     assert run[:9] == (4, 2, 1, 777, 1234, ("meta",), None, None, None)
     passed = run[9:]
-    if int_pointers:
-        assert passed == (x.data_ptr(), y.data_ptr(), 17, 0.5, True)
-        assert all(type(p) is int for p in passed[:2])
-    else:
-        assert passed[0] is x and passed[1] is y and passed[2:] == (17, 0.5, True)
+    assert passed[0] is x and passed[1] is y and passed[2:] == (17, 0.5, True)
 
 
 def test_a_launcher_that_rejects_the_call_falls_back_for_good(direct):
@@ -91,10 +85,3 @@ def test_no_key_never_caches(direct):
     for _ in range(3):
         launch((1,), None, (torch.ones(2),))
     assert len(fn.jit_calls) == 3 and launch.compiled == {}
-
-
-def test_pointers_as_ints_keeps_everything_but_tensors():
-    p = torch.nn.Parameter(torch.ones(4))
-    t = torch.empty(0)
-    out = pointers_as_ints((p, t, None, 2, 1.5, False, "s"))
-    assert out == (p.data_ptr(), t.data_ptr(), None, 2, 1.5, False, "s")
