@@ -19,6 +19,14 @@ import torch
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ON = ("1", "true", "yes", "on")
 
+
+def env_flag(name: str, default: bool) -> int:
+    """A kernel switch from the environment: 1 if `name` is 1/true/yes/on, 0 if set to anything else,
+    `default` if unset."""
+    value = os.environ.get(name)
+    return int(default) if value is None else int(value.lower() in _ON)
+
+
 # Programmatic dependent launch (PDL) for the serving kernels (env GLA_PDL=0 turns it off).
 # A kernel launched with it may start while the kernel before it in the stream still runs: it calls
 # griddepcontrol.launch_dependents first (so the kernel after it may launch too), reads only weights,
@@ -30,7 +38,7 @@ _ON = ("1", "true", "yes", "on")
 # kernels (benchmarks/results/small-steps-pdl-h200-run13.json), so it follows the GEMV route's rows.
 # "fused": the norm, SwiGLU and decode kernels; the GEMVs have their own switch (triton_gemv.GEMV["PDL"],
 # env GLA_GEMV_PDL, on with "fused" by default).
-PDL: dict[str, int] = {"fused": int(os.environ.get("GLA_PDL", "1").lower() in _ON),
+PDL: dict[str, int] = {"fused": env_flag("GLA_PDL", True),
                        "max_rows": int(os.environ.get("GLA_PDL_MAX_ROWS", "1"))}
 
 

@@ -27,13 +27,12 @@ batch-1 decode step beats the cuBLAS one (1.32 vs 1.37 ms), so the model uses it
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import _INTERPRET, _ON, PDL, Launcher, aligned, cdiv, next_pow2, use_pdl
+from kernels._launch import _INTERPRET, PDL, Launcher, aligned, cdiv, env_flag, next_pow2, use_pdl
+from kernels.triton_fused import prefetch_l2
 
 MAX_ROWS = 16  # the dot path pads x to 16 rows; larger batches are GEMMs, not GEMVs
 
@@ -42,28 +41,26 @@ MAX_ROWS = 16  # the dot path pads x to 16 rows; larger batches are GEMMs, not G
 #   DOT_*: the same for M >= DOT_MIN_M (tl.dot needs DOT_BLOCK_N >= 16). DOT_MIN_M = 17 turns it off.
 #   Split-K: SPLIT_K > 0 forces that many K ranges; 0 picks the fewest that give TARGET_PROGRAMS
 #   programs (2 per SM of an H200's 132), at most MAX_SPLIT. REDUCE_BLOCK: elements per reduce program.
+# PDL (env GLA_GEMV_PDL; on with kernels/_launch.py PDL["fused"]): programmatic dependent launch. A
+#   GEMV's weights do not depend on the kernel before it, so each program loads its first weight tile,
+#   lets the next kernel launch, and only then waits for the previous grid (griddepcontrol.wait)
+#   before it reads x. Used for the rows PDL["max_rows"] allows (docs/kernels.md has the numbers).
+# LAST_SUMS (env GLA_GEMV_LAST_SUMS, off): split-K partials are summed by the last program of each row
+#   block (a ticket counter) instead of a second kernel: 48 kernels fewer in a batch-1 decode step
+#   (172 -> 124), but the H200 graph did not get faster (1.331 -> 1.338 ms, small-steps-lastsums-h200-
+#   run13.json): with PDL the sum kernels already overlap. Off: the plain second kernel is simpler.
+# L2_PREFETCH (env GLA_GEMV_L2_PREFETCH, off; only with PDL): each program prefetches its whole weight
+#   slice into L2 (prefetch.global.L2::evict_last) before it waits for the previous grid. PDL alone
+#   overlapped one 16 KB tile per program and gained little; at batch 1 the GEMVs read their weights
+#   at ~52% of copy bandwidth, the rest being each kernel's ramp and tail. Off until measured on a GPU.
 GEMV: dict[str, int] = {
     "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1,
     "DOT_MIN_M": 2, "DOT_BLOCK_N": 32, "DOT_BLOCK_K": 256, "DOT_num_warps": 4, "DOT_num_stages": 3,
     "SPLIT_K": 0, "TARGET_PROGRAMS": 264, "MAX_SPLIT": 8, "REDUCE_BLOCK": 1024,
-    "PDL": 0, "LAST_SUMS": 0, "L2_PREFETCH": 0,
+    "PDL": env_flag("GLA_GEMV_PDL", bool(PDL["fused"])),
+    "LAST_SUMS": env_flag("GLA_GEMV_LAST_SUMS", False),
+    "L2_PREFETCH": env_flag("GLA_GEMV_L2_PREFETCH", False),
 }
-# L2_PREFETCH = 1 (env GLA_GEMV_L2_PREFETCH=1; only with PDL): each program prefetches its whole weight
-# slice into L2 (prefetch.global.L2::evict_last) before it waits for the previous grid. PDL alone
-# overlapped one 16 KB tile per program and gained little; at batch 1 the GEMVs read their weights at
-# ~52% of copy bandwidth, the rest being each kernel's ramp and tail. Off until measured on a GPU.
-GEMV["L2_PREFETCH"] = int(os.environ.get("GLA_GEMV_L2_PREFETCH", "0").lower() in _ON)
-# LAST_SUMS = 1 (env GLA_GEMV_LAST_SUMS=1): split-K partials are summed by the last program of each row
-# block (a ticket counter) instead of a second kernel: 48 kernels fewer in a batch-1 decode step
-# (172 -> 124), but the H200 graph did not get faster (1.331 -> 1.338 ms, small-steps-lastsums-h200-
-# run13.json): with PDL the sum kernels already overlap. Off: the plain second kernel is simpler.
-GEMV["LAST_SUMS"] = int(os.environ.get("GLA_GEMV_LAST_SUMS", "0").lower() in _ON)
-# PDL = 1: launch with programmatic dependent launch (Hopper and newer; env GLA_GEMV_PDL=1). A GEMV's
-# weights do not depend on the kernel before it, so each program loads its first weight tile, lets
-# the next kernel launch, and only then waits for the previous grid (griddepcontrol.wait) before it
-# reads x. Inside a CUDA graph of back-to-back GEMVs the launch gap and the previous kernel's tail
-# overlap weight streaming. Off until measured (`benchmarks/bench_pdl_chain.py`).
-GEMV["PDL"] = int(os.environ.get("GLA_GEMV_PDL", "1" if PDL["fused"] else "0").lower() in _ON)
 
 
 @triton.jit
@@ -126,13 +123,6 @@ def _x_tile(x, r, nw, s, rstd, write_s, o_m, m_m, o_k, m_k, SX: tl.constexpr, K:
 
 
 @triton.jit
-def _prefetch_l2(p):
-    """Ask the L2 for the 128-byte lines at addresses p, kept with evict_last; nothing waits for them."""
-    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [p],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _prefetch_slice(w, o_n, N: tl.constexpr, K: tl.constexpr, k0, KS: tl.constexpr, BK: tl.constexpr,
                     LINE: tl.constexpr):
     """Prefetch into L2 the program's whole weight slice: rows o_n, columns [k0, k0 + KS), one address
@@ -140,7 +130,7 @@ def _prefetch_slice(w, o_n, N: tl.constexpr, K: tl.constexpr, k0, KS: tl.constex
     p_r = w + tl.minimum(o_n, N - 1).to(tl.int64)[:, None] * K
     for kk in range(0, KS, BK):
         o_l = tl.minimum(k0 + kk + tl.arange(0, BK // LINE) * LINE, K - 1)
-        _prefetch_l2(p_r + o_l[None, :])
+        prefetch_l2(p_r + o_l[None, :])
 
 
 @triton.jit

@@ -11,24 +11,21 @@ exactly NV (a power of two) per row, so they stay multiples of NV, also across i
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import PDL, Launcher, aligned, cdiv, next_pow2, use_pdl
-from kernels.triton_fused import log_gate
-from kernels.triton_gemv import _prefetch_l2
+from kernels._launch import PDL, Launcher, aligned, cdiv, env_flag, next_pow2, use_pdl
+from kernels.triton_fused import log_gate, prefetch_l2
 
 # State elements per program (4K fp32 = 16 KB read and written) and warps; the benchmark sweeps them.
 # H200 sweep (benchmarks/results/kernels-h200-run1.json): 4096 elements on 2 warps was best at B=1, 64, 256.
-DECODE: dict[str, int] = {"TILE_ELEMS": 4096, "num_warps": 2, "L2_PREFETCH": 0}
-# L2_PREFETCH = 1 (env GLA_DECODE_L2_PREFETCH=1; only with PDL): each program asks the L2 for its state
+# L2_PREFETCH (env GLA_DECODE_L2_PREFETCH, off; only with PDL): each program asks the L2 for its state
 # tile before it waits for the previous grid, so the state read overlaps the input projection's tail.
 # At batch 1 the 24 decode kernels took 123 us of a 1.31 ms step for 2 x 48 MiB (profile-model-h200-
 # run13.json). Off until measured on a GPU.
-DECODE["L2_PREFETCH"] = int(os.environ.get("GLA_DECODE_L2_PREFETCH", "0").lower() in ("1", "true", "yes", "on"))
+DECODE: dict[str, int] = {"TILE_ELEMS": 4096, "num_warps": 2,
+                          "L2_PREFETCH": env_flag("GLA_DECODE_L2_PREFETCH", False)}
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -65,7 +62,7 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, low
         if L2_PREFETCH:  # a hint only (L2 is coherent): the state tile's lines, clamped to the pool
             slot0 = tl.minimum(tl.maximum(tl.load(slots + i_b).to(tl.int64), 0), S - 1)
             o_l = tl.arange(0, BK // 32) * 32  # 32 fp32 = one 128-byte line
-            _prefetch_l2(pool + (slot0 * H + i_h) * V * K + o_v[:, None] * K + tl.minimum(o_l, K - 1)[None, :])
+            prefetch_l2(pool + (slot0 * H + i_h) * V * K + o_v[:, None] * K + tl.minimum(o_l, K - 1)[None, :])
         tl.extra.cuda.gdc_wait()
     slot = tl.load(slots + i_b).to(tl.int64)
     p_h = pool + (slot * H + i_h) * V * K + o_v[:, None] * K + o_k[None, :]
