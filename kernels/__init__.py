@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels._launch import env_flag
 from kernels.chunk_torch import chunk_gla_prefill_torch, chunk_gla_torch
 from kernels.decode_torch import fused_recurrent_gla_decode_torch, rms_norm_swish_gate
 from kernels.fused_torch import (
@@ -51,7 +52,7 @@ __all__ = [
     "linear",
     "naive_recurrent_gla",
     "PreNorm",
-    "prenorm_linear",
+    "normed",
     "use_prenorm",
     "norm_gemv",
     "rms_norm_gate",
@@ -324,18 +325,18 @@ GEMV_MAX_ROWS = 16  # kernels/triton_gemv.py MAX_ROWS; more rows go to the GEMM
 # lost to cuBLAS (down_proj 33 vs 13 us, benchmarks/results/gemv-h200.json). Set it before a CUDA
 # graph is captured: graphs keep what they captured.
 GEMV_ROUTE: dict[str, Any] = {
-    "enabled": os.environ.get("GLA_TRITON_GEMV", "1").lower() in ("1", "true", "yes", "on"),
+    "enabled": bool(env_flag("GLA_TRITON_GEMV", True)),
     "max_rows": min(GEMV_MAX_ROWS, int(os.environ.get("GLA_GEMV_MAX_ROWS", "1"))),
     # with the route on, the pre-norms (attn_norm, mlp_norm) run as the next GEMV's prologue (norm_gemv)
-    "prenorm": os.environ.get("GLA_GEMV_PRENORM", "1").lower() in ("1", "true", "yes", "on"),
+    "prenorm": bool(env_flag("GLA_GEMV_PRENORM", True)),
 }
 
 
 class PreNorm:
-    """A residual add + RMSNorm not yet applied: the model hands it to the projection that consumes
-    the normed rows (`prenorm_linear`), which fuses the norm into its GEMV when `linear` would take
-    the GEMV route. `sum` is the new residual (x + residual in its dtype; None without a residual)
-    once the norm has run; `materialize()` runs it as the plain norm kernel for other consumers."""
+    """A residual add + RMSNorm not yet applied, handed to the projection that consumes the normed
+    rows: `linear` runs it as `norm_gemv`'s prologue where the GEMV route applies (`use_prenorm`),
+    else as the plain norm kernel first (`normed`). `new_residual()` is what the block carries on:
+    x + residual in the residual's dtype, or x itself without a residual."""
 
     __slots__ = ("x", "residual", "weight", "eps", "round_sum", "normed", "sum")
 
@@ -343,7 +344,7 @@ class PreNorm:
                  round_sum: bool) -> None:
         self.x, self.residual, self.weight, self.eps, self.round_sum = x, residual, weight, eps, round_sum
         self.normed: torch.Tensor | None = None
-        self.sum: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = x if residual is None else None
 
     def materialize(self) -> torch.Tensor:
         if self.normed is None:
@@ -353,19 +354,21 @@ class PreNorm:
                 self.normed, self.sum = add_rms_norm(self.x, self.residual, self.weight, self.eps, self.round_sum)
         return self.normed
 
+    def new_residual(self) -> torch.Tensor:
+        """The residual after this norm; runs the norm if no consumer has."""
+        if self.sum is None:
+            self.materialize()
+        assert self.sum is not None
+        return self.sum
 
-def prenorm_linear(pre: PreNorm, weight: torch.Tensor) -> torch.Tensor:
-    """`linear(pre.materialize(), weight)`, with the norm fused into the GEMV (`norm_gemv`) where
-    `linear` would run a GEMV; sets pre.sum either way."""
-    if (pre.normed is None and GEMV_ROUTE["enabled"] and GEMV_ROUTE["prenorm"]
-            and math.prod(pre.x.shape[:-1]) <= GEMV_ROUTE["max_rows"]):
-        y, pre.sum = norm_gemv(pre.x, pre.residual, pre.weight, pre.eps, pre.round_sum, weight)
-        return y
-    return linear(pre.materialize(), weight)
+
+def normed(x: torch.Tensor | PreNorm) -> torch.Tensor:
+    """The normed rows of a `PreNorm` (the norm kernel runs once), or x itself."""
+    return x.materialize() if isinstance(x, PreNorm) else x
 
 
 def use_prenorm(rows: int) -> bool:
-    """Whether the model should hand its pre-norms to the projections as `PreNorm`s for `rows` rows."""
+    """Whether `linear` runs a `PreNorm` of `rows` rows as the prologue of its GEMV (`norm_gemv`)."""
     return bool(GEMV_ROUTE["enabled"] and GEMV_ROUTE["prenorm"] and rows <= GEMV_ROUTE["max_rows"])
 
 
@@ -459,9 +462,18 @@ def norm_gemv(
     return norm_gemv_torch(x, residual, norm_weight, eps, round_sum, weight)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor | PreNorm, weight: torch.Tensor) -> torch.Tensor:
     """The model's bias-free serving projections: `gemv` when GEMV_ROUTE is on and x has at most
-    max_rows rows, else `F.linear`. Decided from shapes alone, so CUDA-graph capture sees no sync."""
+    max_rows rows, else `F.linear`. Decided from shapes alone, so CUDA-graph capture sees no sync.
+    A `PreNorm` not yet applied runs as `norm_gemv`'s prologue there (`use_prenorm`); its new
+    residual is kept on it."""
+    if isinstance(x, PreNorm):
+        if x.normed is None and use_prenorm(math.prod(x.x.shape[:-1])):
+            y, s = norm_gemv(x.x, x.residual, x.weight, x.eps, x.round_sum, weight)
+            if s is not None:
+                x.sum = s
+            return y
+        x = x.materialize()
     if GEMV_ROUTE["enabled"] and math.prod(x.shape[:-1]) <= GEMV_ROUTE["max_rows"]:
         return gemv(x, weight)
     return F.linear(x, weight)

@@ -14,7 +14,7 @@ weights), the split + log-gate + GQA repeat is one kernel (`kernels.gla_prep`), 
 SwiGLU and output gate are fused kernels too. Unfused layers run the same code from separate GEMMs.
 With `kernels.GEMV_ROUTE` (on for one row: batch-1 decode) those GEMMs, o_proj and SwiGLU + down_proj
 run as Triton GEMVs (`kernels.linear` / `kernels.swiglu_linear`), and the pre-norms arrive as
-`kernels.PreNorm`s that the next GEMV applies as its prologue (`kernels.prenorm_linear`).
+`kernels.PreNorm`s that `kernels.linear` applies as the next GEMV's prologue.
 """
 
 from __future__ import annotations
@@ -86,13 +86,12 @@ class GatedMLP(nn.Module):
         # fla's fused swiglu: act(gate) * up in fp32, stored in the input dtype, then down_proj
         f = self.fused
         if f is not None and not torch.is_grad_enabled() and f.valid():  # the GEMM bypasses the params
-            gu = kernels.prenorm_linear(x, f.weight) if isinstance(x, kernels.PreNorm) else kernels.linear(x, f.weight)
+            gu = kernels.linear(x, f.weight)
             if self.act is F.silu:  # swiglu + down_proj (one GEMV kernel at small batches, GEMV_ROUTE)
                 return kernels.swiglu_linear(gu, self.down_proj.weight)
             gate, up = gu.chunk(2, dim=-1)
         else:
-            if isinstance(x, kernels.PreNorm):
-                x = x.materialize()
+            x = kernels.normed(x)
             gate, up = self.gate_proj(x), self.up_proj(x)
         h = self.act(gate.float()) * up.float()
         return self.down_proj(h.to(gate.dtype))
@@ -261,10 +260,9 @@ class GatedLinearAttention(nn.Module):
         or from separate GEMMs (then q|k|v is concatenated, and only needed with use_short_conv)."""
         f = self.fused_in
         if f is not None and f.valid():
-            y = kernels.prenorm_linear(x, f.weight) if isinstance(x, kernels.PreNorm) else kernels.linear(x, f.weight)
+            y = kernels.linear(x, f.weight)
             return list(y.split(f.splits, dim=-1)), y[..., : sum(self._conv_splits())]
-        if isinstance(x, kernels.PreNorm):
-            x = x.materialize()
+        x = kernels.normed(x)
         parts = [F.linear(x, w) for w in self._in_params()]
         return parts, torch.cat(parts[:3], dim=-1) if self.use_short_conv else parts[0]
 

@@ -74,28 +74,15 @@ class GLAModel(GLAPreTrainedModel):
         with the final norm via `final_norm`. `attn(i, layer.attn, x)` runs layer i's attention.
         """
         m: torch.Tensor | None = None
-        if kernels.use_prenorm(h.shape[0]):  # each norm runs inside the GEMV after it (norm_gemv)
-            for i, layer in enumerate(self.layers):
-                n = layer.attn_norm
-                pre = kernels.PreNorm(h if m is None else m, None if m is None else h, n.weight, n.eps, True)
-                a = attn(i, layer.attn, pre)
-                if m is not None:
-                    assert pre.sum is not None, "the attention layer did not consume its PreNorm"
-                    h = pre.sum
-                pre = kernels.PreNorm(a, h, layer.mlp_norm.weight, layer.mlp_norm.eps, False)
-                m = layer.mlp(pre)
-                assert pre.sum is not None, "the MLP did not consume its PreNorm"
-                h = pre.sum
-            return h, m
         for i, layer in enumerate(self.layers):
+            # each norm goes to the projection after it, which runs it as its GEMV's prologue at
+            # batch-1 steps (kernels.linear, norm_gemv) and as the norm kernel first otherwise
             n = layer.attn_norm
-            if m is None:
-                x = kernels.rms_norm_gate(h, None, n.weight, n.eps)
-            else:
-                x, h = kernels.add_rms_norm(m, h, n.weight, n.eps, round_sum=True)
-            a = attn(i, layer.attn, x)
-            x, h = kernels.add_rms_norm(a, h, layer.mlp_norm.weight, layer.mlp_norm.eps)
-            m = layer.mlp(x)
+            pre = kernels.PreNorm(h if m is None else m, None if m is None else h, n.weight, n.eps, True)
+            a = attn(i, layer.attn, pre)
+            pre = kernels.PreNorm(a, pre.new_residual(), layer.mlp_norm.weight, layer.mlp_norm.eps, False)
+            m = layer.mlp(pre)
+            h = pre.new_residual()
         return h, m
 
     def final_norm(self, h: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
