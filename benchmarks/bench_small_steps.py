@@ -55,20 +55,18 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
     decoders = {}
     from kernels import _launch, triton_gemv, triton_recurrent
 
-    saved = (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"],
-             kernels.GEMV_ROUTE["prenorm"], triton_gemv.GEMV["LAST_SUMS"], dict(triton_gemv.SHAPE_TILES),
-             triton_gemv.GEMV["L2_PREFETCH"], triton_recurrent.DECODE["L2_PREFETCH"])
+    # variant key -> (the config dict, its entry) it sets; unset keys keep the current value
+    knobs = {"decode_proj": (kernels.DECODE_PROJ, "enabled"), "gemv": (kernels.GEMV_ROUTE, "enabled"),
+             "prenorm": (kernels.GEMV_ROUTE, "prenorm"), "pdl": (_launch.PDL, "fused"),
+             "gemv_pdl": (triton_gemv.GEMV, "PDL"), "last_sums": (triton_gemv.GEMV, "LAST_SUMS"),
+             "l2_prefetch": (triton_gemv.GEMV, "L2_PREFETCH"), "decode_l2": (triton_recurrent.DECODE, "L2_PREFETCH")}
+    saved = {k: d[e] for k, (d, e) in knobs.items()}
+    saved_tiles = dict(triton_gemv.SHAPE_TILES)
     for var in variants:
-        kernels.DECODE_PROJ["enabled"] = var["decode_proj"]
-        kernels.GEMV_ROUTE["enabled"] = bool(var.get("gemv", saved[0]))
-        triton_gemv.GEMV["PDL"] = int(var.get("gemv_pdl", saved[1]))
-        _launch.PDL["fused"] = int(var.get("pdl", saved[2]))
-        kernels.GEMV_ROUTE["prenorm"] = bool(var.get("prenorm", saved[3]))
-        triton_gemv.GEMV["LAST_SUMS"] = int(var.get("last_sums", saved[4]))
+        for k, (d, e) in knobs.items():
+            d[e] = type(saved[k])(var.get(k, saved[k]))
         triton_gemv.SHAPE_TILES.clear()
-        triton_gemv.SHAPE_TILES.update(triton_gemv.SUGGESTED_SHAPE_TILES if var.get("shape_tiles") else saved[5])
-        triton_gemv.GEMV["L2_PREFETCH"] = int(var.get("l2_prefetch", saved[6]))
-        triton_recurrent.DECODE["L2_PREFETCH"] = int(var.get("decode_l2", saved[7]))
+        triton_gemv.SHAPE_TILES.update(triton_gemv.SUGGESTED_SHAPE_TILES if var.get("shape_tiles") else saved_tiles)
         name = f"proj{int(var['decode_proj'])}" + "".join(
             f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm", "last_sums", "shape_tiles",
                                            "l2_prefetch", "decode_l2") if k in var)
@@ -91,13 +89,10 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
         print(f"decode B=1 {name}: graph {row['graph_ms']:.3f} ms (rounds "
               f"{' '.join(f'{x:.3f}' for x in row['graph_ms_rounds'])}), eager {prof['kernels_per_call']:.0f} "
               f"kernels {prof['gpu_us_per_call']:.0f} us GPU", flush=True)
-    kernels.DECODE_PROJ["enabled"] = True
-    (kernels.GEMV_ROUTE["enabled"], triton_gemv.GEMV["PDL"], _launch.PDL["fused"],
-     kernels.GEMV_ROUTE["prenorm"], triton_gemv.GEMV["LAST_SUMS"]) = saved[:5]
+    for k, (d, e) in knobs.items():
+        d[e] = saved[k]
     triton_gemv.SHAPE_TILES.clear()
-    triton_gemv.SHAPE_TILES.update(saved[5])
-    triton_gemv.GEMV["L2_PREFETCH"] = saved[6]
-    triton_recurrent.DECODE["L2_PREFETCH"] = saved[7]
+    triton_gemv.SHAPE_TILES.update(saved_tiles)
 
 
 def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict) -> None:
