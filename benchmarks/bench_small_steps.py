@@ -53,23 +53,18 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
     tok = torch.randint(0, model.config.vocab_size, (1,), device="cuda")
     slots = torch.zeros(1, dtype=torch.int32, device="cuda")
     decoders = {}
-    from kernels import _launch, triton_gemv, triton_recurrent
+    from kernels import _launch, triton_gemv
 
     # variant key -> (the config dict, its entry) it sets; unset keys keep the current value
     knobs = {"decode_proj": (kernels.DECODE_PROJ, "enabled"), "gemv": (kernels.GEMV_ROUTE, "enabled"),
              "prenorm": (kernels.GEMV_ROUTE, "prenorm"), "pdl": (_launch.PDL, "fused"),
-             "gemv_pdl": (triton_gemv.GEMV, "PDL"), "last_sums": (triton_gemv.GEMV, "LAST_SUMS"),
-             "l2_prefetch": (triton_gemv.GEMV, "L2_PREFETCH"), "decode_l2": (triton_recurrent.DECODE, "L2_PREFETCH")}
+             "gemv_pdl": (triton_gemv.GEMV, "PDL")}
     saved = {k: d[e] for k, (d, e) in knobs.items()}
-    saved_tiles = dict(triton_gemv.SHAPE_TILES)
     for var in variants:
         for k, (d, e) in knobs.items():
             d[e] = type(saved[k])(var.get(k, saved[k]))
-        triton_gemv.SHAPE_TILES.clear()
-        triton_gemv.SHAPE_TILES.update(triton_gemv.SUGGESTED_SHAPE_TILES if var.get("shape_tiles") else saved_tiles)
         name = f"proj{int(var['decode_proj'])}" + "".join(
-            f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm", "last_sums", "shape_tiles",
-                                           "l2_prefetch", "decode_l2") if k in var)
+            f"-{k}{int(var[k])}" for k in ("gemv", "gemv_pdl", "pdl", "prenorm") if k in var)
         try:
             decoders[name] = GraphedDecoder(model, pool, pool.num_slots - 1, max_batch=1, buckets=[1])
             with torch.no_grad():
@@ -91,8 +86,6 @@ def decode_variants(model: Any, pool: Any, variants: list[dict[str, Any]], res: 
               f"kernels {prof['gpu_us_per_call']:.0f} us GPU", flush=True)
     for k, (d, e) in knobs.items():
         d[e] = saved[k]
-    triton_gemv.SHAPE_TILES.clear()
-    triton_gemv.SHAPE_TILES.update(saved_tiles)
 
 
 def resume_prefill(model: Any, pool: Any, n_new: int, max_seqs_list: list[int], res: dict) -> None:
@@ -171,11 +164,6 @@ def main() -> None:
     ap.add_argument("--resume-tokens", type=int, default=17, help="new tokens of the resumed turn (16 + pending)")
     ap.add_argument("--max-seqs", type=int, nargs="+", default=[1, 32, 64])
     ap.add_argument("--decode-only", action="store_true", help="skip the resumed-turn prefill part")
-    ap.add_argument("--gemv-options", action="store_true",
-                    help="decode variants: cuBLAS, the defaults, and the defaults with per-shape GEMV tiles "
-                         "and/or the GEMVs' L2 prefetch")
-    ap.add_argument("--last-sums", action="store_true",
-                    help="decode variants: cuBLAS, and the defaults with and without GEMV['LAST_SUMS']")
     ap.add_argument("--pdl", action="store_true",
                     help="decode variants: GEMV route x programmatic dependent launch x norm_gemv prologue")
     args = ap.parse_args()
@@ -194,25 +182,16 @@ def main() -> None:
                                  text=True).stdout.strip(),
         "command": f"python benchmarks/bench_small_steps.py --resume-tokens {args.resume_tokens} --max-seqs "
                    + " ".join(map(str, args.max_seqs)) + (" --decode-only" if args.decode_only else "")
-                   + (" --pdl" if args.pdl else "") + (" --last-sums" if args.last_sums else "")
-                   + (" --gemv-options" if args.gemv_options else ""),
+                   + (" --pdl" if args.pdl else ""),
         "copy_gbps": bw, "streamed_weight_bytes": weight_bytes,
         "state_bytes": state_bytes_per_sequence(cfg),
         "floor_b1_ms": (weight_bytes + 2 * state_bytes_per_sequence(cfg)) / (bw * 1e9) * 1e3,
     }, "decode_b1": {}, "resume_prefill": {}}
     print(f"copy {bw:.0f} GB/s; B=1 floor {res['meta']['floor_b1_ms']:.3f} ms", flush=True)
     if args.pdl:  # issue 8: programmatic dependent launch, with cuBLAS GEMMs and with the Triton GEMVs
-        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": gp, "pdl": f, "prenorm": n, "last_sums": ls}
-                    for g, gp, f, n, ls in ((0, 0, 0, 0, 0), (0, 0, 1, 0, 0), (1, 0, 0, 0, 0), (1, 0, 0, 1, 0),
-                                            (1, 1, 0, 0, 0), (1, 1, 1, 0, 0), (1, 1, 1, 1, 0), (1, 1, 1, 1, 1))]
-    elif args.gemv_options:  # cuBLAS; the defaults; + SUGGESTED_SHAPE_TILES / GEMV or DECODE L2_PREFETCH / all
-        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": g, "pdl": g, "prenorm": g, "shape_tiles": t,
-                     "l2_prefetch": pf, "decode_l2": dl}
-                    for g, t, pf, dl in ((0, 0, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0), (1, 0, 1, 0), (1, 0, 0, 1),
-                                         (1, 1, 1, 1))]
-    elif args.last_sums:  # cuBLAS; the defaults with the split-K sum kernel; the defaults (last program sums)
-        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": g, "pdl": g, "prenorm": g, "last_sums": ls}
-                    for g, ls in ((0, 0), (1, 0), (1, 1))]
+        variants = [{"decode_proj": True, "gemv": g, "gemv_pdl": gp, "pdl": f, "prenorm": n}
+                    for g, gp, f, n in ((0, 0, 0, 0), (0, 0, 1, 0), (1, 0, 0, 0), (1, 0, 0, 1),
+                                        (1, 1, 0, 0), (1, 1, 1, 0), (1, 1, 1, 1))]
     else:
         variants = [{"decode_proj": p} for p in (False, True)]
     decode_variants(model, pool, variants, res)

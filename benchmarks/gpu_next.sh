@@ -3,11 +3,6 @@
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
 #   STEPS=gputests,smallsteps    GPU tests after the twelfth session's new batch-1 defaults (GEMV route,
 #                                norm_gemv prologue, PDL; already checked by STEPS=defaults) and the B=1 variants
-#   STEPS=gemvopts               the B=1 step with per-shape GEMV tiles from the third session's sweep and with
-#                                the GEMVs (and the decode kernel its state) prefetching into L2 before the PDL
-#                                wait (issue 8)
-#   STEPS=steplaunch             the engine's B=1 step with 172 vs 124 graph nodes (GEMV["LAST_SUMS"]): the graph
-#                                replay call took ~0.26 ms of host time per step with 220 nodes (issue 8, ITL)
 #   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
 #                                copy bandwidth and are what is left of batch-1 decode (issue 8)
 #   STEPS=redisprobe             the read alone (GET vs GETRANGE pieces), e2e_server with whole-chunk GETs,
@@ -19,7 +14,8 @@
 #   STATE_BENCH=0 HTTP_CLIENTS=raw STEPS=http64,resume   64 HTTP streams, resumed turn per tier (raw client)
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
-#   (ran in the twelfth session: pdl, host, defaults, redisharness, profmodel, e2e, lastsums)
+#   (ran in the twelfth session: pdl, host, defaults, redisharness, profmodel, e2e, lastsums; thirteenth
+#   session: gputests, gemvopts, steplaunch, redisprobe; the options they measured were removed)
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
 # start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
@@ -80,19 +76,6 @@ if has pdl; then  # issue 8: programmatic dependent launch (kernels/_launch.py P
   # the whole B=1 decode step, graph replays round-robin: GEMV route x GEMV PDL x PDL of the fused kernels
   timeout 200 python3 benchmarks/bench_small_steps.py --decode-only --pdl --max-seqs 1 --out "$OUT/small-steps-pdl.json" \
     2>&1 | grep -v -i warn | tail -8
-fi
-if has gemvopts; then  # issue 8: per-shape GEMV tiles (SUGGESTED_SHAPE_TILES) and the L2 prefetch in the B=1 step
-  GLA_GEMV_L2_PREFETCH=1 GLA_DECODE_L2_PREFETCH=1 timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
-    tests/kernels/test_gemv.py tests/model/test_gemv_route.py tests/kernels/test_triton.py \
-    -k "shape_tiles or (gla13b and M1) or graphed or (decode and B1)" 2>&1 | tail -2
-  timeout 200 python3 benchmarks/bench_small_steps.py --decode-only --gemv-options --max-seqs 1 \
-    --out "$OUT/small-steps-gemvopts.json" 2>&1 | grep -v -i warn | tail -6
-fi
-if has lastsums; then  # issue 8: split-K partials summed by the last program (GEMV["LAST_SUMS"]) vs a second kernel
-  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/kernels/test_gemv.py \
-    -k "gla13b and (o_proj or down) and not M16" 2>&1 | tail -2
-  timeout 150 python3 benchmarks/bench_small_steps.py --decode-only --last-sums --max-seqs 1 \
-    --out "$OUT/small-steps-lastsums.json" 2>&1 | grep -v -i warn | tail -4
 fi
 if has defaults; then  # issue 8: the single-row GEMV route + norm prologue + PDL as defaults, against all off
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/model/test_gemv_route.py \
@@ -177,13 +160,6 @@ if has steptrace; then  # issue 8: an engine decode step's host and GPU time at 
   for b in true false; do
     GLA_STEP_BURSTS=$b timeout 150 python3 benchmarks/trace_step.py --batches 1 16 64 --out "$OUT/trace-step-bursts-$b.json" \
       2>&1 | grep -v -i warn | tail -4
-  done
-fi
-if has steplaunch; then  # issue 8: the engine's B=1 step (host launch of the graph included) by graph size:
-  # the split-K sums as kernels (172 nodes) or summed by the GEMVs' last programs (GEMV["LAST_SUMS"], 124 nodes)
-  for ls in 0 1 0 1; do
-    GLA_GEMV_LAST_SUMS=$ls timeout 100 python3 benchmarks/trace_step.py --batches 1 --out "$OUT/trace-step-lastsums$ls.json" \
-      2>&1 | grep -v -i warn | tail -2 | sed "s/^/last_sums $ls: /"
   done
 fi
 if has trace; then  # issue 5: a resumed turn's timeline (client, route, admission, step, SSE) per client and GIL switch interval

@@ -74,14 +74,6 @@ def log_gate(b_z, dtype: tl.constexpr, normalizer, clamp_min, HAS_CLAMP: tl.cons
     return b_a
 
 
-@triton.jit
-def prefetch_l2(p):
-    """Ask the L2 for the 128-byte lines at addresses p, kept with evict_last; nothing waits for them.
-    (A hint: L2 is coherent, so prefetching data a running kernel still writes is harmless.)"""
-    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [p],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit(do_not_specialize=["sq", "sk", "sv", "sg", "sl"])
 def _gla_prep_kernel(qs, ks, vs, gs, ls, w1, b1, q, k, v, gk, gate, sq, sk, sv, sg, sl, normalizer, clamp_min,
                      H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,

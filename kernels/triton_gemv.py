@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from kernels._launch import _INTERPRET, PDL, Launcher, aligned, cdiv, env_flag, next_pow2, use_pdl
-from kernels.triton_fused import prefetch_l2
 
 MAX_ROWS = 16  # the dot path pads x to 16 rows; larger batches are GEMMs, not GEMVs
 
@@ -45,21 +44,11 @@ MAX_ROWS = 16  # the dot path pads x to 16 rows; larger batches are GEMMs, not G
 #   GEMV's weights do not depend on the kernel before it, so each program loads its first weight tile,
 #   lets the next kernel launch, and only then waits for the previous grid (griddepcontrol.wait)
 #   before it reads x. Used for the rows PDL["max_rows"] allows (docs/kernels.md has the numbers).
-# LAST_SUMS (env GLA_GEMV_LAST_SUMS, off): split-K partials are summed by the last program of each row
-#   block (a ticket counter) instead of a second kernel: 48 kernels fewer in a batch-1 decode step
-#   (172 -> 124), but the H200 graph did not get faster (1.331 -> 1.338 ms, small-steps-lastsums-h200-
-#   run13.json): with PDL the sum kernels already overlap. Off: the plain second kernel is simpler.
-# L2_PREFETCH (env GLA_GEMV_L2_PREFETCH, off; only with PDL): each program prefetches its whole weight
-#   slice into L2 (prefetch.global.L2::evict_last) before it waits for the previous grid. PDL alone
-#   overlapped one 16 KB tile per program and gained little; at batch 1 the GEMVs read their weights
-#   at ~52% of copy bandwidth, the rest being each kernel's ramp and tail. Off until measured on a GPU.
 GEMV: dict[str, int] = {
     "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1,
     "DOT_MIN_M": 2, "DOT_BLOCK_N": 32, "DOT_BLOCK_K": 256, "DOT_num_warps": 4, "DOT_num_stages": 3,
     "SPLIT_K": 0, "TARGET_PROGRAMS": 264, "MAX_SPLIT": 8, "REDUCE_BLOCK": 1024,
     "PDL": env_flag("GLA_GEMV_PDL", bool(PDL["fused"])),
-    "LAST_SUMS": env_flag("GLA_GEMV_LAST_SUMS", False),
-    "L2_PREFETCH": env_flag("GLA_GEMV_L2_PREFETCH", False),
 }
 
 
@@ -123,17 +112,6 @@ def _x_tile(x, r, nw, s, rstd, write_s, o_m, m_m, o_k, m_k, SX: tl.constexpr, K:
 
 
 @triton.jit
-def _prefetch_slice(w, o_n, N: tl.constexpr, K: tl.constexpr, k0, KS: tl.constexpr, BK: tl.constexpr,
-                    LINE: tl.constexpr):
-    """Prefetch into L2 the program's whole weight slice: rows o_n, columns [k0, k0 + KS), one address
-    per 128-byte line (LINE elements), clamped inside the weight."""
-    p_r = w + tl.minimum(o_n, N - 1).to(tl.int64)[:, None] * K
-    for kk in range(0, KS, BK):
-        o_l = tl.minimum(k0 + kk + tl.arange(0, BK // LINE) * LINE, K - 1)
-        prefetch_l2(p_r + o_l[None, :])
-
-
-@triton.jit
 def _load_w(p_w, o_k, m_n, m_k, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     if EVEN_N and EVEN_K:
         b_w = tl.load(p_w + o_k[None, :], eviction_policy="evict_first")
@@ -143,18 +121,13 @@ def _load_w(p_w, o_k, m_n, m_k, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "eps"])
-def _gemv_kernel(x, w, y, part, r, nw, s, cnt, M, eps, SX: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+def _gemv_kernel(x, w, y, part, r, nw, s, M, eps, SX: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                  KS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                  SWIGLU: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr,
-                 LAST_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr):
+                 EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr):
     """NORM (the norm prologue; 0 off): 1 RMSNorm(x), 2 RMSNorm(x + r) from the fp32 sum, 3 the sum
     rounded to r's dtype first; times nw with HAS_NW. With NORM >= 2 the programs of the first row
-    block store the sum into s over their K range.
-    LAST_SUMS (split-K): the last program of each row block to finish (a ticket from cnt[i_n]) sums
-    the SPLIT partials in a fixed order and stores y, then resets its counter; no second kernel.
-    L2_PREFETCH (with USE_GDC): before waiting for the previous grid, the program asks the L2 for its
-    whole weight slice, so the weights stream while the kernels before it finish."""
+    block store the sum into s over their K range."""
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -163,8 +136,6 @@ def _gemv_kernel(x, w, y, part, r, nw, s, cnt, M, eps, SX: tl.constexpr, N: tl.c
     p_w = w + o_n.to(tl.int64)[:, None] * K
     write_s = i_n == 0
     k0 = 0
-    if USE_GDC and L2_PREFETCH:
-        _prefetch_slice(w, o_n, N, K, i_s * KS, KS, BK, LINE)
     if DOT or BM > 1:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         if USE_GDC:
@@ -224,17 +195,6 @@ def _gemv_kernel(x, w, y, part, r, nw, s, cnt, M, eps, SX: tl.constexpr, N: tl.c
         tl.store(y + o_m[:, None] * N + o_n[None, :], acc.to(y.dtype.element_ty), mask=mask)
     else:
         tl.store(part + (i_s * M + o_m[:, None]) * N + o_n[None, :], acc, mask=mask)
-        if LAST_SUMS:
-            tl.debug_barrier()  # every thread's partial store happens before the release below
-            ticket = tl.atomic_add(cnt + i_n, 1, sem="acq_rel")
-            if ticket == SPLIT - 1:  # the others have stored theirs
-                tl.debug_barrier()
-                tot = tl.zeros([BM, BN], dtype=tl.float32)
-                for i in tl.static_range(SPLIT):  # a fixed order: the same sum every run
-                    tot += tl.load(part + (i * M + o_m[:, None]) * N + o_n[None, :], mask=mask, other=0.,
-                                   cache_modifier=".cg")
-                tl.store(y + o_m[:, None] * N + o_n[None, :], tot.to(y.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(cnt + i_n, 0, sem="relaxed")  # ready for the next launch
 
 
 @triton.jit(do_not_specialize=["MN"])
@@ -251,38 +211,12 @@ def _split_sum_kernel(part, y, MN, SPLIT: tl.constexpr, BR: tl.constexpr, USE_GD
 
 
 _gemv = Launcher(_gemv_kernel)
-_COUNTERS: dict[tuple[int | None, int, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, N: int, K: int, blocks: int) -> torch.Tensor:
-    """The split-K tickets of one weight shape: zeros, left at zero by every completed launch. Made
-    on the first (eager) call, before any CUDA graph captures the launch; launches of one shape run
-    one after another on the engine's stream, so they never share a counter at the same time."""
-    key = (device.index, N, K)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < blocks:
-        buf = torch.zeros(max(blocks, 64), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
 _split_sum = Launcher(_split_sum_kernel)
 
 
-# Per weight shape (N, K) overrides of GEMV at M = 1, e.g. {(2048, 2048): {"BLOCK_N": 8}}. Empty: not
-# yet measured in a whole decode step. The third session's sweep (gemv-h200.json, each kernel alone)
-# had o_proj [2048, 2048] at 5.48 us with BLOCK_N 8 against 6.96 us, and gate|up [11264, 2048] at
-# 14.58 us on the dot path (DOT_MIN_M 1) against 16.33 us; `bench_small_steps.py --gemv-options`
-# times the step with those (SUGGESTED_SHAPE_TILES) against without.
-SHAPE_TILES: dict[tuple[int, int], dict[str, int]] = {}
-SUGGESTED_SHAPE_TILES: dict[tuple[int, int], dict[str, int]] = {(2048, 2048): {"BLOCK_N": 8},
-                                                               (11264, 2048): {"DOT_MIN_M": 1}}
-
-
 def plan(M: int, N: int, K: int) -> dict[str, int]:
-    """The launch settings for an [M, K] x [N, K]^T product under the current GEMV config (and the
-    shape's SHAPE_TILES entry at M = 1)."""
+    """The launch settings for an [M, K] x [N, K]^T product under the current GEMV config."""
     c = GEMV
-    if M == 1 and (N, K) in SHAPE_TILES:
-        c = {**GEMV, **SHAPE_TILES[N, K]}
     dot = M >= c["DOT_MIN_M"]
     BN = max(16, c["DOT_BLOCK_N"]) if dot else c["BLOCK_N"]
     BK = c["DOT_BLOCK_K"] if dot else c["BLOCK_K"]
@@ -327,21 +261,19 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, swiglu: bool,
         return y.view(*lead, N) if norm is None else (y.view(*lead, N), s.view(*lead, K) if s is not None else None)
     p = plan(M, N, K)
     part = torch.empty(p["SPLIT"], M, N, dtype=torch.float32, device=x.device) if p["SPLIT"] > 1 else y
-    last_sums = p["SPLIT"] > 1 and bool(GEMV["LAST_SUMS"])
-    cnt = _counters(x.device, N, K, cdiv(N, p["BN"])) if last_sums else y
     SX = x2.stride(0) if M > 1 else x2.shape[-1]
     ieee = _INTERPRET or x.dtype != w.dtype or x.dtype == torch.float32
     gdc = use_pdl(x.device, GEMV["PDL"], M)
     flags = (bool(swiglu), bool(p["dot"]), ieee, N % p["BN"] == 0, p["KS"] * p["SPLIT"] == K, gdc, mode,
-             nw is not None, last_sums, bool(GEMV["L2_PREFETCH"]) and gdc, 128 // w.element_size())
+             nw is not None)
     consts = (SX, N, K, p["KS"], p["BM"], p["BN"], p["BK"], p["SPLIT"], *flags)
     opts = {"num_warps": p["num_warps"], "num_stages": p["num_stages"]}
     pdl = {"launch_pdl": True} if gdc else {}
     r_, nw_, s_ = (res if res is not None else x2), (nw if nw is not None else x2), (s if s is not None else x2)
-    key = ((x.device.index, x.dtype, w.dtype, r_.dtype, nw_.dtype, cnt.dtype, *consts, *opts.values())
-           if aligned(x2, w, y, part, r_, nw_, s_, cnt) else None)
-    _gemv((cdiv(N, p["BN"]), p["SPLIT"]), key, (x2, w, y, part, r_, nw_, s_, cnt, M, eps, *consts), **opts, **pdl)
-    if p["SPLIT"] > 1 and not last_sums:
+    key = ((x.device.index, x.dtype, w.dtype, r_.dtype, nw_.dtype, *consts, *opts.values())
+           if aligned(x2, w, y, part, r_, nw_, s_) else None)
+    _gemv((cdiv(N, p["BN"]), p["SPLIT"]), key, (x2, w, y, part, r_, nw_, s_, M, eps, *consts), **opts, **pdl)
+    if p["SPLIT"] > 1:
         BR = GEMV["REDUCE_BLOCK"]
         rkey = (x.device.index, y.dtype, p["SPLIT"], BR, gdc) if aligned(part, y) else None
         _split_sum((cdiv(M * N, BR),), rkey, (part, y, M * N, p["SPLIT"], BR, gdc), num_warps=4, **pdl)

@@ -15,28 +15,22 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import PDL, Launcher, aligned, cdiv, env_flag, next_pow2, use_pdl
-from kernels.triton_fused import log_gate, prefetch_l2
+from kernels._launch import PDL, Launcher, aligned, cdiv, next_pow2, use_pdl
+from kernels.triton_fused import log_gate
 
 # State elements per program (4K fp32 = 16 KB read and written) and warps; the benchmark sweeps them.
 # H200 sweep (benchmarks/results/kernels-h200-run1.json): 4096 elements on 2 warps was best at B=1, 64, 256.
-# L2_PREFETCH (env GLA_DECODE_L2_PREFETCH, off; only with PDL): each program asks the L2 for its state
-# tile before it waits for the previous grid, so the state read overlaps the input projection's tail.
-# At batch 1 the 24 decode kernels took 123 us of a 1.31 ms step for 2 x 48 MiB (profile-model-h200-
-# run13.json). Off until measured on a GPU.
-DECODE: dict[str, int] = {"TILE_ELEMS": 4096, "num_warps": 2,
-                          "L2_PREFETCH": env_flag("GLA_DECODE_L2_PREFETCH", False)}
+DECODE: dict[str, int] = {"TILE_ELEMS": 4096, "num_warps": 2}
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-@triton.jit(do_not_specialize=["sq", "sk", "sv", "sz", "sl", "S"])
+@triton.jit(do_not_specialize=["sq", "sk", "sv", "sz", "sl"])
 def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, lowrank, w1, b1,
                    sq, sk, sv, sz, sl, scale, eps, normalizer, clamp_min,
                    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
                    BR: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, PREP: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr, USE_GDC: tl.constexpr = False,
-                   L2_PREFETCH: tl.constexpr = False, S=1):
+                   HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr, USE_GDC: tl.constexpr = False):
     """q, k, v, gate rows at batch strides sq, sk, sv, sz (head h reads kv head h // G). With PREP
     they are column slices of the fused input projection and the log-gate is computed here from its
     low-rank part (lowrank rows at stride sl, w1 [H/G * K, R], b1) as `gla_prep` would; else g is
@@ -59,10 +53,6 @@ def _decode_kernel(q, k, v, g, pool, slots, o, o_raw, gate, weight, counter, low
             b_b1 = tl.load(b1 + i_kv * K + o_k, mask=m_k, other=0.).to(tl.float32)
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
-        if L2_PREFETCH:  # a hint only (L2 is coherent): the state tile's lines, clamped to the pool
-            slot0 = tl.minimum(tl.maximum(tl.load(slots + i_b).to(tl.int64), 0), S - 1)
-            o_l = tl.arange(0, BK // 32) * 32  # 32 fp32 = one 128-byte line
-            prefetch_l2(pool + (slot0 * H + i_h) * V * K + o_v[:, None] * K + tl.minimum(o_l, K - 1)[None, :])
         tl.extra.cuda.gdc_wait()
     slot = tl.load(slots + i_b).to(tl.int64)
     p_h = pool + (slot * H + i_h) * V * K + o_v[:, None] * K + o_k[None, :]
@@ -146,12 +136,11 @@ def _launch_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         R, sl, normalizer, clamp_min, flags = 1, 0, 1.0, None, (False, False, False)
     ptrs = (q, k, v, g, state_pool, state_slots, o, o_raw, z, weight, counter, lowrank, w1, b1)
     gdc = use_pdl(v.device, PDL["fused"], B)
-    pf = gdc and bool(DECODE["L2_PREFETCH"])
     key = (v.device.index, *(t.dtype for t in ptrs), H, G, K, V, R, BV, nw, has_gate, norm_weight is not None,
-           *flags, gdc, pf) if aligned(*ptrs) else None
+           *flags, gdc) if aligned(*ptrs) else None
     _decode((NV, B * H), key, (*ptrs, *strides, sl, scale, norm_eps, float(normalizer), float(clamp_min or 0.),
                                H, G, K, V, R, BK, BV, NV, next_pow2(V), next_pow2(R), has_gate,
-                               norm_weight is not None, *flags, gdc, pf, state_pool.shape[0]), num_warps=nw,
+                               norm_weight is not None, *flags, gdc), num_warps=nw,
             **({"launch_pdl": True} if gdc else {}))
     return o
 

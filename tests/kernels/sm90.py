@@ -18,8 +18,8 @@ import pytest
 
 # A case: [module, kernel name, {arg: type} for runtime args, {arg: value} for constexprs, compile options].
 Case = list[Any]
-PTX_MARKERS = ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "prefetch.global.L2")
-GDC_MARKERS = PTX_MARKERS[:2]  # programmatic dependent launch
+PTX_MARKERS = ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
+GDC_MARKERS = PTX_MARKERS  # programmatic dependent launch
 
 
 def has_gdc(built: dict[str, Any]) -> bool:

@@ -34,10 +34,7 @@ PATHS = {
     "fma": {"DOT_MIN_M": triton_gemv.MAX_ROWS + 1},  # FMA for every M
     "dot": {"DOT_MIN_M": 1},  # tl.dot for every M, M = 1 included
 }
-# split3: a second kernel sums the partials (the default); split3-lastsums: the last program of each
-# row block does (GEMV["LAST_SUMS"])
-SPLITS = {"nosplit": {"SPLIT_K": 1}, "split3": {"SPLIT_K": 3, "LAST_SUMS": 0},
-          "split3-lastsums": {"SPLIT_K": 3, "LAST_SUMS": 1}}
+SPLITS = {"nosplit": {"SPLIT_K": 1}, "split3": {"SPLIT_K": 3}}
 
 # (M, N, K): M in {1, 3, 16}, N in {1, 37, 300}, K in {60, 257, 1000}; every value at least twice.
 SHAPES = [(1, 1, 60), (1, 37, 257), (1, 300, 1000), (3, 37, 1000), (3, 300, 60), (16, 1, 257), (16, 300, 257)]
@@ -169,15 +166,14 @@ def test_gemv_at_gla13b_sizes(name: str, M: int, dt: str, pdl: int, config, nan_
 
 
 # ---- compile for an H100/H200 without one: the interpreter never builds the kernel -------------
-def _gemv_case(M: int, N: int, K: int, swiglu: bool, dt: str, gdc: bool, norm: int = 0, l2: bool = False) -> list:
+def _gemv_case(M: int, N: int, K: int, swiglu: bool, dt: str, gdc: bool, norm: int = 0) -> list:
     p = triton_gemv.plan(M, N, K)
     consts = {"SX": 2 * K if swiglu else K, "N": N, "K": K, "KS": p["KS"], "BM": p["BM"], "BN": p["BN"],
               "BK": p["BK"], "SPLIT": p["SPLIT"], "SWIGLU": swiglu, "DOT": bool(p["dot"]), "IEEE": dt == "fp32",
               "EVEN_N": N % p["BN"] == 0, "EVEN_K": p["KS"] * p["SPLIT"] == K, "USE_GDC": gdc, "NORM": norm,
-              "HAS_NW": norm > 0, "LAST_SUMS": p["SPLIT"] > 1, "L2_PREFETCH": l2,
-              "LINE": 32 if dt == "fp32" else 64}
+              "HAS_NW": norm > 0}
     sig = {"x": "*" + dt, "w": "*" + dt, "y": "*" + dt, "part": "*fp32", "r": "*" + dt, "nw": "*" + dt,
-           "s": "*" + dt, "cnt": "*i32", "M": "i32", "eps": "fp32"}
+           "s": "*" + dt, "M": "i32", "eps": "fp32"}
     return ["kernels.triton_gemv", "_gemv_kernel", sig, consts,
             {"num_warps": p["num_warps"], "num_stages": p["num_stages"], "launch_pdl": gdc}]
 
@@ -254,54 +250,3 @@ def test_norm_gemv_public_op_on_the_cpu_is_norm_then_linear() -> None:
     assert torch.equal(y, F.linear(n, w)) and torch.equal(s, h)
     y1, s1 = kernels.norm_gemv(x, None, nw, 1e-5, False, w)
     assert s1 is None and torch.equal(y1, F.linear(kernels.rms_norm_gate(x, None, nw, 1e-5), w))
-
-
-def test_last_sums_leave_their_counters_at_zero(config, nan_poison: None) -> None:  # type: ignore[no-untyped-def]
-    """The split-K ticket counters are back at zero after each launch, so the next launch (the next
-    layer's projection of the same shape) counts from zero; repeated calls give the same bits."""
-    config(SMALL_TILES, SPLITS["split3-lastsums"])
-    x, w = randn(1, 257, dtype=torch.float32, seed=12), randn(300, 257, dtype=torch.float32, seed=13, scale=0.05)
-    ys = [gemv_triton(x, w) for _ in range(3)]
-    assert all(torch.equal(y, ys[0]) for y in ys)
-    (cnt,) = [c for (dev, n, k), c in triton_gemv._COUNTERS.items() if (n, k) == (300, 257)]
-    assert int(cnt.abs().sum()) == 0
-    assert_close(ys[0], x.double() @ w.double().T, BOUND["f32"], "y")
-
-
-def test_shape_tiles_apply_to_their_shape_at_one_row(monkeypatch: pytest.MonkeyPatch, nan_poison: None) -> None:
-    """SHAPE_TILES overrides the config for one weight shape at M = 1 only; results are unchanged
-    (the suggested kinds of override: a narrower row block, the dot path at one row)."""
-    tiles = {(37, 257): {"BLOCK_N": 8, "BLOCK_K": 64}, (300, 60): {"DOT_MIN_M": 1, "DOT_BLOCK_K": 32}}
-    monkeypatch.setattr(triton_gemv, "SHAPE_TILES", tiles)
-    assert triton_gemv.plan(1, 37, 257)["BN"] == 8 and triton_gemv.plan(2, 37, 257)["BN"] != 8
-    assert triton_gemv.plan(1, 300, 60)["dot"] == 1 and triton_gemv.plan(1, 301, 60)["dot"] == 0
-    assert set(triton_gemv.SUGGESTED_SHAPE_TILES) == {(2048, 2048), (11264, 2048)}
-    for N, K in tiles:
-        x, r = randn(1, K, dtype=torch.float32, seed=K), randn(1, K, dtype=torch.float32, seed=K + 1)
-        w = randn(N, K, dtype=torch.float32, seed=N, scale=0.05)
-        assert_close(gemv_triton(x, w), x.double() @ w.double().T, BOUND["f32"], "y")
-        y, s = triton_gemv.norm_gemv_triton(x, r, None, 1e-6, False, w)
-        ref_y, ref_s = norm_ref(x, r, None, 1e-6, False, w)
-        assert_close(y, ref_y, BOUND["f32"], "normed y")
-        assert s is not None and torch.equal(s.double(), ref_s)
-
-
-def test_suggested_shape_tiles_compile_for_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The per-shape tiles the next GPU session times (o_proj with 8-row blocks, gate|up on the dot
-    path at one row with the norm prologue) build for sm_90 without spills."""
-    monkeypatch.setattr(triton_gemv, "SHAPE_TILES", triton_gemv.SUGGESTED_SHAPE_TILES)
-    cases = [(1, 2048, 2048, False, "bf16", True), (1, 11264, 2048, False, "bf16", True, 2)]
-    built = build_for_sm90([_gemv_case(*c) for c in cases])
-    assert triton_gemv.plan(1, 11264, 2048)["dot"] == 1 and triton_gemv.plan(1, 2048, 2048)["BN"] == 8
-    assert all(b["stack"] == 0 and b["regs"] <= 255 and has_gdc(b) for b in built), built
-
-
-def test_l2_prefetch_variant_compiles_and_prefetches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GEMV["L2_PREFETCH"] (with PDL): the PTX holds the L2 prefetches and the PDL instructions, and the
-    build does not spill; without the switch there is no prefetch."""
-    cases = [(1, 6160, 2048, False, "bf16", True, 3, True), (1, 2048, 5632, True, "bf16", True, 0, True),
-             (4, 11264, 2048, False, "bf16", True, 2, True), (1, 6160, 2048, False, "bf16", True, 3, False)]
-    built = build_for_sm90([_gemv_case(*c) for c in cases])
-    for c, b in zip(cases, built, strict=True):
-        assert b["ptx"]["prefetch.global.L2"] == c[-1] and has_gdc(b), (c, b)
-        assert b["stack"] == 0 and b["regs"] <= 255, (c, b)

@@ -67,11 +67,10 @@ def decode_cases(dt: str, K: int, V: int, R: int = 16) -> list[list]:
     BV = min(_pow2(V), max(16, triton_recurrent.DECODE["TILE_ELEMS"] // BK))
     sig = {"q": P, "k": P, "v": P, "g": P, "pool": "*fp32", "slots": "*i32", "o": P, "o_raw": "*fp32", "gate": P,
            "weight": P, "counter": "*i32", "lowrank": P, "w1": P, "b1": P, "sq": "i32", "sk": "i32", "sv": "i32",
-           "sz": "i32", "sl": "i32", "scale": "fp32", "eps": "fp32", "normalizer": "fp32", "clamp_min": "fp32",
-           "S": "i32"}
+           "sz": "i32", "sl": "i32", "scale": "fp32", "eps": "fp32", "normalizer": "fp32", "clamp_min": "fp32"}
     consts = {"H": 4, "G": 1, "K": K, "V": V, "R": R, "BK": BK, "BV": BV, "NV": _pow2(-(-V // BV)), "BVF": _pow2(V),
               "BR": _pow2(R), "HAS_GATE": True, "HAS_WEIGHT": True, "PREP": True, "HAS_BIAS": False,
-              "HAS_CLAMP": False, "USE_GDC": False, "L2_PREFETCH": False}
+              "HAS_CLAMP": False, "USE_GDC": False}
     short = triton_recurrent.SHORT
     sbv = min(_pow2(V), max(1, short["TILE_ELEMS"] // BK))
     return [
@@ -105,14 +104,13 @@ def _fused_pdl_cases(gdc: bool) -> list[list]:
     """The decode step's small kernels as their wrappers launch them with kernels._launch.PDL on (off)."""
     dec = decode_cases("bf16", *SHAPES["gla-1.3B"])[0]
     dec = [*dec[:3], {**dec[3], "USE_GDC": gdc}, {**dec[4], "launch_pdl": gdc}]
-    dec_pf = [*dec[:3], {**dec[3], "L2_PREFETCH": gdc}, dec[4]]  # the state tile prefetched before the wait
     norm_sig = {"x": "*bf16", "r": "*bf16", "z": "*bf16", "w": "*bf16", "y": "*bf16", "s": "*bf16", "eps": "fp32"}
     norm = ["kernels.triton_fused", "_rms_norm_kernel", norm_sig,
             {"D": 2048, "BD": 2048, "HAS_RES": True, "ROUND_SUM": False, "HAS_GATE": False, "HAS_W": True,
              "USE_GDC": gdc}, {"num_warps": 8, "launch_pdl": gdc}]
     swiglu = ["kernels.triton_fused", "_swiglu_kernel", {"x": "*bf16", "y": "*bf16"},
               {"NI": 5632, "BI": 1024, "USE_GDC": gdc}, {"num_warps": 4, "launch_pdl": gdc}]
-    return [dec, norm, swiglu, dec_pf]
+    return [dec, norm, swiglu]
 
 
 @pytest.mark.slow
@@ -125,5 +123,3 @@ def test_pdl_variants_wait_for_the_previous_grid() -> None:
         assert b["regs"] <= 255 and b["stack"] == 0, b
     for b in off:
         assert not any(b["ptx"][m] for m in GDC_MARKERS), b
-    # the decode kernel's L2 prefetch (DECODE["L2_PREFETCH"]) is emitted only in its variant
-    assert on[-1]["ptx"]["prefetch.global.L2"] and not any(b["ptx"]["prefetch.global.L2"] for b in on[:-1] + off)
