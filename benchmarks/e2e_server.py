@@ -370,6 +370,9 @@ def start_redis(io_threads: int = 1) -> Any:
 
 def add_redis_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--redis-io-threads", type=int, default=1, help="redis-server --io-threads (Redis tier)")
+    ap.add_argument("--redis-chunk-shards", type=int, default=0,
+                    help="start this many more redis-servers and spread the snapshot chunks over them "
+                    "(the server's redis_chunk_urls; 0: the one Redis holds everything)")
     ap.add_argument("--state-cache-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="the server's state_cache_dtype: what the host and Redis tiers store")
     ap.add_argument("--bulk-connections", type=int, default=None,
@@ -378,9 +381,16 @@ def add_redis_args(ap: argparse.ArgumentParser) -> None:
                     help="the server's redis_read_piece_bytes (0: one GET per chunk; default: the setting's)")
 
 
-def redis_settings(args: argparse.Namespace, url: str) -> dict[str, Any]:
+def start_chunk_shards(args: argparse.Namespace) -> list[Any]:
+    """The `--redis-chunk-shards` redis-servers (stop each when done)."""
+    return [start_redis(args.redis_io_threads) for _ in range(args.redis_chunk_shards)]
+
+
+def redis_settings(args: argparse.Namespace, url: str, shards: list[Any] | None = None) -> dict[str, Any]:
     """The Settings fields of a Redis-tier run (no host tier: every resume reads Redis)."""
     out: dict[str, Any] = {"host_cache_bytes": 0, "redis_url": url, "state_cache_dtype": args.state_cache_dtype}
+    if shards:
+        out["redis_chunk_urls"] = ",".join(p.url for p in shards)
     if args.bulk_connections is not None:
         out["redis_bulk_connections"] = args.bulk_connections
     if args.read_piece_bytes is not None:
@@ -467,12 +477,14 @@ def main() -> None:
     from server.state_cache.factory import build_conversation_store
 
     redis = None
+    shards: list[Any] = []
     tier: dict[str, Any] = {}
     if args.resume_tier != "device":
         tier["resident_conversations"] = False
     if args.resume_tier == "redis":
         redis = start_redis(args.redis_io_threads)
-        tier.update(redis_settings(args, redis.url))
+        shards = start_chunk_shards(args)
+        tier.update(redis_settings(args, redis.url, shards))
     settings = Settings(**{**settings.model_dump(exclude_unset=True), **tier})
     conversations = build_conversation_store(settings, fingerprint=b"e2e-server-random-weights".ljust(32, b"\0"))
     app = create_app(settings, model_loader=lambda s: (model, tokenizer), conversations=conversations)
@@ -518,8 +530,9 @@ def main() -> None:
         pool.shutdown()
     server.should_exit = True
     thread.join(timeout=30)
-    if redis is not None:
-        redis.stop()
+    for proc in [redis, *shards]:
+        if proc is not None:
+            proc.stop()
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -544,8 +557,8 @@ def main() -> None:
         "resume": resume,
         "resume_tier": args.resume_tier,
         "think_ms": args.think_ms,
-        "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections",
-                                                "read_piece_bytes")},
+        "redis": {k: getattr(args, k) for k in ("redis_io_threads", "redis_chunk_shards", "state_cache_dtype",
+                                                "bulk_connections", "read_piece_bytes")},
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,
         "gc_freeze": settings.gc_freeze,

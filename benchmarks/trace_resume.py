@@ -42,7 +42,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_server import add_redis_args, build_model, redis_settings, serve_in_thread, start_redis  # noqa: E402
+from e2e_server import (  # noqa: E402
+    add_redis_args,
+    build_model,
+    redis_settings,
+    serve_in_thread,
+    start_chunk_shards,
+    start_redis,
+)
 
 from benchmarks.raw_http import RawSSEClient  # noqa: E402
 
@@ -298,11 +305,13 @@ def main() -> None:
     tokenizer = load_tokenizer(None)
     tier: dict[str, Any] = {}
     redis = None
+    shards: list[Any] = []
     if args.tier != "device":
         tier["resident_conversations"] = False
     if args.tier == "redis":
         redis = start_redis(args.redis_io_threads)
-        tier.update(redis_settings(args, redis.url))
+        shards = start_chunk_shards(args)  # their slowlogs are not read below: only the primary's
+        tier.update(redis_settings(args, redis.url, shards))
         import redis as redis_py
 
         r = redis_py.Redis.from_url(redis.url)  # Redis' own view of slow commands and stalls, printed at the end
@@ -356,8 +365,9 @@ def main() -> None:
             f"{c} n={len(v)} median {statistics.median(v):.0f} us max {max(v)} us total {sum(v) / 1e3:.1f} ms"
             for c, v in sorted(by_cmd.items(), key=lambda kv: -sum(kv[1]))[:4])
             + f"; latency events: {redis_slow['latency_latest']}", flush=True)
-    if redis is not None:
-        redis.stop()
+    for proc in [redis, *shards]:
+        if proc is not None:
+            proc.stop()
     if args.out:
         import subprocess
 

@@ -17,7 +17,9 @@ DEFAULT_PUBLIC_PATHS = ["/", "/health", "/ready", "/metrics", "/docs", "/openapi
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GLA_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a bad URL setting may carry a password, and errors reach the logs
+    model_config = SettingsConfigDict(env_prefix="GLA_", extra="ignore", validate_default=True,
+                                      hide_input_in_errors=True)
 
     # -- model and device
     model: str | None = Field(None, description="local model directory (default: the bundled tiny model)")
@@ -94,6 +96,11 @@ class Settings(BaseSettings):
         "truth (unset: redis_url). Give them an instance that never evicts (maxmemory-policy noeviction) when "
         "redis_url's may: there every key has a TTL, so a volatile-* policy can evict a log as readily as a state",
     )
+    redis_chunk_urls: SecretStr | None = Field(
+        None, description="comma-separated redis:// or rediss:// URLs over which the snapshots' payload chunks are "
+        "spread, so one resume reads from all of them at once (unset: redis_url holds them; manifests, logs, leases "
+        "and the prefix index stay on redis_url). Every replica must list the same URLs in the same order",
+    )
     redis_key_prefix: str = Field("gla", description="prefix of every Redis key")
     redis_ttl_s: int = Field(86_400, ge=1, description="Redis entry time to live")
     redis_timeout_s: float = Field(0.5, gt=0, description="timeout of one Redis operation")
@@ -145,6 +152,25 @@ class Settings(BaseSettings):
     def _check_limits(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_cap:
             self.default_max_tokens = self.max_tokens_cap
+        return self
+
+    @field_validator("redis_chunk_urls")
+    @classmethod
+    def _check_chunk_urls(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return v
+        urls = [u.strip() for u in v.get_secret_value().split(",") if u.strip()]
+        bad = [i for i, u in enumerate(urls) if not u.startswith(("redis://", "rediss://", "unix://"))]
+        if bad:  # the index, not the URL: it may hold a password
+            raise ValueError(f"redis_chunk_urls entry {bad[0]} is not a redis://, rediss:// or unix:// URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError("redis_chunk_urls lists a URL twice")
+        return v
+
+    @model_validator(mode="after")
+    def _chunk_urls_need_redis_url(self) -> Settings:
+        if self.redis_chunk_urls is not None and self.redis_url is None:
+            raise ValueError("redis_chunk_urls needs redis_url (it holds the manifests, logs and leases)")
         return self
 
     def resolved_device(self) -> str:

@@ -236,30 +236,38 @@ class BulkReader:
     """Pooled plain connections and reader threads for `RedisTier.read_snapshot_into`.
 
     Args:
-        endpoint: where Redis is (`Endpoint.of_client`).
-        connections: sockets per read; chunk i goes to connection i % connections.
+        endpoints: where Redis is (`Endpoint.of_client`); several when a snapshot's chunks are
+            spread over shards (`RedisTier` chunk_urls), each read piece naming its shard.
+        connections: sockets per shard and read; a shard's i-th piece goes to its connection
+            i % connections.
         connect_timeout_s: connect + AUTH limit for a new socket.
     """
 
-    def __init__(self, endpoint: Endpoint, connections: int = 4, connect_timeout_s: float = 0.5) -> None:
+    def __init__(
+        self, endpoints: Endpoint | Sequence[Endpoint], connections: int = 4, connect_timeout_s: float = 0.5
+    ) -> None:
         if connections < 1:
             raise ValueError("connections must be >= 1")
-        self.endpoint = endpoint
+        self.endpoints = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
+        if not self.endpoints:
+            raise ValueError("at least one endpoint")
         self.connections = connections
         self.connect_timeout_s = connect_timeout_s
-        self._idle: list[_Conn] = []
+        self._idle: list[list[_Conn]] = [[] for _ in self.endpoints]
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=4 * connections, thread_name_prefix="gla-redis-bulk")
+        self._pool = ThreadPoolExecutor(max_workers=4 * connections * len(self.endpoints),
+                                        thread_name_prefix="gla-redis-bulk")
         self.reads = 0
         self.reconnects = 0
 
-    def _checkout(self, timeout_s: float) -> _Conn:
+    def _checkout(self, timeout_s: float, shard: int = 0) -> _Conn:
+        idle = self._idle[shard]
         while True:
             with self._lock:
-                conn = self._idle.pop() if self._idle else None
+                conn = idle.pop() if idle else None
             if conn is None:
                 self.reconnects += 1
-                conn = _Conn(self.endpoint, self.connect_timeout_s)
+                conn = _Conn(self.endpoints[shard], self.connect_timeout_s)
                 break
             if not conn.is_stale():
                 break
@@ -267,18 +275,21 @@ class BulkReader:
         conn.set_timeout(timeout_s)
         return conn
 
-    def _checkin(self, conns: Sequence[_Conn]) -> None:
+    def _checkin(self, conns: Sequence[_Conn], shard: int = 0) -> None:
+        idle = self._idle[shard]
         with self._lock:
-            self._idle.extend(conns)
-            extra = self._idle[2 * self.connections :]
-            del self._idle[2 * self.connections :]
+            idle.extend(conns)
+            extra = idle[2 * self.connections :]
+            del idle[2 * self.connections :]
         for c in extra:
             c.close()
 
     def drop_idle(self) -> None:
         """Closes pooled connections (the tier calls this when its breaker opens)."""
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle = [c for pool in self._idle for c in pool]
+            for pool in self._idle:
+                pool.clear()
         for c in idle:
             c.close()
 
@@ -297,10 +308,12 @@ class BulkReader:
         sink: ChunkSink,
         timeout_s: float,
         offsets: Sequence[int] | None = None,
+        shards: Sequence[int] | None = None,
     ) -> bool:
         """Blocking (run it in a thread): fetches chunk `keys[i]` into `sink.views(*ranges[i])`;
         with `offsets`, only the part of `keys[i]` that starts at `offsets[i]` (GETRANGE), so a
-        chunk can arrive as several pieces (`redis_tier.piece_ranges`).
+        chunk can arrive as several pieces (`redis_tier.piece_ranges`); with `shards`, piece i
+        comes from `endpoints[shards[i]]` (default: the first endpoint).
 
         Returns True once every chunk has landed and been absorbed in order, False when a chunk is
         missing (expired or replaced since the manifest was read: a miss). Raises
@@ -309,10 +322,23 @@ class BulkReader:
         any of them the sink holds a partial payload and must be dropped.
         """
         deadline = time.monotonic() + timeout_s
-        k = min(self.connections, len(keys))
+        if shards is None:
+            shards = [0] * len(keys)
+        elif len(shards) != len(keys) or any(not 0 <= s < len(self.endpoints) for s in shards):
+            raise ValueError("shards must name an endpoint for every key")
+        # per connection: its shard and the pieces it asks for, round-robin within each shard
+        plan: list[tuple[int, list[int]]] = []
+        for shard in range(len(self.endpoints)):
+            mine = [i for i, s in enumerate(shards) if s == shard]
+            k = min(self.connections, len(mine))
+            plan.extend((shard, mine[j::k]) for j in range(k))
+        conns: list[_Conn] = []
         try:
-            conns = [self._checkout(timeout_s) for _ in range(k)]
+            for shard, _ in plan:
+                conns.append(self._checkout(timeout_s, shard))
         except BaseException as e:
+            for c in conns:
+                c.close()
             read.fail(e)
             raise
         with read.lock:
@@ -327,9 +353,8 @@ class BulkReader:
             commands = [_command(b"GETRANGE", key.encode(), b"%d" % off, b"%d" % (off + b - a - 1))
                         for key, off, (a, b) in zip(keys, offsets, ranges, strict=True)]
         futures = [
-            self._pool.submit(self._worker, read, conns[j], list(range(j, len(keys), k)), commands, ranges, sink,
-                              offsets is not None)
-            for j in range(k)
+            self._pool.submit(self._worker, read, conn, indices, commands, ranges, sink, offsets is not None)
+            for conn, (_, indices) in zip(conns, plan, strict=True)
         ]
         ok = False
         try:
@@ -353,7 +378,8 @@ class BulkReader:
                     ok = False
             if ok:
                 self.reads += 1
-                self._checkin(conns)
+                for shard in range(len(self.endpoints)):
+                    self._checkin([c for c, (s, _) in zip(conns, plan, strict=True) if s == shard], shard)
             else:
                 for c in conns:
                     c.close()

@@ -22,7 +22,7 @@ def fingerprint_from_model_dir(path: str | Path | None) -> bytes:
     return model_fingerprint(config, weights_digest_from_files(p.glob("*.safetensors")))
 
 
-def _redis_tier(settings: Settings, url: str, bulk_connections: int) -> RedisTier:
+def _redis_tier(settings: Settings, url: str, bulk_connections: int, chunk_urls: list[str] | None = None) -> RedisTier:
     return RedisTier(
         url,
         ttl_s=settings.redis_ttl_s,
@@ -32,14 +32,21 @@ def _redis_tier(settings: Settings, url: str, bulk_connections: int) -> RedisTie
         max_backoff_s=max(30.0, 8 * settings.redis_breaker_reset_s),
         bulk_connections=bulk_connections,
         read_piece_bytes=settings.redis_read_piece_bytes,
+        chunk_urls=chunk_urls or (),
     )
+
+
+def chunk_urls(settings: Settings) -> list[str]:
+    raw = settings.redis_chunk_urls.get_secret_value() if settings.redis_chunk_urls is not None else ""
+    return [u.strip() for u in raw.split(",") if u.strip()]
 
 
 def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCache:
     redis = log_redis = None
     if settings.redis_url is not None:
         tune_malloc_for_snapshots()  # Redis reads stop re-faulting their reply memory (redis_tier.py)
-        redis = _redis_tier(settings, settings.redis_url.get_secret_value(), settings.redis_bulk_connections)
+        redis = _redis_tier(settings, settings.redis_url.get_secret_value(), settings.redis_bulk_connections,
+                            chunk_urls(settings))
     if settings.redis_log_url is not None:  # logs and leases only: no snapshot reads, no bulk sockets
         log_redis = _redis_tier(settings, settings.redis_log_url.get_secret_value(), 0)
     return TieredStateCache(

@@ -8,6 +8,13 @@ Redis returns (redis-py reconnects on the next call).
 A snapshot is stored as payload chunks under a fresh generation id, then a manifest (the snapshot
 header plus generation and chunk count) written last with SET ... GET: a reader that sees a
 manifest sees all of its chunks, and the previous generation's chunks are unlinked afterwards.
+
+With `chunk_urls`, the chunks are spread over several Redis instances (chunk i of a generation on
+shard `chunk_shard(gen, i, n)`), while manifests, token logs, leases and the prefix index stay on
+`url`. Why: one redis-server writes replies from one thread (~2.6 GB/s on the H200 host), which
+bounds a 48 MiB resume at ~18 ms; n shards send their parts at once. A chunk missing from its
+shard (evicted, shard restarted, a replica configured with other shards) is a miss, like an
+expired one, so the state is rebuilt from the log and never read wrongly.
 """
 
 from __future__ import annotations
@@ -113,6 +120,12 @@ def chunk_key(key: str, generation: bytes, index: int) -> str:
     return f"{key}:chunk:{generation.hex()}:{index}"
 
 
+def chunk_shard(generation: bytes, index: int, num_shards: int) -> int:
+    """The shard holding chunk `index`: consecutive chunks on consecutive shards, starting at one
+    the random generation picks, so small snapshots do not all land on shard 0."""
+    return (generation[0] + index) % num_shards
+
+
 def piece_ranges(
     keys: Sequence[str], ranges: Sequence[tuple[int, int]], piece_bytes: int
 ) -> tuple[list[str], list[tuple[int, int]], list[int]]:
@@ -157,6 +170,8 @@ class RedisTier:
             time (page faults in the server's one thread); smaller replies reuse its heap.
         failure_threshold, base_backoff_s, max_backoff_s: circuit breaker (see breaker.py).
         client_kwargs: extra arguments for `redis.asyncio.from_url`.
+        chunk_urls: Redis instances that hold the snapshots' payload chunks, spread chunk by chunk
+            (default: `url` holds them). Every replica must list the same URLs in the same order.
     """
 
     def __init__(
@@ -175,6 +190,7 @@ class RedisTier:
         bulk_connections: int = 16,
         read_piece_bytes: int = 1 << 20,
         client_kwargs: dict[str, Any] | None = None,
+        chunk_urls: Sequence[str] = (),
     ) -> None:
         if ttl_s <= 0 or op_timeout_s <= 0 or chunk_bytes <= 0:
             raise ValueError("ttl_s, op_timeout_s and chunk_bytes must be positive")
@@ -196,6 +212,8 @@ class RedisTier:
         )
         kwargs.update(client_kwargs or {})
         self._client = aioredis.from_url(url, **kwargs)
+        # where the chunks live; the primary client when no chunk_urls are given
+        self._shards: list[aioredis.Redis] = [aioredis.from_url(u, **kwargs) for u in chunk_urls] or [self._client]
         self._append_log = self._client.register_script(_APPEND_LOG)
         self._release_lease = self._client.register_script(_RELEASE_LEASE)
         self._set_log_checked = self._client.register_script(_SET_LOG_CHECKED)
@@ -211,8 +229,33 @@ class RedisTier:
         self.bytes_written = 0
         # on_op(what, seconds, ok) after every call that went out (Prometheus; see server/metrics.py)
         self.on_op: Callable[[str, float, bool], None] | None = None
-        endpoint = Endpoint.of_client(self._client) if bulk_connections > 0 else None
-        self.bulk = BulkReader(endpoint, bulk_connections, connect_timeout_s) if endpoint else None
+        endpoints = [Endpoint.of_client(c) for c in self._shards] if bulk_connections > 0 else [None]
+        self.bulk = (
+            BulkReader([e for e in endpoints if e is not None], bulk_connections, connect_timeout_s)
+            if None not in endpoints else None
+        )
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def _by_shard(self, key: str, gen: bytes, indices: Sequence[int]) -> dict[int, list[int]]:
+        """The chunk indices each shard holds, in order."""
+        out: dict[int, list[int]] = {}
+        for i in indices:
+            out.setdefault(chunk_shard(gen, i, len(self._shards)), []).append(i)
+        return out
+
+    async def _mget_chunks(self, key: str, gen: bytes, indices: Sequence[int]) -> list[bytes | None]:
+        """The chunks `indices` (None where missing), one MGET per shard, all shards at once."""
+        groups = self._by_shard(key, gen, indices)
+        replies = await asyncio.gather(*[
+            self._shards[s].mget([chunk_key(key, gen, i) for i in idx]) for s, idx in groups.items()
+        ])
+        got: dict[int, bytes | None] = {}
+        for idx, parts in zip(groups.values(), replies, strict=True):
+            got.update(zip(idx, parts, strict=True))
+        return [got[i] for i in indices]
 
     @property
     def is_available(self) -> bool:
@@ -221,6 +264,9 @@ class RedisTier:
 
     async def close(self) -> None:
         await self._client.aclose()
+        for c in self._shards:
+            if c is not self._client:
+                await c.aclose()
         if self.bulk is not None:
             self.bulk.close()
 
@@ -271,10 +317,11 @@ class RedisTier:
         return result
 
     async def _drop_connections(self) -> None:
-        try:
-            await self._client.connection_pool.disconnect()
-        except (RedisError, OSError):  # pragma: no cover - best effort
-            pass
+        for c in {id(c): c for c in (self._client, *self._shards)}.values():
+            try:
+                await c.connection_pool.disconnect()
+            except (RedisError, OSError):  # pragma: no cover - best effort
+                pass
         if self.bulk is not None:
             self.bulk.drop_idle()
 
@@ -306,11 +353,15 @@ class RedisTier:
             + enc.header_bytes
         )
 
-        async def write(r: aioredis.Redis) -> bytes | None:
-            pipe = r.pipeline(transaction=False)
-            for i, c in enumerate(chunks):
-                pipe.set(chunk_key(key, gen, i), c, px=ttl_ms)
+        async def write_shard(shard: int, indices: list[int]) -> None:
+            pipe = self._shards[shard].pipeline(transaction=False)
+            for i in indices:
+                pipe.set(chunk_key(key, gen, i), chunks[i], px=ttl_ms)
             await pipe.execute()
+
+        async def write(r: aioredis.Redis) -> bytes | None:
+            groups = self._by_shard(key, gen, range(len(chunks)))
+            await asyncio.gather(*[write_shard(s, idx) for s, idx in groups.items()])
             return await r.set(key, manifest, px=ttl_ms, get=True)
 
         old = await self._call("put_snapshot", write, self._transfer_timeout(enc.nbytes))
@@ -329,7 +380,10 @@ class RedisTier:
         except ValueError:
             return
         if n:
-            await self._call("unlink", lambda r: r.unlink(*[chunk_key(key, gen, i) for i in range(n)]))
+            groups = self._by_shard(key, gen, range(n))
+            await self._call("unlink", lambda _: asyncio.gather(*[
+                self._shards[s].unlink(*[chunk_key(key, gen, i) for i in idx]) for s, idx in groups.items()
+            ]))
 
     async def get_snapshot(
         self, key: str, accept_header: Callable[[bytes], None] | None = None
@@ -349,11 +403,10 @@ class RedisTier:
             accept_header(header)
         if n == 0:
             return header, []
-        keys = [chunk_key(key, gen, i) for i in range(n)]
-        # One MGET: with hiredis, 2-6 concurrent MGETs over the pool or a pipeline of GETs were
-        # no faster on loopback (the reply parse, not Redis, is the bottleneck).
+        # One MGET per shard: with hiredis, 2-6 concurrent MGETs over the pool or a pipeline of
+        # GETs were no faster on loopback (the reply parse, not Redis, is the bottleneck).
         parts = await self._call(
-            "get_snapshot", lambda r: r.mget(keys), self._transfer_timeout(payload_len)
+            "get_snapshot", lambda _: self._mget_chunks(key, gen, range(n)), self._transfer_timeout(payload_len)
         )
         if isinstance(parts, _Unavailable) or any(p is None for p in parts):
             # Chunks expired or were replaced between the manifest read and now: a miss.
@@ -400,13 +453,12 @@ class RedisTier:
         manifest_len, (gen, n, chunk_bytes, _, header) = got
         decoder = open_decoder(header)
         self.bytes_read += manifest_len
-        keys = [chunk_key(key, gen, i) for i in range(n)]
         timeout = self._transfer_timeout(chunk_bytes * group)
         pending: asyncio.Future[None] | None = None
         try:
             for i in range(0, n, max(1, group)):
-                batch = keys[i : i + max(1, group)]
-                parts = await self._call("get_snapshot", lambda r, b=batch: r.mget(b), timeout)
+                batch = range(i, min(n, i + max(1, group)))
+                parts = await self._call("get_snapshot", lambda _, b=batch: self._mget_chunks(key, gen, b), timeout)
                 if isinstance(parts, _Unavailable) or any(p is None for p in parts):
                     # chunks expired or were replaced since the manifest was read: a miss
                     self.snapshot_misses += 1
@@ -452,15 +504,18 @@ class RedisTier:
         keys = [chunk_key(key, gen, i) for i in range(n)]
         ranges = chunk_ranges(payload_len, chunk_bytes)
         offsets = None
+        shards = [chunk_shard(gen, i, len(self._shards)) for i in range(n)]
         if self.read_piece_bytes and self.read_piece_bytes < chunk_bytes:
+            shard_of = dict(zip(keys, shards, strict=True))
             keys, ranges, offsets = piece_ranges(keys, ranges, self.read_piece_bytes)
+            shards = [shard_of[k] for k in keys]
         timeout = self._transfer_timeout(payload_len)
         bulk = self.bulk
 
         async def fetch(_: aioredis.Redis) -> bool:
             read = bulk.start(len(keys))
             try:
-                return await asyncio.to_thread(bulk.read_into, read, keys, ranges, sink, timeout, offsets)
+                return await asyncio.to_thread(bulk.read_into, read, keys, ranges, sink, timeout, offsets, shards)
             except asyncio.CancelledError:
                 read.abort()  # the worker threads stop at once; the sockets are not reused
                 raise
@@ -579,4 +634,5 @@ class RedisTier:
             "redis_refused": self.num_refused,
             "redis_breaker_state": self.breaker.state,
             "redis_breaker_opens": self.breaker.num_opens,
+            "redis_chunk_shards": len(self._shards),
         }

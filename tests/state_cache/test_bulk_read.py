@@ -216,7 +216,7 @@ def test_bulk_read_through_tls(redis_proc, tmp_path):
         async def main():
             tier = RedisTier(url, op_timeout_s=2, chunk_bytes=100, client_kwargs={"ssl_ca_certs": str(cert)})
             try:
-                assert tier.bulk is not None and tier.bulk.endpoint.ssl_context is not None
+                assert tier.bulk is not None and tier.bulk.endpoints[0].ssl_context is not None
                 assert await tier.put_snapshot(key, enc())
                 whole = (await tier.read_snapshot_into(key, opener(per_tensor=True), feed)).finish()
                 tier.read_piece_bytes = 30  # GETRANGE pieces over TLS too
@@ -236,8 +236,8 @@ def test_wrong_password_on_the_bulk_path_is_a_miss(redis_proc):
         tier = RedisTier(redis_proc.url, op_timeout_s=2, chunk_bytes=100, bulk_connections=2)
         try:
             assert await tier.put_snapshot(key, enc())
-            ep = tier.bulk.endpoint
-            tier.bulk.endpoint = Endpoint(**{**ep.__dict__, "password": "wrong"})
+            ep = tier.bulk.endpoints[0]
+            tier.bulk.endpoints[0] = Endpoint(**{**ep.__dict__, "password": "wrong"})
             return await tier.read_snapshot_into(key, opener(), feed), tier.num_errors
         finally:
             await tier.close()
