@@ -62,11 +62,14 @@ def test_chunks_spread_over_the_shards_and_every_read_path_gets_them_back(redis_
             header, parts = await t.get_snapshot(key)  # one MGET per shard, in payload order
             streamed = await t.stream_snapshot(key, opener(), feed, group=3)
             read = await t.read_snapshot_into(key, opener(), feed)  # bulk sockets to both shards
-            return header, parts, streamed.finish(), read.finish(), t.stats()
+            # the read's sockets are split over the shards, at least one each: 1 -> 1 + 1, 3 -> 2 + 2
+            sockets = t.bulk.reconnects if t.bulk else None
+            return header, parts, streamed.finish(), read.finish(), t.stats(), sockets
         finally:
             await t.close()
 
-    header, parts, streamed, read, stats = asyncio.run(main())
+    header, parts, streamed, read, stats, sockets = asyncio.run(main())
+    assert sockets == {0: None, 1: 2, 3: 4}[connections]
     fetched = decode_snapshot(header, parts, fingerprint=FP).tensors
     for got in (fetched, streamed.tensors, read.tensors):
         assert set(got) == set(STATE) and all(got[n].equal(STATE[n]) for n in STATE)
