@@ -239,7 +239,7 @@ class RedisTier:
     def num_shards(self) -> int:
         return len(self._shards)
 
-    def _by_shard(self, key: str, gen: bytes, indices: Sequence[int]) -> dict[int, list[int]]:
+    def _by_shard(self, gen: bytes, indices: Sequence[int]) -> dict[int, list[int]]:
         """The chunk indices each shard holds, in order."""
         out: dict[int, list[int]] = {}
         for i in indices:
@@ -248,7 +248,7 @@ class RedisTier:
 
     async def _mget_chunks(self, key: str, gen: bytes, indices: Sequence[int]) -> list[bytes | None]:
         """The chunks `indices` (None where missing), one MGET per shard, all shards at once."""
-        groups = self._by_shard(key, gen, indices)
+        groups = self._by_shard(gen, indices)
         replies = await asyncio.gather(*[
             self._shards[s].mget([chunk_key(key, gen, i) for i in idx]) for s, idx in groups.items()
         ])
@@ -360,7 +360,7 @@ class RedisTier:
             await pipe.execute()
 
         async def write(r: aioredis.Redis) -> bytes | None:
-            groups = self._by_shard(key, gen, range(len(chunks)))
+            groups = self._by_shard(gen, range(len(chunks)))
             await asyncio.gather(*[write_shard(s, idx) for s, idx in groups.items()])
             return await r.set(key, manifest, px=ttl_ms, get=True)
 
@@ -380,7 +380,7 @@ class RedisTier:
         except ValueError:
             return
         if n:
-            groups = self._by_shard(key, gen, range(n))
+            groups = self._by_shard(gen, range(n))
             await self._call("unlink", lambda _: asyncio.gather(*[
                 self._shards[s].unlink(*[chunk_key(key, gen, i) for i in idx]) for s, idx in groups.items()
             ]))
