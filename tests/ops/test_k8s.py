@@ -214,3 +214,76 @@ def test_example_overlay_renders_valid_and_rewires_secrets() -> None:
     assert keys_secret.startswith("gla-api-keys-") and ("Secret", keys_secret) in docs
     assert ("Secret", "gla-redis") in docs and "stringData" not in docs[("Secret", "gla-redis")]
     assert container["image"] == "registry.example.com/gla-serve:0.1.0"
+
+
+# -- deploy/overlay-chunk-shards: four Redis instances for the states' chunks -----------------------
+
+SHARDS = ROOT / "deploy" / "overlay-chunk-shards"
+
+
+def render_chunk_shards() -> dict[tuple[str, str], dict]:
+    """The base plus the overlay's resources, with its JSON patches applied (only the `add` to the
+    end of a list that the overlay uses)."""
+    kustomization = yaml.safe_load((SHARDS / "kustomization.yaml").read_text())
+    assert set(kustomization) == {"apiVersion", "kind", "resources", "patches"}
+    assert kustomization["resources"][0] == "../k8s"
+    docs = copy.deepcopy(RENDERED)
+    for resource in kustomization["resources"][1:]:
+        docs |= by_kind_name(load_docs(SHARDS / resource))
+    for patch in kustomization["patches"]:
+        target = docs[(patch["target"]["kind"], patch["target"]["name"])]
+        for op in yaml.safe_load((SHARDS / patch["path"]).read_text()):
+            assert op["op"] == "add" and op["path"].endswith("/-"), "extend render_chunk_shards"
+            node: object = target
+            for part in op["path"].strip("/").split("/")[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node[part]  # type: ignore[index]
+            assert isinstance(node, list)
+            node.append(copy.deepcopy(op["value"]))
+    return docs
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_chunk_shards_overlay_is_schema_valid(version: str) -> None:
+    for doc in render_chunk_shards().values():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_chunk_shard_urls_name_every_shard_pod_in_order_and_parse_as_settings() -> None:
+    settings = pytest.importorskip("server.settings")
+    docs = render_chunk_shards()
+    shards = docs[("StatefulSet", "gla-redis-chunks")]
+    env = {e["name"]: e for e in docs[("Deployment", "gla-serve")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    urls = env["GLA_REDIS_CHUNK_URLS"]["value"].split(",")
+    service = shards["spec"]["serviceName"]
+    assert ("Service", service) in docs
+    assert urls == [f"redis://:$(REDIS_PASSWORD)@gla-redis-chunks-{i}.{service}:6379/0"
+                    for i in range(shards["spec"]["replicas"])]
+    names = list(env)
+    assert names.index("REDIS_PASSWORD") < names.index("GLA_REDIS_CHUNK_URLS")  # $(REDIS_PASSWORD) expands
+    # the password the base's Secret gives both Redis sets and the server
+    secret_refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in shards["spec"]["template"]["spec"]["containers"][0]
+                   ["env"]}
+    assert secret_refs == {env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]} == {"gla-redis"}
+    s = settings.Settings(redis_url=env["GLA_REDIS_URL"]["value"].replace("$(REDIS_PASSWORD)", "pw"),
+                          redis_chunk_urls=env["GLA_REDIS_CHUNK_URLS"]["value"].replace("$(REDIS_PASSWORD)", "pw"),
+                          redis_bulk_connections=int(env["GLA_REDIS_BULK_CONNECTIONS"]["value"]))
+    assert s.redis_chunk_urls is not None and s.redis_bulk_connections == 32
+
+
+def test_chunk_shards_take_the_password_evict_freely_and_admit_only_gla_serve() -> None:
+    docs = render_chunk_shards()
+    shards = docs[("StatefulSet", "gla-redis-chunks")]
+    args = shards["spec"]["template"]["spec"]["containers"][0]["args"]
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    assert flags["--requirepass"] == "$(REDIS_PASSWORD)"
+    assert flags["--maxmemory-policy"] == "allkeys-lru" and flags["--appendonly"] == "no"
+    policy = docs[("NetworkPolicy", "gla-redis-chunks")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == shards["spec"]["selector"]["matchLabels"]
+    assert policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "gla-serve"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not installed")
+def test_kubectl_kustomize_of_the_chunk_shards_overlay_agrees_with_our_render() -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(SHARDS)], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert by_kind_name([d for d in yaml.safe_load_all(out) if d]) == render_chunk_shards()
