@@ -16,6 +16,11 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 DEFAULT_PUBLIC_PATHS = ["/", "/health", "/ready", "/metrics", "/docs", "/openapi.json", "/static"]
 
 
+def split_commas(value: str) -> list[str]:
+    """The non-empty, stripped entries of a comma-separated setting."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a bad URL setting may carry a password, and errors reach the logs
     model_config = SettingsConfigDict(env_prefix="GLA_", extra="ignore", validate_default=True,
@@ -132,7 +137,7 @@ class Settings(BaseSettings):
     @classmethod
     def _split_paths(cls, v: object) -> object:
         if isinstance(v, str):
-            return [p.strip() for p in v.split(",") if p.strip()]
+            return split_commas(v)
         return v
 
     @field_validator("device")
@@ -160,13 +165,17 @@ class Settings(BaseSettings):
     def _check_chunk_urls(cls, v: SecretStr | None) -> SecretStr | None:
         if v is None:
             return v
-        urls = [u.strip() for u in v.get_secret_value().split(",") if u.strip()]
+        urls = split_commas(v.get_secret_value())
         bad = [i for i, u in enumerate(urls) if not u.startswith(("redis://", "rediss://", "unix://"))]
         if bad:  # the index, not the URL: it may hold a password
             raise ValueError(f"redis_chunk_urls entry {bad[0]} is not a redis://, rediss:// or unix:// URL")
         if len(set(urls)) != len(urls):
             raise ValueError("redis_chunk_urls lists a URL twice")
         return v
+
+    def redis_chunk_url_list(self) -> list[str]:
+        """`redis_chunk_urls` as a list (empty when unset)."""
+        return split_commas(self.redis_chunk_urls.get_secret_value()) if self.redis_chunk_urls is not None else []
 
     @model_validator(mode="after")
     def _chunk_urls_need_redis_url(self) -> Settings:

@@ -253,7 +253,6 @@ class BulkReader:
         self.endpoints = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
         if not self.endpoints:
             raise ValueError("at least one endpoint")
-        self.connections = connections
         self.connect_timeout_s = connect_timeout_s
         self._idle: list[list[_Conn]] = [[] for _ in self.endpoints]
         self._lock = threading.Lock()

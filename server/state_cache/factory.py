@@ -36,17 +36,12 @@ def _redis_tier(settings: Settings, url: str, bulk_connections: int, chunk_urls:
     )
 
 
-def chunk_urls(settings: Settings) -> list[str]:
-    raw = settings.redis_chunk_urls.get_secret_value() if settings.redis_chunk_urls is not None else ""
-    return [u.strip() for u in raw.split(",") if u.strip()]
-
-
 def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCache:
     redis = log_redis = None
     if settings.redis_url is not None:
         tune_malloc_for_snapshots()  # Redis reads stop re-faulting their reply memory (redis_tier.py)
         redis = _redis_tier(settings, settings.redis_url.get_secret_value(), settings.redis_bulk_connections,
-                            chunk_urls(settings))
+                            settings.redis_chunk_url_list())
     if settings.redis_log_url is not None:  # logs and leases only: no snapshot reads, no bulk sockets
         log_redis = _redis_tier(settings, settings.redis_log_url.get_secret_value(), 0)
     return TieredStateCache(

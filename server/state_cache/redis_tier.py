@@ -229,11 +229,11 @@ class RedisTier:
         self.bytes_written = 0
         # on_op(what, seconds, ok) after every call that went out (Prometheus; see server/metrics.py)
         self.on_op: Callable[[str, float, bool], None] | None = None
-        endpoints = [Endpoint.of_client(c) for c in self._shards] if bulk_connections > 0 else [None]
-        self.bulk = (
-            BulkReader([e for e in endpoints if e is not None], bulk_connections, connect_timeout_s)
-            if None not in endpoints else None
-        )
+        # the bulk path needs every shard to be one it can speak to (Endpoint.of_client)
+        endpoints = [Endpoint.of_client(c) for c in self._shards] if bulk_connections > 0 else []
+        ready = [e for e in endpoints if e is not None]
+        whole = bool(ready) and len(ready) == len(endpoints)
+        self.bulk = BulkReader(ready, bulk_connections, connect_timeout_s) if whole else None
 
     @property
     def num_shards(self) -> int:
