@@ -33,6 +33,32 @@ def per_call_us(fn: Callable[[], object], n: int = 300) -> float:
     return best
 
 
+def prefill_parts(fn: partial) -> dict[str, float]:
+    """The parts of one prefill call: its Python and allocations with the four launches stubbed out,
+    then each launch replayed alone with the arguments the wrapper built (through `Launcher`'s
+    cached direct path)."""
+    from kernels import triton_chunk
+
+    res: dict[str, float] = {}
+    names = ("_prep", "_state", "_scan", "_output")
+    seen: dict[str, tuple] = {}
+    real = {n: getattr(triton_chunk, n) for n in names}
+
+    def record(name: str, grid: tuple, key: tuple | None, kargs: tuple, **o: int) -> None:
+        seen.setdefault(name, (grid, key, kargs, o))
+
+    for n in names:
+        setattr(triton_chunk, n, partial(record, n))
+    try:
+        res["python_alloc_us"] = per_call_us(fn, n=50)
+    finally:
+        for n in names:
+            setattr(triton_chunk, n, real[n])
+    for n, (grid, key, kargs, o) in seen.items():
+        res[f"launch{n}_us"] = per_call_us(partial(real[n], grid, key, kargs, **o), n=50)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="host.json")
@@ -76,6 +102,8 @@ def main() -> None:
     # a second round: the numbers drift with the host's load
     for T, fn in prefills.items():
         res[f"prefill_T{T}_call_us_rep1"] = per_call_us(fn, n=50)
+    for T, fn in prefills.items():
+        res.update({f"prefill_T{T}_{part}": us for part, us in prefill_parts(fn).items()})
     print(json.dumps(res, indent=1))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
