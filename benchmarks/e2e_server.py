@@ -305,7 +305,14 @@ async def run_resume(url: str, histories: list[int], new_tokens: int, vocab: int
             new = torch.randint(3, vocab, (new_tokens,), generator=gen).tolist()
             base = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
             await ttft(client, {**base, "prompt_token_ids": hist() + new})  # warm-up of this length
-            full = [(await ttft(client, {**base, "prompt_token_ids": hist() + new}))[0] for _ in range(3)]
+            # each re-prefill starts once the previous one's snapshot writes have landed, as each
+            # resumed turn below does: otherwise, with the Redis tier, the background writes of the
+            # earlier prompts' snapshots ran under the next re-prefill (262-333 ms against 185-187 ms
+            # in the device tier's runs on the same H200, fourteenth session) and flattered the ratio
+            full = []
+            for _ in range(3):
+                await writes_landed(setup)
+                full.append((await ttft(client, {**base, "prompt_token_ids": hist() + new}))[0])
             resumed = []
             server_ttft: list[float | None] = []
             server_queue: list[float | None] = []
