@@ -85,9 +85,11 @@ async def timeit_cold(setup: Callable[[], Any], fn: Callable[[], Awaitable[Any]]
     return out
 
 
-async def resume_rows(size: str, url: str, reps: int, bulk: Sequence[int] = (4, 0)) -> list[dict[str, Any]]:
+async def resume_rows(size: str, url: str, reps: int, bulk: Sequence[int] = (4, 0),
+                      chunk_urls: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The Redis resume read path end to end, as the server runs it (see the module docstring),
-    once per `bulk` value: the reader's `bulk_connections` (0 = redis-py MGET)."""
+    once per `bulk` value: the reader's `bulk_connections` (0 = redis-py MGET); with `chunk_urls`
+    the snapshot's chunks are spread over those Redis shards."""
     from model import GLAConfig, StatePool
 
     layers, h, v, k = SHAPES[size]
@@ -108,7 +110,7 @@ async def resume_rows(size: str, url: str, reps: int, bulk: Sequence[int] = (4, 
         tag = "bf16" if dtype else "fp32"
 
         def tier(bulk_connections: int = 4) -> RedisTier:
-            return RedisTier(url, op_timeout_s=5, bulk_connections=bulk_connections)
+            return RedisTier(url, op_timeout_s=5, bulk_connections=bulk_connections, chunk_urls=chunk_urls)
 
         writer = TieredConversationStore(TieredStateCache(
             FP, host_budget_bytes=4 * nbytes, redis=tier(), key_prefix=f"bench-resume-{tag}:",
@@ -117,7 +119,7 @@ async def resume_rows(size: str, url: str, reps: int, bulk: Sequence[int] = (4, 
         await writer.cache.store(key.tenant, log_ids[:-1], pool.read(0), conversation_id=key.conversation_id,
                                  wait_for_redis=True)
         for b in bulk:
-            how = f"bulk {b}" if b else "mget"
+            how = (f"bulk {b}" if b else "mget") + (f", {len(chunk_urls)} chunk shards" if chunk_urls else "")
             reader = TieredConversationStore(TieredStateCache(
                 FP, host_budget_bytes=4 * nbytes, redis=tier(b), key_prefix=f"bench-resume-{tag}:"))
             await reader.cache.redis.ping()  # a running replica: its connection is open
@@ -319,18 +321,23 @@ async def main() -> None:
                     help="also time put/get/get+decode at these chunk sizes (MiB)")
     ap.add_argument("--bulk", nargs="+", type=int, default=[4, 0], metavar="N",
                     help="--resume-only: readers with these bulk_connections (0 = redis-py MGET)")
+    ap.add_argument("--chunk-shards", type=int, default=0,
+                    help="--resume-only: start this many more redis-servers and spread the chunks over them")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
     if not args.no_malloc_tuning:
         tune_malloc_for_snapshots()
     proc = None
     url = args.redis_url
-    if url is None:
-        from tests.state_cache.redis_proc import RedisProcess
+    from tests.state_cache.redis_proc import RedisProcess
 
+    if url is None:
         proc = RedisProcess()
         proc.start()
         url = proc.url
+    shards = [RedisProcess() for _ in range(args.chunk_shards)]
+    for sh in shards:
+        sh.start()
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"python {platform.python_version()}, torch {torch.__version__}")
     print("| op | state | median ms | p20 ms | p80 ms | GB/s |\n|---|---|---|---|---|---|")
@@ -338,7 +345,7 @@ async def main() -> None:
     try:
         for size in args.sizes:
             if args.resume_only:
-                rows += await resume_rows(size, url, args.reps, args.bulk)
+                rows += await resume_rows(size, url, args.reps, args.bulk, [sh.url for sh in shards])
                 continue
             rows += await bench_size(size, url, args.reps)
             if args.chunk_sweep:
@@ -346,6 +353,8 @@ async def main() -> None:
     finally:
         if proc is not None:
             proc.stop()
+        for sh in shards:
+            sh.stop()
     if torch.cuda.is_available():
         rows += device_tier_rows(args.reps)
     effect = None if args.skip_bf16_effect else bf16_effect()
