@@ -113,11 +113,11 @@ class Settings(BaseSettings):
     redis_breaker_reset_s: float = Field(10.0, gt=0, description="seconds before an open breaker retries")
     redis_bulk_connections: int = Field(
         16, ge=0, le=64, description="plain sockets that read one snapshot in parallel, split over the chunk shards "
-        "(redis_chunk_urls; 32 measured best with 4 shards); 0 reads with redis-py's MGET"
+        "(redis_chunk_urls; 32 measured best with 4 and 8 shards); 0 reads with redis-py's MGET"
     )
     redis_read_piece_bytes: int = Field(
         1 << 20, ge=0, description="the bulk reader asks for each snapshot chunk in GETRANGE pieces of at most this "
-        "many bytes, so Redis builds small replies (0: one GET per chunk)",
+        "many bytes, so Redis builds small replies (0: one GET per chunk; with 8 chunk shards 2 MiB measured faster)",
     )
     conversation_lease_s: float = Field(600.0, gt=0, description="expiry of a turn's conversation lease")
 

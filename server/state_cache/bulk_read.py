@@ -239,8 +239,8 @@ class BulkReader:
         endpoints: where Redis is (`Endpoint.of_client`); several when a snapshot's chunks are
             spread over shards (`RedisTier` chunk_urls), each read piece naming its shard.
         connections: sockets per read, split evenly over the shards (at least one each); a
-            shard's i-th piece goes to its connection i % (its share). On the H200 host, 4 shards
-            read 48 MiB fastest with 32 sockets in all (8 each): 64 measured slower, as did 16
+            shard's i-th piece goes to its connection i % (its share). On the H200 host, 4 and 8
+            shards read 48 MiB fastest with 32 sockets in all: 64 measured slower, as did 16
             on one Redis against 32.
         connect_timeout_s: connect + AUTH limit for a new socket.
     """

@@ -216,7 +216,7 @@ def test_example_overlay_renders_valid_and_rewires_secrets() -> None:
     assert container["image"] == "registry.example.com/gla-serve:0.1.0"
 
 
-# -- deploy/overlay-chunk-shards: four Redis instances for the states' chunks -----------------------
+# -- deploy/overlay-chunk-shards: eight Redis instances for the states' chunks -----------------------
 
 SHARDS = ROOT / "deploy" / "overlay-chunk-shards"
 
@@ -266,8 +266,10 @@ def test_chunk_shard_urls_name_every_shard_pod_in_order_and_parse_as_settings() 
     assert secret_refs == {env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]} == {"gla-redis"}
     s = settings.Settings(redis_url=env["GLA_REDIS_URL"]["value"].replace("$(REDIS_PASSWORD)", "pw"),
                           redis_chunk_urls=env["GLA_REDIS_CHUNK_URLS"]["value"].replace("$(REDIS_PASSWORD)", "pw"),
-                          redis_bulk_connections=int(env["GLA_REDIS_BULK_CONNECTIONS"]["value"]))
-    assert s.redis_chunk_urls is not None and s.redis_bulk_connections == 32
+                          redis_bulk_connections=int(env["GLA_REDIS_BULK_CONNECTIONS"]["value"]),
+                          redis_read_piece_bytes=int(env["GLA_REDIS_READ_PIECE_BYTES"]["value"]))
+    assert s.redis_chunk_urls is not None and len(s.redis_chunk_url_list()) == shards["spec"]["replicas"] == 8
+    assert s.redis_bulk_connections == 32 and s.redis_read_piece_bytes == 2 << 20
 
 
 def test_chunk_shards_take_the_password_evict_freely_and_admit_only_gla_serve() -> None:
