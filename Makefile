@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	# CPU torch first, from the local wheel, so no multi-GB CUDA build is pulled.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
+	# transformers >= 5.25 brought Hugging Face's `kernels`, whose module shadows ours; pyproject.toml now
+	# keeps transformers below it, but pip leaves that package behind in a venv that already had it.
+	$(PIP) uninstall -q -y kernels 2>/dev/null || true
 	touch $@
 
 install: $(VENV)/.installed
