@@ -86,7 +86,7 @@ async def timeit_cold(setup: Callable[[], Any], fn: Callable[[], Awaitable[Any]]
 
 
 async def resume_rows(size: str, url: str, reps: int, bulk: Sequence[int] = (4, 0),
-                      chunk_urls: Sequence[str] = ()) -> list[dict[str, Any]]:
+                      chunk_urls: Sequence[str] = (), early_read: bool = False) -> list[dict[str, Any]]:
     """The Redis resume read path end to end, as the server runs it (see the module docstring),
     once per `bulk` value: the reader's `bulk_connections` (0 = redis-py MGET); with `chunk_urls`
     the snapshot's chunks are spread over those Redis shards."""
@@ -119,9 +119,11 @@ async def resume_rows(size: str, url: str, reps: int, bulk: Sequence[int] = (4, 
         await writer.cache.store(key.tenant, log_ids[:-1], pool.read(0), conversation_id=key.conversation_id,
                                  wait_for_redis=True)
         for b in bulk:
-            how = (f"bulk {b}" if b else "mget") + (f", {len(chunk_urls)} chunk shards" if chunk_urls else "")
+            how = ((f"bulk {b}" if b else "mget") + (f", {len(chunk_urls)} chunk shards" if chunk_urls else "")
+                   + (", early read" if early_read else ""))
             reader = TieredConversationStore(TieredStateCache(
-                FP, host_budget_bytes=4 * nbytes, redis=tier(b), key_prefix=f"bench-resume-{tag}:"))
+                FP, host_budget_bytes=4 * nbytes, redis=tier(b), key_prefix=f"bench-resume-{tag}:"),
+                early_read=early_read)
             await reader.cache.redis.ping()  # a running replica: its connection is open
 
             def cold(store: TieredConversationStore = reader) -> None:
@@ -321,6 +323,8 @@ async def main() -> None:
                     help="also time put/get/get+decode at these chunk sizes (MiB)")
     ap.add_argument("--bulk", nargs="+", type=int, default=[4, 0], metavar="N",
                     help="--resume-only: readers with these bulk_connections (0 = redis-py MGET)")
+    ap.add_argument("--early-read", action="store_true",
+                    help="--resume-only: the readers start the state's read before the log arrives (redis_early_read)")
     ap.add_argument("--chunk-shards", type=int, default=0,
                     help="--resume-only: start this many more redis-servers and spread the chunks over them")
     ap.add_argument("--json", default=None, help="write results here")
@@ -345,7 +349,8 @@ async def main() -> None:
     try:
         for size in args.sizes:
             if args.resume_only:
-                rows += await resume_rows(size, url, args.reps, args.bulk, [sh.url for sh in shards])
+                rows += await resume_rows(size, url, args.reps, args.bulk, [sh.url for sh in shards],
+                                          args.early_read)
                 continue
             rows += await bench_size(size, url, args.reps)
             if args.chunk_sweep:

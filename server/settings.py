@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         1 << 20, ge=0, description="the bulk reader asks for each snapshot chunk in GETRANGE pieces of at most this "
         "many bytes, so Redis builds small replies (0: one GET per chunk; with 8 chunk shards 2 MiB measured faster)",
     )
+    redis_early_read: bool = Field(
+        False, description="on a replica that has not seen a conversation, start reading its state from Redis "
+        "while its token log is still being fetched, then check the state against the log (experimental: off until "
+        "measured on a GPU host)",
+    )
     conversation_lease_s: float = Field(600.0, gt=0, description="expiry of a turn's conversation lease")
 
     # -- operations (issue 6)

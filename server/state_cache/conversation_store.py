@@ -31,16 +31,22 @@ class TieredConversationStore:
         lease_ttl_s: a turn's lease lifetime; a crashed replica blocks its conversation this long.
         wait_for_redis: finish the Redis snapshot write before the lease is released, so the next
             turn on another replica resumes from it instead of rebuilding from the log.
+        early_read: on a replica that holds no pointer of the conversation, start reading its
+            state from Redis while the token log is still being fetched, and check it against the
+            log afterwards (`TieredStateCache.start_early_lookup`). Off by default until measured
+            on a GPU host.
 
     Example:
         >>> store = TieredConversationStore(TieredStateCache(fp, host_budget_bytes=8 << 30, redis=tier))
         >>> engine = AsyncEngine(model, tokenizer, settings, store)
     """
 
-    def __init__(self, cache: TieredStateCache, lease_ttl_s: float = 600.0, wait_for_redis: bool = True) -> None:
+    def __init__(self, cache: TieredStateCache, lease_ttl_s: float = 600.0, wait_for_redis: bool = True,
+                 early_read: bool = False) -> None:
         self.cache = cache
         self.lease_ttl_s = lease_ttl_s
         self.wait_for_redis = wait_for_redis
+        self.early_read = early_read
         self._lock = threading.Lock()
         self._busy: set[ConversationKey] = set()
         self._leases: dict[ConversationKey, Lease] = {}
@@ -86,15 +92,27 @@ class TieredConversationStore:
         if lease.is_distributed:
             self._keepers[key] = asyncio.create_task(self._keep_alive(lease))
         self.num_loads += 1
-        log = await self.cache.get_token_log(key.tenant, key.conversation_id)
-        if not log:
-            self.num_new += 1
-            return None
-        if resident is not None and resident(log):
-            self.num_resident += 1
-            return ConversationSnapshot(log, None)
         rejections: list[str] = []
-        hit = await self.cache.lookup(key.tenant, key.conversation_id, log[:-1], rejections=rejections)
+        early = (self.cache.start_early_lookup(key.tenant, key.conversation_id, rejections)
+                 if self.early_read else None)
+        try:
+            log = await self.cache.get_token_log(key.tenant, key.conversation_id)
+            if not log:
+                self.num_new += 1
+                return None
+            if resident is not None and resident(log):
+                self.num_resident += 1
+                return ConversationSnapshot(log, None)
+            if early is not None:
+                hit = await self.cache.finish_early_lookup(early, key.tenant, key.conversation_id, log[:-1],
+                                                           rejections=rejections)
+            else:
+                hit = await self.cache.lookup(key.tenant, key.conversation_id, log[:-1], rejections=rejections)
+        finally:
+            if early is not None and not early.done():
+                early.cancel()  # never checked against the log; a shielded Redis read finishes alone
+            elif early is not None and not early.cancelled():
+                early.exception()  # retrieved: an unused early read's failure is not logged as lost
         if hit is None or hit.num_tokens != len(log) - 1:
             # Missing, evicted, corrupt, foreign or stale: the engine prefills the log instead.
             self.num_rebuilds += 1

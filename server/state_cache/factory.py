@@ -57,4 +57,5 @@ def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCach
 def build_conversation_store(settings: Settings, fingerprint: bytes | None = None) -> TieredConversationStore:
     """The engine's conversation store: `create_app(settings, conversations=build_conversation_store(settings))`."""
     fp = fingerprint if fingerprint is not None else fingerprint_from_model_dir(settings.model)
-    return TieredConversationStore(build_state_cache(settings, fp), lease_ttl_s=settings.conversation_lease_s)
+    return TieredConversationStore(build_state_cache(settings, fp), lease_ttl_s=settings.conversation_lease_s,
+                                   early_read=settings.redis_early_read)

@@ -1,0 +1,144 @@
+"""The early Redis read (`TieredConversationStore(early_read=True)`, `GLA_REDIS_EARLY_READ`).
+
+A replica that has not seen a conversation starts reading the state its shared pointer names while
+the token log is still on its way, and uses it only if it summarises exactly the log but its pending
+token. Against a real redis-server: the state it resumes from equals the one committed on the
+other replica; a state behind the log is read but not used (the turn is rebuilt, as without the
+early read); a replica that knows the conversation, a new conversation and a Redis outage start
+nothing or leave nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import pytest
+
+from server.conversations import ConversationKey
+from server.settings import Settings
+from server.state_cache.conversation_store import TieredConversationStore
+from server.state_cache.factory import build_conversation_store
+from tests.server.conftest import BASE_SETTINGS
+from tests.server.test_conversations import GREEDY, TURNS, _replay_ids
+from tests.state_cache.helpers import assert_state_equal, make_state
+from tests.state_cache.test_conversation_store import start_with_store, turn
+from tests.state_cache.test_tiered_cache import FP, new_cache
+
+pytestmark = pytest.mark.redis
+KEY = ConversationKey("t", "c")
+
+
+def ns() -> str:
+    return f"er{uuid.uuid4().hex[:8]}:"
+
+
+async def early_tasks() -> list[asyncio.Task]:
+    """Early reads still running a moment after the load returned (a cancelled one needs a loop turn
+    to finish)."""
+    await asyncio.sleep(0.05)
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__name__", "") == "_early_fetch"
+            and not t.done()]
+
+
+def test_a_cold_replica_resumes_from_the_early_read(redis_proc):
+    prefix = ns()
+
+    async def main():
+        a = TieredConversationStore(new_cache(redis_proc.url, prefix))
+        await turn(a, KEY, [1, 2, 3], state_seed=1)
+        await a.flush()
+        b = TieredConversationStore(new_cache(redis_proc.url, prefix), early_read=True)
+        snap = await turn(b, KEY, [4, 5], state_seed=2)
+        assert snap.token_ids == [1, 2, 3]
+        assert_state_equal(snap.state, make_state(seed=1))
+        first = b.stats()
+        # B committed turn 2, so it holds the pointer: its next turn starts no early read
+        snap = await turn(b, KEY, [6], state_seed=3)
+        assert snap.token_ids == [1, 2, 3, 4, 5]
+        assert_state_equal(snap.state, make_state(seed=2))
+        await b.flush()
+        return first, b.stats()
+
+    first, last = asyncio.run(main())
+    assert first["early_reads"] == 1 and first["lookup_hits_redis"] == 1 and first["lookups"] == 1
+    assert "early_reads_unused" not in first and first["conversation_resumed"] == 1
+    assert last["early_reads"] == 1 and last["lookup_hits_host"] == 1 and last["conversation_resumed"] == 2
+
+
+def test_an_early_read_behind_the_log_is_not_used(redis_proc):
+    prefix = ns()
+
+    async def main():
+        a = TieredConversationStore(new_cache(redis_proc.url, prefix))
+        await turn(a, KEY, [1, 2, 3], state_seed=1)
+        await a.flush()
+        # the log moves on without a state for it (e.g. that turn's snapshot write was skipped)
+        assert await a.cache.set_token_log("t", "c", [1, 2, 3, 4, 5])
+        b = TieredConversationStore(new_cache(redis_proc.url, prefix), early_read=True)
+        snap = await turn(b, KEY, [6], state_seed=2, commit=False)
+        await b.flush()
+        return snap, b.stats()
+
+    snap, stats = asyncio.run(main())
+    assert snap.token_ids == [1, 2, 3, 4, 5] and snap.state is None  # rebuilt from the log
+    assert stats["early_reads"] == 1 and stats["early_reads_unused"] == 1
+    assert stats["conversation_rebuilds"] == 1 and stats["conversation_resumed"] == 0
+    # the checked lookup found the early read's copy in the host tier (its state for [1, 2] is a
+    # prefix of the log, just not all of it): Redis was read once
+    assert stats["lookup_hits_host"] == 1 and "lookup_hits_redis" not in stats
+
+
+def test_new_conversations_known_ones_and_outages_leave_no_early_read_running(redis_proc):
+    prefix = ns()
+
+    async def main():
+        b = TieredConversationStore(new_cache(redis_proc.url, prefix), early_read=True)
+        assert await turn(b, ConversationKey("t", "new"), [1, 2], state_seed=1) is None  # no log yet
+        assert await early_tasks() == []
+        await b.flush()
+        known = (await turn(b, ConversationKey("t", "new"), [3], state_seed=2)).token_ids
+        assert await early_tasks() == []
+        await b.flush()
+        stats = b.stats()
+        # nothing listens at this Redis: the early read and the log both come back empty, no error
+        down = TieredConversationStore(new_cache("redis://127.0.0.1:1/0", prefix), early_read=True)
+        snap = await turn(down, ConversationKey("t", "other"), [9], state_seed=3, commit=False)
+        assert await early_tasks() == []
+        await down.flush()
+        return known, stats, snap, down.stats()
+
+    known, stats, snap, down = asyncio.run(main())
+    assert known == [1, 2]
+    assert stats["early_reads"] == 1  # only the first turn: then B held the pointer itself
+    assert snap is None and down["early_reads"] == 1 and down["conversation_new"] == 1
+
+
+def test_the_setting_reaches_the_store(redis_proc):
+    on = build_conversation_store(Settings(redis_url=redis_proc.url, redis_early_read=True), FP)
+    off = build_conversation_store(Settings(redis_url=redis_proc.url), FP)
+    assert on.early_read and not off.early_read
+
+
+def test_two_servers_over_http_the_early_read_resumes_and_equals_replay(redis_proc):
+    """A starts the conversation; B, with the early read on, resumes it from Redis; the reply equals a
+    replay of the whole history."""
+    common = {**BASE_SETTINGS, "redis_url": redis_proc.url, "redis_key_prefix": ns().rstrip(":"),
+              "redis_timeout_s": 5, "resident_conversations": False}
+    a = start_with_store(Settings(**common))
+    b = start_with_store(Settings(**common, redis_early_read=True))
+    try:
+        ca, cb = httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)
+        body = {"conversation_id": "early", **GREEDY}
+        turns = [ca.post("/generate", json={"prompt": TURNS[0], **body}).json()]
+        turns.append(cb.post("/generate", json={"prompt": TURNS[1], **body}).json())
+        assert turns[1]["state_cached"], "B resumed from the state A left in Redis"
+        replay = ca.post("/generate", json={"prompt_token_ids": _replay_ids(a, turns, 1), **GREEDY}).json()
+        assert replay["token_ids"] == turns[1]["token_ids"]
+        cache_b = b.health()["cache"]
+        assert cache_b["early_reads"] == 1 and cache_b["lookup_hits_redis"] == 1
+        assert "early_reads_unused" not in cache_b
+    finally:
+        a.stop()
+        b.stop()
