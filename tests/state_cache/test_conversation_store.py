@@ -122,6 +122,30 @@ def start_with_store(settings: Settings) -> RunningServer:
 FINGERPRINT = fingerprint_from_model_dir(None)
 
 
+class Moving:
+    """A conversation that starts on server A and continues on B over HTTP: `turn(client, k)` sends
+    TURNS[k]; `replays(k)` says whether A, replaying the whole history, produces turn k's reply."""
+
+    def __init__(self, a: RunningServer, b: RunningServer, conversation_id: str) -> None:
+        self.a = a
+        self.ca, self.cb = httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)
+        self.body = {"conversation_id": conversation_id, **GREEDY}
+        self.turns: list[dict] = []
+
+    def turn(self, client: httpx.Client, k: int) -> dict:
+        self.turns.append(client.post("/generate", json={"prompt": TURNS[k], **self.body}).json())
+        return self.turns[-1]
+
+    def a_then_b(self, why: str = "B resumed from the state A left in Redis") -> None:
+        self.turn(self.ca, 0)
+        assert self.turn(self.cb, 1)["state_cached"], why
+
+    def replays(self, k: int) -> bool:
+        ids = _replay_ids(self.a, self.turns, k)
+        return self.ca.post("/generate", json={"prompt_token_ids": ids, **GREEDY}).json()["token_ids"] == \
+            self.turns[k]["token_ids"]
+
+
 @pytest.mark.slow
 def test_conversation_moves_between_servers_and_survives_a_redis_outage(own_redis):
     # no device tier: turn 3 on B must come from B's host tier (test_resident_* cover the slots)
@@ -130,17 +154,12 @@ def test_conversation_moves_between_servers_and_survives_a_redis_outage(own_redi
                         resident_conversations=False)
     a, b = start_with_store(settings), start_with_store(settings)
     try:
-        ca, cb = httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)
-        body = {"conversation_id": "moving", **GREEDY}
-        turns = [ca.post("/generate", json={"prompt": TURNS[0], **body}).json()]
-        turns.append(cb.post("/generate", json={"prompt": TURNS[1], **body}).json())
-        assert turns[1]["state_cached"], "B resumed from the state A left in Redis"
+        conv = Moving(a, b, "moving")
+        conv.a_then_b()
         own_redis.stop()
-        turns.append(cb.post("/generate", json={"prompt": TURNS[2], **body}).json())
-        assert turns[2]["state_cached"], "B's own host tier and log carry on without Redis"
+        assert conv.turn(conv.cb, 2)["state_cached"], "B's own host tier and log carry on without Redis"
         for k in (1, 2):
-            replay = ca.post("/generate", json={"prompt_token_ids": _replay_ids(a, turns, k), **GREEDY}).json()
-            assert replay["token_ids"] == turns[k]["token_ids"], k
+            assert conv.replays(k), k
         stats_b = b.health()["cache"]
         assert stats_b["lookup_hits_redis"] == 1 and stats_b["lookup_hits_host"] == 1
         assert stats_b["redis_breaker_state"] == "open" and b.health()["status"] == "ok"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import httpx
 import pytest
 
 from server.conversations import ConversationKey
@@ -21,9 +20,8 @@ from server.settings import Settings
 from server.state_cache.conversation_store import TieredConversationStore
 from server.state_cache.factory import build_conversation_store
 from tests.server.conftest import BASE_SETTINGS
-from tests.server.test_conversations import GREEDY, TURNS, _replay_ids
 from tests.state_cache.helpers import assert_state_equal, make_state
-from tests.state_cache.test_conversation_store import start_with_store, turn
+from tests.state_cache.test_conversation_store import Moving, start_with_store, turn
 from tests.state_cache.test_tiered_cache import FP, new_cache
 
 pytestmark = pytest.mark.redis
@@ -129,13 +127,9 @@ def test_two_servers_over_http_the_early_read_resumes_and_equals_replay(redis_pr
     a = start_with_store(Settings(**common))
     b = start_with_store(Settings(**common, redis_early_read=True))
     try:
-        ca, cb = httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)
-        body = {"conversation_id": "early", **GREEDY}
-        turns = [ca.post("/generate", json={"prompt": TURNS[0], **body}).json()]
-        turns.append(cb.post("/generate", json={"prompt": TURNS[1], **body}).json())
-        assert turns[1]["state_cached"], "B resumed from the state A left in Redis"
-        replay = ca.post("/generate", json={"prompt_token_ids": _replay_ids(a, turns, 1), **GREEDY}).json()
-        assert replay["token_ids"] == turns[1]["token_ids"]
+        conv = Moving(a, b, "early")
+        conv.a_then_b()
+        assert conv.replays(1)
         cache_b = b.health()["cache"]
         assert cache_b["early_reads"] == 1 and cache_b["lookup_hits_redis"] == 1
         assert "early_reads_unused" not in cache_b

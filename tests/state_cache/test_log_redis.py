@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 import redis
 
@@ -20,8 +19,8 @@ from server.settings import Settings
 from server.state_cache.conversation_store import TieredConversationStore
 from server.state_cache.redis_tier import RedisTier
 from tests.server.conftest import BASE_SETTINGS
-from tests.server.test_conversations import GREEDY, TURNS, _replay_ids
-from tests.state_cache.test_conversation_store import ns, start_with_store, turn
+from tests.server.test_conversations import _replay_ids
+from tests.state_cache.test_conversation_store import Moving, ns, start_with_store, turn
 from tests.state_cache.test_tiered_cache import new_cache
 
 pytestmark = pytest.mark.redis
@@ -103,19 +102,15 @@ def test_servers_with_a_log_instance_continue_after_the_state_instance_is_wiped(
                         redis_timeout_s=5)
     a, b = start_with_store(settings), start_with_store(settings)
     try:
-        ca, cb = httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)
-        body = {"conversation_id": "two-instances", **GREEDY}
-        turns = [ca.post("/generate", json={"prompt": TURNS[0], **body}).json()]
-        turns.append(cb.post("/generate", json={"prompt": TURNS[1], **body}).json())
-        assert turns[1]["state_cached"], "B resumed from the state A left in the states' Redis"
+        conv = Moving(a, b, "two-instances")
+        conv.a_then_b("B resumed from the state A left in the states' Redis")
         r = redis.Redis.from_url(redis_proc.url)
         for k in r.scan_iter(f"{prefix}:*"):
             r.delete(k)
-        turns.append(cb.post("/generate", json={"prompt": TURNS[2], **body}).json())
-        assert not turns[2]["state_cached"]
-        assert turns[2]["usage"]["prompt_tokens"] == len(_replay_ids(b, turns, 2))  # the whole history
-        replay = ca.post("/generate", json={"prompt_token_ids": _replay_ids(a, turns, 2), **GREEDY}).json()
-        assert replay["token_ids"] == turns[2]["token_ids"]
+        third = conv.turn(conv.cb, 2)
+        assert not third["state_cached"]
+        assert third["usage"]["prompt_tokens"] == len(_replay_ids(b, conv.turns, 2))  # the whole history
+        assert conv.replays(2)
         assert b.health()["cache"]["conversation_rebuilds"] == 1
     finally:
         a.stop()

@@ -6,7 +6,6 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import redis
 
@@ -15,10 +14,9 @@ from server.state_cache.factory import build_state_cache
 from server.state_cache.redis_tier import RedisTier, chunk_key, chunk_shard, parse_manifest
 from server.state_cache.snapshot import decode_snapshot
 from tests.server.conftest import BASE_SETTINGS
-from tests.server.test_conversations import GREEDY, TURNS, _replay_ids
 from tests.state_cache.redis_proc import RedisProcess
 from tests.state_cache.test_bulk_read import FP, STATE, enc, feed, opener
-from tests.state_cache.test_conversation_store import start_with_store
+from tests.state_cache.test_conversation_store import Moving, start_with_store
 
 pytestmark = pytest.mark.redis
 CHUNK = 100  # STATE's payload is ~3.2 KB: 33 chunks, cutting tensors at odd offsets
@@ -178,13 +176,9 @@ def test_conversation_moves_between_servers_over_chunk_shards(redis_proc, shards
                         resident_conversations=False)
     a, b = start_with_store(settings), start_with_store(settings)
     try:
-        ca, cb = httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)
-        body = {"conversation_id": "sharded", **GREEDY}
-        turns = [ca.post("/generate", json={"prompt": TURNS[0], **body}).json()]
-        turns.append(cb.post("/generate", json={"prompt": TURNS[1], **body}).json())
-        assert turns[1]["state_cached"], "B resumed from the state A left on the shards"
-        replay = ca.post("/generate", json={"prompt_token_ids": _replay_ids(a, turns, 1), **GREEDY}).json()
-        assert replay["token_ids"] == turns[1]["token_ids"]
+        conv = Moving(a, b, "sharded")
+        conv.a_then_b("B resumed from the state A left on the shards")
+        assert conv.replays(1)
         cache_b = b.health()["cache"]
         assert cache_b["lookup_hits_redis"] == 1 and cache_b["redis_chunk_shards"] == 2
         assert all(chunk_keys_on(p) for p in shards)
