@@ -109,10 +109,8 @@ class TieredConversationStore:
             else:
                 hit = await self.cache.lookup(key.tenant, key.conversation_id, log[:-1], rejections=rejections)
         finally:
-            if early is not None and not early.done():
-                early.cancel()  # never checked against the log; a shielded Redis read finishes alone
-            elif early is not None and not early.cancelled():
-                early.exception()  # retrieved: an unused early read's failure is not logged as lost
+            if early is not None:
+                early.cancel()  # unless done: never checked against the log; a shielded Redis read finishes alone
         if hit is None or hit.num_tokens != len(log) - 1:
             # Missing, evicted, corrupt, foreign or stale: the engine prefills the log instead.
             self.num_rebuilds += 1

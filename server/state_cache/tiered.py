@@ -27,7 +27,7 @@ import torch
 
 from server.state_cache.flight import SingleFlight
 from server.state_cache.host import HostEntry, HostLRU, tensors_nbytes
-from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag
+from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag, prefix_hash
 from server.state_cache.redis_tier import RedisTier
 from server.state_cache.snapshot import (
     SnapshotDecoder,
@@ -339,11 +339,15 @@ class TieredStateCache:
         host tier): the Redis read then overlaps the token log's fetch and decode and the prefix
         hash, ~2.5 ms before the read of a 32K resume on the H200 (fourteenth session's trace).
         `finish_early_lookup` checks the state against the log before anything uses it. None when
-        there is nothing to start; cancel the task if the log is never checked against it."""
+        there is nothing to start; cancel the task if the log is never checked against it (a no-op
+        once it is done)."""
         if self.redis is None or self._pointers.get(self.keys.conversation(tenant, conversation_id)) is not None:
             return None
         self._count("early_reads")
-        return asyncio.ensure_future(self._early_fetch(tenant, conversation_id, rejections))
+        task = asyncio.ensure_future(self._early_fetch(tenant, conversation_id, rejections))
+        # retrieved here, so an early read that nobody awaits is never logged as a lost exception
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
 
     async def _early_fetch(self, tenant: str, conversation_id: str, rejections: list[str] | None) -> CacheHit | None:
         assert self.redis is not None
@@ -363,8 +367,7 @@ class TieredStateCache:
         token), else the checked lookup, which never loads a state that does not summarise a prefix
         of `token_ids`."""
         hit = await task
-        if hit is not None and hit.num_tokens == len(token_ids) and \
-                PrefixHasher(token_ids).prefix_hash(len(token_ids)) == hit.prefix_hash:
+        if hit is not None and hit.num_tokens == len(token_ids) and prefix_hash(token_ids) == hit.prefix_hash:
             self._count("lookups")
             return self._hit(hit)
         if hit is not None:

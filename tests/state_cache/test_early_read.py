@@ -40,14 +40,24 @@ async def early_tasks() -> list[asyncio.Task]:
             and not t.done()]
 
 
+async def started_on_a(url: str, prefix: str) -> TieredConversationStore:
+    """Turn 1 ([1, 2, 3], state seed 1) committed on replica A and flushed to Redis; returns A."""
+    a = TieredConversationStore(new_cache(url, prefix))
+    await turn(a, KEY, [1, 2, 3], state_seed=1)
+    await a.flush()
+    return a
+
+
+def cold_replica(url: str, prefix: str) -> TieredConversationStore:
+    return TieredConversationStore(new_cache(url, prefix), early_read=True)
+
+
 def test_a_cold_replica_resumes_from_the_early_read(redis_proc):
     prefix = ns()
 
     async def main():
-        a = TieredConversationStore(new_cache(redis_proc.url, prefix))
-        await turn(a, KEY, [1, 2, 3], state_seed=1)
-        await a.flush()
-        b = TieredConversationStore(new_cache(redis_proc.url, prefix), early_read=True)
+        await started_on_a(redis_proc.url, prefix)
+        b = cold_replica(redis_proc.url, prefix)
         snap = await turn(b, KEY, [4, 5], state_seed=2)
         assert snap.token_ids == [1, 2, 3]
         assert_state_equal(snap.state, make_state(seed=1))
@@ -69,12 +79,10 @@ def test_an_early_read_behind_the_log_is_not_used(redis_proc):
     prefix = ns()
 
     async def main():
-        a = TieredConversationStore(new_cache(redis_proc.url, prefix))
-        await turn(a, KEY, [1, 2, 3], state_seed=1)
-        await a.flush()
+        a = await started_on_a(redis_proc.url, prefix)
         # the log moves on without a state for it (e.g. that turn's snapshot write was skipped)
         assert await a.cache.set_token_log("t", "c", [1, 2, 3, 4, 5])
-        b = TieredConversationStore(new_cache(redis_proc.url, prefix), early_read=True)
+        b = cold_replica(redis_proc.url, prefix)
         snap = await turn(b, KEY, [6], state_seed=2, commit=False)
         await b.flush()
         return snap, b.stats()
@@ -92,7 +100,7 @@ def test_new_conversations_known_ones_and_outages_leave_no_early_read_running(re
     prefix = ns()
 
     async def main():
-        b = TieredConversationStore(new_cache(redis_proc.url, prefix), early_read=True)
+        b = cold_replica(redis_proc.url, prefix)
         assert await turn(b, ConversationKey("t", "new"), [1, 2], state_seed=1) is None  # no log yet
         assert await early_tasks() == []
         await b.flush()
@@ -101,7 +109,7 @@ def test_new_conversations_known_ones_and_outages_leave_no_early_read_running(re
         await b.flush()
         stats = b.stats()
         # nothing listens at this Redis: the early read and the log both come back empty, no error
-        down = TieredConversationStore(new_cache("redis://127.0.0.1:1/0", prefix), early_read=True)
+        down = cold_replica("redis://127.0.0.1:1/0", prefix)
         snap = await turn(down, ConversationKey("t", "other"), [9], state_seed=3, commit=False)
         assert await early_tasks() == []
         await down.flush()
