@@ -228,19 +228,20 @@ def test_resident_slot_evicted_before_the_turn_claims_it_rebuilds_from_the_log()
 
 
 def test_a_turn_longer_than_its_lease_keeps_it(redis_proc):
-    """The lease is renewed while the turn runs: after 3x its TTL another replica still gets 409.
-    (A 1 s lease renewed every 1/3 s leaves 2/3 s of slack for a stalled loop on a busy CI box.)"""
+    """The lease is renewed while the turn runs: after 2.5x its TTL another replica still gets 409.
+    (A 2 s lease renewed every 2/3 s leaves 4/3 s of slack for a stalled loop: with a 1 s lease a
+    2-core CI box once missed one renewal.)"""
     prefix = ns()
     key = ConversationKey("t", "long")
 
     async def main() -> dict:
-        a = TieredConversationStore(new_cache(redis_proc.url, prefix), lease_ttl_s=1.0)
-        b = TieredConversationStore(new_cache(redis_proc.url, prefix), lease_ttl_s=1.0)
+        a = TieredConversationStore(new_cache(redis_proc.url, prefix), lease_ttl_s=2.0)
+        b = TieredConversationStore(new_cache(redis_proc.url, prefix), lease_ttl_s=2.0)
         await turn(a, key, [1, 2, 3], state_seed=1)
         await a.flush()
         a.acquire(key)
         snap = await a.load(key)
-        await asyncio.sleep(3.0)  # a long turn
+        await asyncio.sleep(5.0)  # a long turn
         b.acquire(key)
         with pytest.raises(ConversationBusy):
             await b.load(key)
