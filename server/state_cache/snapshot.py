@@ -22,13 +22,12 @@ import mmap
 import os
 import struct
 import warnings
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from server.state_cache.crc import crc32_combine
+from server.state_cache.crc import crc32, crc32_combine
 
 MAGIC = b"GLASNAP\x00"
 FORMAT_VERSION = 1
@@ -84,7 +83,7 @@ class _Checksum:
         # rot or a truncated write, not forgery: anyone who can write Redis could recompute any
         # digest. Both release the GIL on big buffers.
         if self._crc is not None:
-            self._crc = zlib.crc32(data, self._crc)
+            self._crc = crc32(data, self._crc)
         else:
             self._blake.update(data)
 
@@ -207,7 +206,7 @@ class SnapshotHeader:
             self.fingerprint, self.payload_len, self.checksum_alg, self.payload_checksum, len(self.tensors),
         )
         body = fixed + bytes(table)
-        return body + _TRAILER.pack(zlib.crc32(body))
+        return body + _TRAILER.pack(crc32(body))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> SnapshotHeader:
@@ -225,7 +224,7 @@ class SnapshotHeader:
             raise SnapshotCorrupt(f"snapshot header length {header_len} out of range")
         body_end = header_len - _TRAILER.size
         (crc,) = _TRAILER.unpack_from(data, body_end)
-        if zlib.crc32(data[:body_end]) != crc:
+        if crc32(data[:body_end]) != crc:
             raise SnapshotCorrupt("snapshot header checksum mismatch")
         if alg not in (CHECKSUM_CRC32, CHECKSUM_BLAKE2B):
             raise SnapshotCorrupt(f"unknown checksum algorithm {alg}")
@@ -537,7 +536,7 @@ class SnapshotDecoder:
             return None
         crc = 0
         for view in self.views(start, stop):
-            crc = zlib.crc32(view, crc)
+            crc = crc32(view, crc)
         return crc
 
     def absorb(self, start: int, stop: int, part_checksum: int | None = None) -> None:
