@@ -388,6 +388,8 @@ def add_redis_args(ap: argparse.ArgumentParser) -> None:
                     help="the server's redis_read_piece_bytes (0: one GET per chunk; default: the setting's)")
     ap.add_argument("--early-read", action="store_true",
                     help="the server's redis_early_read: a cold replica reads the state while the log is fetched")
+    ap.add_argument("--device-staging", action="store_true",
+                    help="the server's redis_device_staging: a state read from Redis goes to the GPU as it arrives")
 
 
 def start_chunk_shards(args: argparse.Namespace) -> list[Any]:
@@ -406,6 +408,8 @@ def redis_settings(args: argparse.Namespace, url: str, shards: list[Any] | None 
         out["redis_read_piece_bytes"] = args.read_piece_bytes
     if args.early_read:
         out["redis_early_read"] = True
+    if args.device_staging:
+        out["redis_device_staging"] = True
     return out
 
 
@@ -569,7 +573,8 @@ def main() -> None:
         "resume_tier": args.resume_tier,
         "think_ms": args.think_ms,
         "redis": {k: getattr(args, k) for k in ("redis_io_threads", "redis_chunk_shards", "state_cache_dtype",
-                                                "bulk_connections", "read_piece_bytes", "early_read")},
+                                                "bulk_connections", "read_piece_bytes", "early_read",
+                                                "device_staging")},
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,
         "gc_freeze": settings.gc_freeze,

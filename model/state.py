@@ -249,4 +249,8 @@ class StatePool:
                 # copy_ across devices would widen on the host first (and from pageable memory):
                 # move the narrow bytes, then widen where the slot lives
                 src = src.to(t.device, non_blocking=True)
+            elif src.is_cuda:
+                # a staged Redis read (server/state_cache/staging.py) lives on another stream's
+                # memory: keep it from being reused before this stream's copy has read it
+                src.record_stream(torch.cuda.current_stream(src.device))
             t[slot].copy_(src, non_blocking=True)

@@ -64,7 +64,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int | None = None
     reserved_slot: int | None = None  # the slot already holding this conversation's state (device tier)
-    state_in_slot: bool = False  # resumed from `reserved_slot` as it is: nothing to load
+    state_in_slot: bool = False  # in its slot already: resumed from `reserved_slot`, or written at admission
     resident_expected: bool = False  # `load` skipped the state: a parked slot holds it
     flight_key: Any = None  # leads prefilling this context: identical concurrent requests wait for it
     checkpoint_wanted: bool = False  # keep the state before the last input token (for those waiting)

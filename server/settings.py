@@ -124,6 +124,10 @@ class Settings(BaseSettings):
         "while its token log is still being fetched, then check the state against the log (experimental: off until "
         "measured on a GPU host)",
     )
+    redis_device_staging: bool = Field(
+        False, description="on CUDA, copy a state read from Redis to the GPU while it arrives, so the step's copy "
+        "into the conversation's slot is device to device (experimental: off until measured on a GPU host)",
+    )
     conversation_lease_s: float = Field(600.0, gt=0, description="expiry of a turn's conversation lease")
 
     # -- operations (issue 6)

@@ -51,7 +51,18 @@ def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCach
         log_redis=log_redis,
         key_prefix=f"{settings.redis_key_prefix}:",
         storage_dtype=torch.bfloat16 if settings.state_cache_dtype == "bfloat16" else None,
+        stage_device=_stage_device(settings),
     )
+
+
+def _stage_device(settings: Settings) -> torch.device | None:
+    """Where Redis reads are staged (`redis_device_staging`): the serving CUDA device, else nowhere."""
+    if not settings.redis_device_staging or settings.redis_url is None:
+        return None
+    device = torch.device(settings.resolved_device())
+    if device.type != "cuda":
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def build_conversation_store(settings: Settings, fingerprint: bytes | None = None) -> TieredConversationStore:

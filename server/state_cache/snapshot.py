@@ -24,10 +24,14 @@ import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.state_cache.crc import crc32, crc32_combine
+
+if TYPE_CHECKING:
+    from server.state_cache.staging import DeviceStager
 
 MAGIC = b"GLASNAP\x00"
 FORMAT_VERSION = 1
@@ -457,10 +461,13 @@ class SnapshotDecoder:
         restore_dtype: bool = True,
         pin_memory: bool = False,
         per_tensor: bool = False,
+        stage_device: torch.device | None = None,
     ) -> None:
         # per_tensor: one buffer per tensor instead of one for the payload; what pinned decodes
         # always get (each tensor is its own pinned allocation), selectable so the CPU tests
         # cover that layout and its alignment gaps too.
+        # stage_device: also copy the payload there as it arrives (`staging.py`); `finish` then
+        # leaves the device tensors, in the stored dtypes, in `staged`.
         self.header = SnapshotHeader.from_bytes(header_bytes)
         check_identity(self.header, fingerprint=fingerprint, prefix_hash=prefix_hash)
         infos = self.header.tensors
@@ -479,6 +486,12 @@ class SnapshotDecoder:
             self._segments = [(0, self.header.payload_len, data)] if self.header.payload_len else []
         self._si = 0
         self._layout = self._cover(self._segments, self.header.payload_len)
+        self.staged: dict[str, torch.Tensor] | None = None
+        self._stager: DeviceStager | None = None
+        if stage_device is not None:
+            from server.state_cache.staging import DeviceStager  # imports this module
+
+            self._stager = DeviceStager(self.header, stage_device)
 
     def feed(self, parts: Sequence[Buffer]) -> None:
         """The next consecutive parts of the payload (e.g. Redis chunk replies, kept unjoined)."""
@@ -498,6 +511,8 @@ class SnapshotDecoder:
                     if stop > end:
                         break
                     self._si += 1
+                if self._stager is not None:
+                    self._stage(pos, end)
             self._pos += n
 
     @staticmethod
@@ -550,6 +565,20 @@ class SnapshotDecoder:
             for view in self.views(start, stop):
                 self._checksum.update(view)
         self._pos = stop
+        if self._stager is not None:
+            self._stage(start, stop)
+
+    def _stage(self, start: int, stop: int) -> None:
+        """Queues payload bytes [start, stop), now in place, for the device copy (the tensors'
+        bytes only: the alignment gaps between them belong to no tensor)."""
+        assert self._stager is not None
+        for a, b, dst in self._segments:
+            if b <= start:
+                continue
+            if a >= stop:
+                break
+            lo, hi = max(a, start), min(b, stop)
+            self._stager.copy(lo, dst[lo - a : hi - a])
 
     def finish(self) -> Snapshot:
         if self._pos != self.header.payload_len:
@@ -557,6 +586,8 @@ class SnapshotDecoder:
         if self._checksum.digest() != self.header.payload_checksum:
             raise SnapshotCorrupt("snapshot payload checksum mismatch")
         out = _widen(self.header, self._out, self._pin) if self._reduced else self._out
+        if self._stager is not None:
+            self.staged = self._stager.finish()
         return Snapshot(self.header, out)
 
 

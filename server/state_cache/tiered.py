@@ -83,6 +83,9 @@ class TieredStateCache:
             so a slow Redis cannot grow memory without bound.
         max_local_conversations: bound on in-process conversation pointers and token logs.
         thread_threshold_bytes: copies, encodes and decodes at least this big go to a thread.
+        stage_device: a CUDA device to copy states read from Redis to while they arrive
+            (`staging.py`; only with pinned host memory): the hit's tensors are then on it, and the
+            step's copy into a slot is device to device. None (default): hits stay on the host.
         on_event: called as on_event(name, amount) for every counter increment (Prometheus).
 
     Example:
@@ -106,6 +109,7 @@ class TieredStateCache:
         max_local_conversations: int = 100_000,
         thread_threshold_bytes: int = 1 << 20,
         on_event: Callable[[str, int], None] | None = None,
+        stage_device: torch.device | None = None,
     ) -> None:
         if len(fingerprint) != 32:
             raise ValueError("fingerprint must be 32 bytes (keys.model_fingerprint)")
@@ -116,6 +120,10 @@ class TieredStateCache:
         self.log_redis = log_redis if log_redis is not None else redis
         self.storage_dtype = storage_dtype
         self.widen_on_host = not self.host.pin_memory if widen_on_host is None else widen_on_host
+        # an asynchronous copy to CUDA needs pinned sources: without them staging would only add a
+        # copy (a CPU stage_device is what the CPU tests exercise the staging with)
+        self.stage_device = (stage_device if stage_device is not None
+                             and (stage_device.type != "cuda" or self.host.pin_memory) else None)
         self.max_pending_write_bytes = max_pending_write_bytes
         self.max_local_conversations = max_local_conversations
         self.thread_threshold_bytes = thread_threshold_bytes
@@ -401,7 +409,8 @@ class TieredStateCache:
             # straight from the Redis chunks into the tensors (pinned on CUDA, so promotion below
             # needs no second copy and the copy into a device slot is a DMA)
             return SnapshotDecoder(header_bytes, fingerprint=self.fingerprint, prefix_hash=phash,
-                                   pin_memory=self.host.pin_memory, restore_dtype=self.widen_on_host)
+                                   pin_memory=self.host.pin_memory, restore_dtype=self.widen_on_host,
+                                   stage_device=self.stage_device)
 
         async def feed(decoder: SnapshotDecoder, parts: list[bytes]) -> None:
             await self._offload(sum(len(p) for p in parts), decoder.feed, parts)
@@ -426,6 +435,9 @@ class TieredStateCache:
         nbytes = tensors_nbytes(snap.tensors)
         owned = snap.tensors  # decoded into fresh (pinned when the host tier pins) memory: owned
         self._host_put(snap_key, anchor_key, HostEntry(owned, n, phash, nbytes))
+        if decoder.staged is not None:  # already on the device: the host tier keeps the pinned copy
+            self._count("redis_reads_staged")
+            return CacheHit(n, phash, decoder.staged, "redis")
         return CacheHit(n, phash, owned, "redis")
 
     @asynccontextmanager

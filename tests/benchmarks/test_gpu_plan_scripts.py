@@ -48,7 +48,9 @@ def test_e2e_server_reports_the_servers_own_redis_read_time(tmp_path: Path) -> N
     out = tmp_path / "e2e.json"
     run("e2e_server.py", "--tiny", "--device", "cpu", "--concurrency", "1", "--max-tokens", "4", "--prompt-tokens",
         "16", "--resume", "32", "--resume-tier", "redis", "--resume-turns", "2", "--client", "raw",
-        "--max-num-seqs", "1", "--read-piece-bytes", "0", "--out", str(out))
-    (row,) = json.loads(out.read_text())["resume"]
+        "--max-num-seqs", "1", "--read-piece-bytes", "0", "--device-staging", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["redis"]["device_staging"] is True  # accepted (a no-op without CUDA)
+    (row,) = result["resume"]
     assert len(row["resumed_ttft_all_ms"]) == 2
     assert all(x is not None and x > 0 for x in row["resumed_redis_get_ms"]), row["resumed_redis_get_ms"]
