@@ -20,11 +20,23 @@ def logits(model: GLAForCausalLM) -> torch.Tensor:
     return model(IDS).logits.detach()
 
 
+def assert_same_logits(a: GLAForCausalLM, b: GLAForCausalLM) -> None:
+    """Equal weights, equal logits up to the CPU GEMMs' rounding: a bit-exact comparison of the
+    logits failed once after other tests in the same process (values equal to four digits) and
+    passed on rerun, so exactness is checked on the weights instead
+    (`test_save_pretrained_from_pretrained_round_trip`)."""
+    torch.testing.assert_close(logits(a), logits(b), rtol=1e-5, atol=1e-6)
+
+
 def test_save_pretrained_from_pretrained_round_trip(checkpoint_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir))
     tok = AutoTokenizer.from_pretrained(str(checkpoint_dir))
     assert isinstance(model, GLAForCausalLM)
-    assert torch.equal(logits(model), logits(tiny_model()))
+    ref = tiny_model()
+    got, want = model.state_dict(), ref.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    assert_same_logits(model, ref)
     assert tok.decode(tok("hello world")["input_ids"], skip_special_tokens=True).replace(" ", "") == "helloworld"
 
 
@@ -32,7 +44,7 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     model = tiny_model(use_short_conv=True, num_kv_heads=2)
     model.save_pretrained(str(tmp_path), max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    assert torch.equal(logits(load_checkpoint(tmp_path)), logits(model))
+    assert_same_logits(load_checkpoint(tmp_path), model)
 
 
 def test_tied_embeddings_have_no_lm_head_in_the_file(tmp_path: Path) -> None:
@@ -41,7 +53,7 @@ def test_tied_embeddings_have_no_lm_head_in_the_file(tmp_path: Path) -> None:
     assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
     loaded = load_checkpoint(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embeddings.weight
-    assert torch.equal(logits(loaded), logits(model))
+    assert_same_logits(loaded, model)
 
 
 def test_legacy_fla_hub_layout_gives_the_same_logits(tmp_path: Path) -> None:
@@ -63,7 +75,7 @@ def test_legacy_fla_hub_layout_gives_the_same_logits(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     loaded = load_checkpoint(tmp_path)
     assert loaded.config.attn_mode == "chunk"
-    assert torch.equal(logits(loaded), logits(model))
+    assert_same_logits(loaded, model)
 
 
 def test_hybrid_attention_config_is_refused_naming_the_field(tmp_path: Path) -> None:
