@@ -374,8 +374,9 @@ class TieredStateCache:
         its state if it summarises exactly `token_ids` (the conversation's log but its last, pending
         token), else the checked lookup, which never loads a state that does not summarise a prefix
         of `token_ids`."""
+        want = prefix_hash(token_ids)  # while the read is still in flight, not after it
         hit = await task
-        if hit is not None and hit.num_tokens == len(token_ids) and prefix_hash(token_ids) == hit.prefix_hash:
+        if hit is not None and hit.num_tokens == len(token_ids) and want == hit.prefix_hash:
             self._count("lookups")
             return self._hit(hit)
         if hit is not None:
