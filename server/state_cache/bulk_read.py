@@ -354,8 +354,19 @@ class BulkReader:
         else:
             commands = [_command(b"GETRANGE", key.encode(), b"%d" % off, b"%d" % (off + b - a - 1))
                         for key, off, (a, b) in zip(keys, offsets, ranges, strict=True)]
+        # every request goes out from here, before any reader thread runs: the Redis servers start
+        # replying while the threads are still being woken (each needs the GIL once to start), and
+        # the replies wait in the sockets' receive buffers meanwhile
+        try:
+            for conn, (_, indices) in zip(conns, plan, strict=True):
+                conn.sock.sendall(b"".join(commands[i] for i in indices))
+        except BaseException as e:
+            read.fail(e)
+            for c in conns:
+                c.close()
+            raise
         futures = [
-            self._pool.submit(self._worker, read, conn, indices, commands, ranges, sink, offsets is not None)
+            self._pool.submit(self._worker, read, conn, indices, ranges, sink, offsets is not None)
             for conn, (_, indices) in zip(conns, plan, strict=True)
         ]
         ok = False
@@ -391,13 +402,12 @@ class BulkReader:
         read: _Read,
         conn: _Conn,
         indices: list[int],
-        commands: Sequence[bytes],
         ranges: Sequence[tuple[int, int]],
         sink: ChunkSink,
         getrange: bool,
     ) -> None:
+        """Receives the replies to the requests `read_into` sent on `conn`, in order."""
         try:
-            conn.sock.sendall(b"".join(commands[i] for i in indices))
             for i in indices:
                 if read.error is not None or read.missing:
                     raise ConnectionAbortedError("another connection of this read failed")
