@@ -66,8 +66,10 @@ def test_duration_bounds_the_run(fake_server) -> None:
     run, s = _run(cfg)
     assert 1.0 <= time.perf_counter() - start < 3.0
     assert s.num_ok > 10 and s.num_errors == 0
-    # No request is admitted after the deadline; its send time trails the admission by a few µs.
-    assert max(r.start_s for r in run.results) < 1.05
+    # No request is admitted after the deadline; its send time trails the admission by a few µs,
+    # or by a scheduling stall on a loaded CI box (hence 0.2 s of slack; without the bound requests
+    # would keep starting until the run ends at ~3 s)
+    assert max(r.start_s for r in run.results) < 1.2
 
 
 def test_faults_are_counted_by_kind(start_fake_server) -> None:
