@@ -388,8 +388,29 @@ def add_redis_args(ap: argparse.ArgumentParser) -> None:
                     help="the server's redis_read_piece_bytes (0: one GET per chunk; default: the setting's)")
     ap.add_argument("--early-read", action="store_true",
                     help="the server's redis_early_read: a cold replica reads the state while the log is fetched")
+    ap.add_argument("--cold-replica", action="store_true",
+                    help="every turn's load first forgets what this server holds of the conversation (pointer, log, "
+                    "host copy), as on a replica that never saw it: the cross-replica case the Redis tier is for")
     ap.add_argument("--device-staging", action="store_true",
                     help="the server's redis_device_staging: a state read from Redis goes to the GPU as it arrives")
+
+
+def cold_replica(conversations: Any) -> None:
+    """`--cold-replica`: each `load` of the store runs as on a replica that never saw the conversation
+    (`TieredStateCache.forget_local` first; Redis keeps everything, so resumes still read it)."""
+    load = conversations.load
+
+    async def cold_load(key: Any, *args: Any, **kwargs: Any) -> Any:
+        conversations.cache.forget_local(key.tenant, key.conversation_id)
+        return await load(key, *args, **kwargs)
+
+    conversations.load = cold_load
+
+
+def cache_counters(conversations: Any) -> dict[str, int]:
+    """The cache counters a Redis-tier run's write-up reads (early reads, staged reads, hits by tier)."""
+    stats = conversations.cache.stats()
+    return {k: v for k, v in stats.items() if k.startswith(("early_reads", "redis_reads_staged", "lookup_hits_"))}
 
 
 def start_chunk_shards(args: argparse.Namespace) -> list[Any]:
@@ -502,6 +523,8 @@ def main() -> None:
         tier.update(redis_settings(args, redis.url, shards))
     settings = Settings(**{**settings.model_dump(exclude_unset=True), **tier})
     conversations = build_conversation_store(settings, fingerprint=b"e2e-server-random-weights".ljust(32, b"\0"))
+    if args.cold_replica:
+        cold_replica(conversations)
     app = create_app(settings, model_loader=lambda s: (model, tokenizer), conversations=conversations)
     server, thread, url = serve_in_thread(app)
     startup_s = time.perf_counter() - t0
@@ -574,7 +597,8 @@ def main() -> None:
         "think_ms": args.think_ms,
         "redis": {k: getattr(args, k) for k in ("redis_io_threads", "redis_chunk_shards", "state_cache_dtype",
                                                 "bulk_connections", "read_piece_bytes", "early_read",
-                                                "device_staging")},
+                                                "device_staging", "cold_replica")},
+        "cache_counters": cache_counters(conversations),
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,
         "gc_freeze": settings.gc_freeze,

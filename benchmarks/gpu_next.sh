@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=resumeopts             the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces), alternating: the
-#                                defaults (ISA-L's crc32 since the fifteenth session), GLA_CRC32=zlib, device staging
-#                                (redis_device_staging), the early read, both; then the staging GPU tests (issue 5)
+#   STEPS=resumeopts             the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces) on a cold replica
+#                                (--cold-replica: the server forgets the conversation before each load, as a replica
+#                                that never saw it; without it the early read never starts), alternating: the defaults
+#                                (ISA-L's crc32 since the fifteenth session), GLA_CRC32=zlib, device staging, the early
+#                                read, both; one warm-replica run as before; the staging GPU tests first (issue 5)
 #   STEPS=crc                    one Redis with ISA-L's and zlib's crc32, and the bare-process load + restore both
 #                                ways (zlib's crc32 of 48 MiB was 17 ms of the reader threads' CPU on this host)
 #   STEPS=redispieces            the Redis tier's resumed turn at 32K with 8 chunk shards and 1 / 2 / 4 MiB read
 #                                pieces, and 4 shards with 2 MiB, alternating (issue 5; the fourteenth session
 #                                measured 19.6 / 22.2 ms with 2 MiB against 24.3-28.8 with 1 MiB, one run each
 #                                of 4 MiB; re-prefills now wait for earlier writes, so compare with ~187 ms)
-#   STEPS=earlyread              the same turn (8 shards, 2 MiB pieces) with and without redis_early_read (the state's
-#                                read starts before the token log arrives; off by default, not yet run on a GPU host)
+#   STEPS=earlyread              the same turn (8 shards, 2 MiB pieces, cold replica) with and without redis_early_read
+#                                (covered by resumeopts; the fourteenth session's plan lacked --cold-replica)
 #   STEPS=smallsteps             the B=1 decode variants (cuBLAS vs GEMV route, PDL) and the decode GPU tests
 #   STEPS=gemv                   bench_gemv.py sweep at M = 1 with the norm prologue: the GEMVs run at ~52% of
 #                                copy bandwidth and are what is left of batch-1 decode (issue 8)
@@ -92,13 +94,14 @@ if has resumeopts; then  # issue 5: this session's three read-path options again
   timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/state_cache/test_device_staging.py \
     tests/model/test_stage.py 2>&1 | tail -3
   r=0
-  for opt in base zlib staging early staging+early base; do
+  for opt in base zlib staging early staging+early warm; do
     r=$((r + 1))
-    flags=""; crc=isal
+    flags=" --cold-replica"; crc=isal
+    [[ $opt == warm ]] && flags=""
     [[ $opt == zlib ]] && crc=zlib
     [[ $opt == *staging* ]] && flags="$flags --device-staging"
     [[ $opt == *early* ]] && flags="$flags --early-read"
-    GLA_CRC32=$crc timeout 75 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
+    GLA_CRC32=$crc timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
       --read-piece-bytes 2097152 $flags --out "$OUT/resume-redis-opts-$opt-r$r.json" 2>&1 | grep "^history" \
       | cut -c1-120 | sed "s/^/8 shards, $opt: /"
@@ -122,7 +125,7 @@ if has earlyread; then  # issue 5: the Redis read started before the token log a
     r=$((r + 1))
     timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
       --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
-      --read-piece-bytes 2097152 $([[ $early == on ]] && echo --early-read) --out "$OUT/resume-redis-early-$early-r$r.json" \
+      --read-piece-bytes 2097152 --cold-replica $([[ $early == on ]] && echo --early-read) --out "$OUT/resume-redis-early-$early-r$r.json" \
       2>&1 | grep "^history" | cut -c1-120 | sed "s/^/early read $early: /"
   done
 fi

@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_server import (  # noqa: E402
     add_redis_args,
     build_model,
+    cache_counters,
+    cold_replica,
     redis_settings,
     serve_in_thread,
     start_chunk_shards,
@@ -324,6 +326,8 @@ def main() -> None:
     settings = Settings(device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
                         max_tokens_cap=16, cuda_graphs=args.device.startswith("cuda"), log_level="warning", **tier)
     conversations = build_conversation_store(settings, fingerprint=b"trace-resume".ljust(32, b"\0"))
+    if args.cold_replica:
+        cold_replica(conversations)
     app = create_app(settings, model_loader=lambda s: (model, tokenizer), conversations=conversations)
     server, _, url = serve_in_thread(app, StampASGI(app))
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -377,7 +381,9 @@ def main() -> None:
                 "torch": torch.__version__, "python": sys.version.split()[0], "history": args.history,
                 "tier": args.tier, "new_tokens": args.new_tokens, "reps": args.reps, "max_num_seqs": args.max_num_seqs,
                 "redis": {k: getattr(args, k) for k in ("redis_io_threads", "state_cache_dtype", "bulk_connections",
-                                                        "read_piece_bytes")},
+                                                        "read_piece_bytes", "early_read", "device_staging",
+                                                        "cold_replica")},
+                "cache_counters": cache_counters(conversations),
                 "uvicorn_loop": "uvloop" if "uvloop" in sys.modules else "asyncio",
                 "http_parser": "httptools" if "httptools" in sys.modules else "h11"}
         out = {**meta, "results": results, "redis_slow": redis_slow}

@@ -27,7 +27,7 @@ import torch
 
 from server.state_cache.flight import SingleFlight
 from server.state_cache.host import HostEntry, HostLRU, tensors_nbytes
-from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag, prefix_hash
+from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag
 from server.state_cache.redis_tier import RedisTier
 from server.state_cache.snapshot import (
     SnapshotDecoder,
@@ -339,6 +339,19 @@ class TieredStateCache:
         self._count("lookup_misses")
         return None
 
+    def forget_local(self, tenant: str, conversation_id: str) -> None:
+        """Drops what this process alone holds of a conversation: its pointer, its token log and the
+        host-tier copy of the state the pointer names. Redis keeps its copies, so the next turn runs
+        as on a replica that never saw the conversation: how benchmarks and tests measure and check
+        that case in one process (`e2e_server.py --cold-replica`)."""
+        pointer = self._pointers.pop(self.keys.conversation(tenant, conversation_id), None)
+        self._logs.pop(self.keys.token_log(tenant, conversation_id), None)
+        if pointer is not None and len(pointer) == _POINTER.size:
+            snap_key = self.keys.snapshot(tenant, _POINTER.unpack(pointer)[1])
+            entry = self.host.pop(snap_key)
+            if entry is not None:
+                self._on_host_evict(snap_key, entry)
+
     def start_early_lookup(
         self, tenant: str, conversation_id: str, rejections: list[str] | None = None
     ) -> asyncio.Task[CacheHit | None] | None:
@@ -374,7 +387,8 @@ class TieredStateCache:
         its state if it summarises exactly `token_ids` (the conversation's log but its last, pending
         token), else the checked lookup, which never loads a state that does not summarise a prefix
         of `token_ids`."""
-        want = prefix_hash(token_ids)  # while the read is still in flight, not after it
+        # hashed while the read is in flight (yielding, so the read's own steps on this loop go on)
+        want = (await PrefixHasher.cooperative(token_ids)).prefix_hash(len(token_ids))
         hit = await task
         if hit is not None and hit.num_tokens == len(token_ids) and want == hit.prefix_hash:
             self._count("lookups")

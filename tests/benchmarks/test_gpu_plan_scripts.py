@@ -48,9 +48,14 @@ def test_e2e_server_reports_the_servers_own_redis_read_time(tmp_path: Path) -> N
     out = tmp_path / "e2e.json"
     run("e2e_server.py", "--tiny", "--device", "cpu", "--concurrency", "1", "--max-tokens", "4", "--prompt-tokens",
         "16", "--resume", "32", "--resume-tier", "redis", "--resume-turns", "2", "--client", "raw",
-        "--max-num-seqs", "1", "--read-piece-bytes", "0", "--device-staging", "--out", str(out))
+        "--max-num-seqs", "1", "--read-piece-bytes", "0", "--device-staging", "--cold-replica", "--early-read",
+        "--out", str(out))
     result = json.loads(out.read_text())
     assert result["redis"]["device_staging"] is True  # accepted (a no-op without CUDA)
+    # each of the 2 conversations starts an early read on its first turn (new to this server), and,
+    # because the cold replica forgot it, on its resumed turn too (a warm replica would not: 2)
+    assert result["cache_counters"]["early_reads"] == 4, result["cache_counters"]
+    assert result["cache_counters"]["lookup_hits_redis"] == 2, result["cache_counters"]
     (row,) = result["resume"]
     assert len(row["resumed_ttft_all_ms"]) == 2
     assert all(x is not None and x > 0 for x in row["resumed_redis_get_ms"]), row["resumed_redis_get_ms"]

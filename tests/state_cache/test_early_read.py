@@ -144,3 +144,30 @@ def test_two_servers_over_http_the_early_read_resumes_and_equals_replay(redis_pr
     finally:
         a.stop()
         b.stop()
+
+
+def test_forget_local_makes_a_replica_cold_for_that_conversation_only(redis_proc):
+    """What `e2e_server.py --cold-replica` relies on: after `forget_local` the replica that wrote
+    the conversation starts an early read, as one that never saw it, and resumes the same state."""
+    prefix = ns()
+    other = ConversationKey("t", "other")
+
+    async def main():
+        a = TieredConversationStore(new_cache(redis_proc.url, prefix), early_read=True)
+        await turn(a, KEY, [1, 2, 3], state_seed=1)
+        await turn(a, other, [7, 8], state_seed=4)
+        await a.flush()
+        assert a.cache.stats()["host_entries"] == 2
+        a.cache.forget_local(KEY.tenant, KEY.conversation_id)
+        assert a.cache.stats()["host_entries"] == 1  # only that conversation's state left the host tier
+        snap = await turn(a, KEY, [4], state_seed=2)
+        kept = await turn(a, other, [9], state_seed=5)  # still known here: no early read
+        await a.flush()
+        return snap, kept, a.stats()
+
+    snap, kept, stats = asyncio.run(main())
+    assert snap.token_ids == [1, 2, 3] and kept.token_ids == [7, 8]
+    assert_state_equal(snap.state, make_state(seed=1))
+    assert_state_equal(kept.state, make_state(seed=4))
+    # one early read per first turn (the replica knew neither conversation yet) and one after the forget
+    assert stats["early_reads"] == 3 and stats["lookup_hits_redis"] == 1 and stats["lookup_hits_host"] == 1
