@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import mmap
 import os
 import struct
@@ -32,6 +33,8 @@ from server.state_cache.crc import crc32, crc32_combine
 
 if TYPE_CHECKING:
     from server.state_cache.staging import DeviceStager
+
+_log = logging.getLogger(__name__)
 
 MAGIC = b"GLASNAP\x00"
 FORMAT_VERSION = 1
@@ -491,7 +494,11 @@ class SnapshotDecoder:
         if stage_device is not None:
             from server.state_cache.staging import DeviceStager  # imports this module
 
-            self._stager = DeviceStager(self.header, stage_device)
+            try:
+                self._stager = DeviceStager(self.header, stage_device)
+            except torch.cuda.OutOfMemoryError:  # no room on the device now: the state stays on the host
+                _log.warning("no device memory to stage a %d-byte snapshot; reading it to the host only",
+                             self.header.payload_len)
 
     def feed(self, parts: Sequence[Buffer]) -> None:
         """The next consecutive parts of the payload (e.g. Redis chunk replies, kept unjoined)."""

@@ -117,6 +117,22 @@ def test_a_corrupt_payload_leaves_nothing_staged():
     assert dec.staged is None
 
 
+def test_no_device_memory_to_stage_reads_to_the_host_only(monkeypatch):
+    """An out-of-memory device is a slower resume, never a failed one."""
+    from server.state_cache import staging
+
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(staging.DeviceStager, "__init__", no_room)
+    e = encoded()
+    dec = SnapshotDecoder(e.header_bytes, fingerprint=FP, prefix_hash=PH, per_tensor=True, stage_device=CPU)
+    dec.feed([bytes(e.payload)])
+    snap = dec.finish()
+    assert dec.staged is None
+    assert_state_equal(snap.tensors, STATE)
+
+
 def _round_trip(url: str, prefix: str, bulk_connections: int, stage_device: torch.device, pin: bool):
     """Stores STATE through one cache, then reads it twice through a fresh one that stages."""
 
