@@ -26,11 +26,12 @@
 #   STEPS=e2efull                e2e.py without --quick: B=256, prefill 1K-32K, fla generate up to B=64
 #   (ran in the twelfth session: pdl, host, defaults, redisharness, profmodel, e2e, lastsums; thirteenth
 #   session: gputests, gemvopts, steplaunch, redisprobe, redisshards and two shard sweeps; fourteenth: the
-#   kernel GPU tests, a raw-launch host_overhead A/B (removed), inline shard, bf16 and piece-size runs)
+#   kernel GPU tests, a raw-launch host_overhead A/B (removed), inline shard, bf16 and piece-size runs;
+#   fifteenth: no device time)
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
 # start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
-# hiredis httptools uvloop` fills it); carrying a .triton-cache that is not here would delete the warm one there.
+# hiredis httptools uvloop isal` fills it); carrying a .triton-cache that is not here would delete the warm one there.
 set -u
 source benchmarks/gpu_env.sh
 STEPS=${STEPS:-gputests,parity}
