@@ -334,10 +334,19 @@ class BulkReader:
             mine = [i for i, s in enumerate(shards) if s == shard]
             k = min(self.per_shard, len(mine))
             plan.extend((shard, mine[j::k]) for j in range(k))
+        if offsets is None:
+            commands = [_command(b"GET", key.encode()) for key in keys]
+        else:
+            commands = [_command(b"GETRANGE", key.encode(), b"%d" % off, b"%d" % (off + b - a - 1))
+                        for key, off, (a, b) in zip(keys, offsets, ranges, strict=True)]
+        # each socket's requests go out from here as soon as it is checked out, before any reader
+        # thread runs: the Redis servers start replying while the threads are still being woken
+        # (each needs the GIL once to start), and the replies wait in the receive buffers meanwhile
         conns: list[_Conn] = []
         try:
-            for shard, _ in plan:
+            for shard, indices in plan:
                 conns.append(self._checkout(timeout_s, shard))
+                conns[-1].sock.sendall(b"".join(commands[i] for i in indices))
         except BaseException as e:
             for c in conns:
                 c.close()
@@ -349,22 +358,6 @@ class BulkReader:
             for c in conns:
                 c.close()
             raise TimeoutError("bulk snapshot read abandoned")
-        if offsets is None:
-            commands = [_command(b"GET", key.encode()) for key in keys]
-        else:
-            commands = [_command(b"GETRANGE", key.encode(), b"%d" % off, b"%d" % (off + b - a - 1))
-                        for key, off, (a, b) in zip(keys, offsets, ranges, strict=True)]
-        # every request goes out from here, before any reader thread runs: the Redis servers start
-        # replying while the threads are still being woken (each needs the GIL once to start), and
-        # the replies wait in the sockets' receive buffers meanwhile
-        try:
-            for conn, (_, indices) in zip(conns, plan, strict=True):
-                conn.sock.sendall(b"".join(commands[i] for i in indices))
-        except BaseException as e:
-            read.fail(e)
-            for c in conns:
-                c.close()
-            raise
         futures = [
             self._pool.submit(self._worker, read, conn, indices, ranges, sink, offsets is not None)
             for conn, (_, indices) in zip(conns, plan, strict=True)

@@ -88,12 +88,15 @@ class PrefixHasher:
     """
 
     def __init__(self, token_ids: Sequence[int]) -> None:
+        self._start(token_ids)
+        for k in range(self.num_tokens // ANCHOR_BLOCK):
+            self._add_anchor(k)
+
+    def _start(self, token_ids: Sequence[int]) -> None:
         self.num_tokens = len(token_ids)
         self._data = tokens_to_bytes(token_ids)
         # anchors[k] summarises tokens[: k * ANCHOR_BLOCK]
         self.anchors = [_ANCHOR0]
-        for k in range(self.num_tokens // ANCHOR_BLOCK):
-            self._add_anchor(k)
 
     def _add_anchor(self, k: int) -> None:
         step = 4 * ANCHOR_BLOCK
@@ -107,9 +110,7 @@ class PrefixHasher:
         transfer while the log it will be checked against is hashed."""
         await asyncio.sleep(0)
         self = cls.__new__(cls)
-        self.num_tokens = len(token_ids)
-        self._data = tokens_to_bytes(token_ids)
-        self.anchors = [_ANCHOR0]
+        self._start(token_ids)
         for k in range(self.num_tokens // ANCHOR_BLOCK):
             self._add_anchor(k)
             if k % blocks_per_yield == blocks_per_yield - 1:

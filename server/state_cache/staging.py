@@ -38,7 +38,6 @@ class DeviceStager:
     """
 
     def __init__(self, header: SnapshotHeader, device: torch.device) -> None:
-        self.device = device
         self._stream = None
         if device.type == "cuda":
             self._stream = _side_stream(device.index if device.index is not None else torch.cuda.current_device())
