@@ -134,6 +134,8 @@ def instrument() -> None:
     for name in ("get_bytes", "read_snapshot_into", "_manifest"):
         wrap(redis_tier.RedisTier, name, "redis." + name)
     wrap(bulk_read.BulkReader, "read_into", "bulk.read_into")
+    wrap(snapshot.SnapshotDecoder, "__init__", "decoder.open")
+    wrap(redis_tier.RedisTier, "_call", "redis._call")
     # inside the read, every call is stamped and the timeline keeps the first and the last
     wrap(bulk_read._Conn, "recv_exactly", "bulk.each.recv")
     wrap(snapshot.SnapshotDecoder, "part_checksum", "bulk.each.crc")

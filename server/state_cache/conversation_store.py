@@ -84,19 +84,19 @@ class TieredConversationStore:
         if pending is not None:
             # The previous turn's commit and lease release; their failure is not this turn's.
             await asyncio.wait([asyncio.wrap_future(pending)])
-        lease = await self.cache.acquire_lease(key.tenant, key.conversation_id, self.lease_ttl_s)
-        if lease is None:
+        rejections: list[str] = []
+        # lease, log and (for the early read) the pointer in one round trip
+        start = await self.cache.begin_turn(key.tenant, key.conversation_id, self.lease_ttl_s,
+                                            early_read=self.early_read, rejections=rejections)
+        if start is None:
             raise _busy(key)
+        lease, log, early = start.lease, start.log, start.early
         with self._lock:
             self._leases[key] = lease
         if lease.is_distributed:
             self._keepers[key] = asyncio.create_task(self._keep_alive(lease))
         self.num_loads += 1
-        rejections: list[str] = []
-        early = (self.cache.start_early_lookup(key.tenant, key.conversation_id, rejections)
-                 if self.early_read else None)
         try:
-            log = await self.cache.get_token_log(key.tenant, key.conversation_id)
             if not log:
                 self.num_new += 1
                 return None

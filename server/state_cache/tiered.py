@@ -27,7 +27,7 @@ import torch
 
 from server.state_cache.flight import SingleFlight
 from server.state_cache.host import HostEntry, HostLRU, tensors_nbytes
-from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag
+from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, bytes_to_tokens, model_tag
 from server.state_cache.redis_tier import RedisTier
 from server.state_cache.snapshot import (
     SnapshotDecoder,
@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 _POINTER = struct.Struct("<Q32s32s")  # num_tokens, prefix_hash, anchor
+
+
+class _Unread:
+    """Marks a pointer not yet read from Redis (None means read and absent)."""
+
+
+UNREAD = _Unread()
 
 
 @dataclass(slots=True)
@@ -60,6 +67,17 @@ class Lease:
     key: str
     token: str
     is_distributed: bool
+
+
+@dataclass(slots=True)
+class TurnStart:
+    """What a resumed turn needs first, from one round trip (`TieredStateCache.begin_turn`): its
+    lease, the conversation's token log (as `get_token_log` returns it) and, when asked for, the
+    early read of its state (`start_early_lookup`)."""
+
+    lease: Lease
+    log: list[int] | None
+    early: asyncio.Task[CacheHit | None] | None
 
 
 class TieredStateCache:
@@ -362,17 +380,28 @@ class TieredStateCache:
         `finish_early_lookup` checks the state against the log before anything uses it. None when
         there is nothing to start; cancel the task if the log is never checked against it (a no-op
         once it is done)."""
-        if self.redis is None or self._pointers.get(self.keys.conversation(tenant, conversation_id)) is not None:
+        if not self._wants_early_read(tenant, conversation_id):
             return None
+        return self._start_early(tenant, conversation_id, rejections, UNREAD)
+
+    def _wants_early_read(self, tenant: str, conversation_id: str) -> bool:
+        return self.redis is not None and self._pointers.get(self.keys.conversation(tenant, conversation_id)) is None
+
+    def _start_early(
+        self, tenant: str, conversation_id: str, rejections: list[str] | None, pointer: bytes | None | _Unread
+    ) -> asyncio.Task[CacheHit | None]:
         self._count("early_reads")
-        task = asyncio.ensure_future(self._early_fetch(tenant, conversation_id, rejections))
+        task = asyncio.ensure_future(self._early_fetch(tenant, conversation_id, rejections, pointer))
         # retrieved here, so an early read that nobody awaits is never logged as a lost exception
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
-    async def _early_fetch(self, tenant: str, conversation_id: str, rejections: list[str] | None) -> CacheHit | None:
+    async def _early_fetch(
+        self, tenant: str, conversation_id: str, rejections: list[str] | None, remote: bytes | None | _Unread
+    ) -> CacheHit | None:
         assert self.redis is not None
-        remote = await self.redis.get_bytes(self.keys.conversation(tenant, conversation_id))
+        if isinstance(remote, _Unread):
+            remote = await self.redis.get_bytes(self.keys.conversation(tenant, conversation_id))
         if remote is None or len(remote) != _POINTER.size:
             return None
         n, phash, anchor = _POINTER.unpack(remote)
@@ -545,23 +574,69 @@ class TieredStateCache:
         With Redis unreachable it falls back to this replica only (is_distributed False).
         """
         key = self.keys.lease(tenant, conversation_id)
-        now = time.monotonic()
-        held = self._leases.get(key)
-        if held is not None and held[1] > now:
-            self._count("lease_conflicts")
+        if self._local_lease_held(key):
             return None
         token = os.urandom(16).hex()
-        distributed = False
-        if self.log_redis is not None:
-            got = await self.log_redis.acquire_lease(key, token, ttl_s)
-            if got is False:
-                self._count("lease_conflicts")
-                return None
-            distributed = got is True
-            if not distributed:
-                self._count("lease_local_only")
-        self._leases[key] = (token, now + ttl_s)
-        return Lease(key, token, distributed)
+        got = None if self.log_redis is None else await self.log_redis.acquire_lease(key, token, ttl_s)
+        return self._grant_lease(key, token, ttl_s, got)
+
+    def _local_lease_held(self, key: str) -> bool:
+        held = self._leases.get(key)
+        if held is not None and held[1] > time.monotonic():
+            self._count("lease_conflicts")
+            return True
+        return False
+
+    def _grant_lease(self, key: str, token: str, ttl_s: float, got: bool | None) -> Lease | None:
+        """The lease after Redis answered `got` (None: no Redis, or it could not say)."""
+        if got is False:
+            self._count("lease_conflicts")
+            return None
+        if got is None and self.log_redis is not None:
+            self._count("lease_local_only")
+        self._leases[key] = (token, time.monotonic() + ttl_s)
+        return Lease(key, token, got is True)
+
+    async def begin_turn(
+        self, tenant: str, conversation_id: str, ttl_s: float = 120.0, early_read: bool = False,
+        rejections: list[str] | None = None,
+    ) -> TurnStart | None:
+        """`acquire_lease`, then `get_token_log` and, with `early_read`, `start_early_lookup`, with
+        the lease, the log and the conversation's pointer asked of Redis in one round trip
+        (`RedisTier.acquire_lease_and_get`) where one Redis holds them all: on the H200 host these
+        were three sequential round trips before the state's read could start. None when another
+        turn holds the lease (answer 409)."""
+        key = self.keys.lease(tenant, conversation_id)
+        if self._local_lease_held(key):
+            return None
+        token = os.urandom(16).hex()
+        log_key = self.keys.token_log(tenant, conversation_id)
+        early = early_read and self._wants_early_read(tenant, conversation_id)
+        with_pointer = early and self.redis is self.log_redis
+        if self.log_redis is None:
+            got: bool | None = None
+            remote: list[bytes | None] = []
+        else:
+            read_keys = [log_key] + ([self.keys.conversation(tenant, conversation_id)] if with_pointer else [])
+            got, remote = await self.log_redis.acquire_lease_and_get(key, token, ttl_s, read_keys)
+        lease = self._grant_lease(key, token, ttl_s, got)
+        if lease is None:
+            return None
+        task = None
+        if early:
+            pointer: bytes | None | _Unread = remote[1] if with_pointer and remote else UNREAD
+            task = self._start_early(tenant, conversation_id, rejections, pointer)
+            await asyncio.sleep(0)  # the read sends its manifest request before the log is decoded
+        ids: list[int] | None = None
+        if remote and remote[0] is not None:
+            try:
+                ids = bytes_to_tokens(remote[0])
+            except ValueError:
+                ids = None
+        if ids is not None:
+            self._remember(self._logs, log_key, ids)
+            return TurnStart(lease, ids, task)
+        return TurnStart(lease, self._logs.get(log_key), task)
 
     async def extend_lease(self, lease: Lease, ttl_s: float = 120.0) -> bool:
         held = self._leases.get(lease.key)

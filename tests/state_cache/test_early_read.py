@@ -75,6 +75,33 @@ def test_a_cold_replica_resumes_from_the_early_read(redis_proc):
     assert last["early_reads"] == 1 and last["lookup_hits_host"] == 1 and last["conversation_resumed"] == 2
 
 
+def test_with_logs_in_their_own_redis_the_early_read_asks_for_the_pointer_itself(redis_proc, own_redis):
+    """The lease, the log and the pointer come in one round trip only when one Redis holds them
+    all (`TieredStateCache.begin_turn`); with a separate log Redis the early read reads the
+    pointer from the state Redis itself, and still resumes from the committed state."""
+    from server.state_cache.redis_tier import RedisTier
+
+    prefix = ns()
+
+    def store(early: bool) -> TieredConversationStore:
+        log_tier = RedisTier(own_redis.url, op_timeout_s=5, bulk_connections=0)
+        return TieredConversationStore(new_cache(redis_proc.url, prefix, log_redis=log_tier), early_read=early)
+
+    async def main():
+        a = store(False)
+        await turn(a, KEY, [1, 2, 3], state_seed=1)
+        await a.flush()
+        b = store(True)
+        snap = await turn(b, KEY, [4, 5], state_seed=2)
+        assert snap.token_ids == [1, 2, 3]
+        assert_state_equal(snap.state, make_state(seed=1))
+        return b.stats()
+
+    stats = asyncio.run(main())
+    assert stats["early_reads"] == 1 and stats["lookup_hits_redis"] == 1 and stats["conversation_resumed"] == 1
+    assert "early_reads_unused" not in stats
+
+
 def test_an_early_read_behind_the_log_is_not_used(redis_proc):
     prefix = ns()
 

@@ -131,6 +131,28 @@ def test_lease_is_exclusive_released_only_by_its_holder_and_expires(redis_proc):
     asyncio.run(main())
 
 
+def test_lease_and_get_reads_the_keys_only_for_the_lease_holder(redis_proc):
+    key, log_key, ptr_key = ns() + "lease", ns() + "log", ns() + "ptr"
+    sync_client(redis_proc).set(log_key, b"\x01\x00\x00\x00" * 3)
+
+    async def main():
+        a, b = RedisTier(redis_proc.url, op_timeout_s=5), RedisTier(redis_proc.url, op_timeout_s=5)
+        try:
+            got, values = await a.acquire_lease_and_get(key, "tok-a", 5, [log_key, ptr_key])
+            assert (got, values) == (True, [b"\x01\x00\x00\x00" * 3, None])  # a missing key reads None
+            assert await b.acquire_lease_and_get(key, "tok-b", 5, [log_key]) == (False, [])
+            assert await b.release_lease(key, "tok-b") is False  # b never held it
+            assert await a.release_lease(key, "tok-a")
+            assert await b.acquire_lease_and_get(key, "tok-b", 0.05, []) == (True, [])
+            await asyncio.sleep(0.1)
+            assert (await a.acquire_lease_and_get(key, "tok-a", 5, [log_key]))[0] is True  # b's expired
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
 def test_wrong_password_is_unavailable_not_an_error(redis_proc):
     url = f"redis://:wrong@127.0.0.1:{redis_proc.port}/0"
 
@@ -140,6 +162,7 @@ def test_wrong_password_is_unavailable_not_an_error(redis_proc):
             assert await tier.get_bytes("k") is None
             assert not await tier.set_bytes("k", b"v")
             assert await tier.acquire_lease("l", "t", 1) is None
+            assert await tier.acquire_lease_and_get("l", "t", 1, ["k"]) == (None, [])
             assert tier.num_errors >= 1
         finally:
             await tier.close()
