@@ -25,7 +25,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -311,11 +311,13 @@ class BulkReader:
         timeout_s: float,
         offsets: Sequence[int] | None = None,
         shards: Sequence[int] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> bool:
         """Blocking (run it in a thread): fetches chunk `keys[i]` into `sink.views(*ranges[i])`;
         with `offsets`, only the part of `keys[i]` that starts at `offsets[i]` (GETRANGE), so a
         chunk can arrive as several pieces (`redis_tier.piece_ranges`); with `shards`, piece i
-        comes from `endpoints[shards[i]]` (default: the first endpoint).
+        comes from `endpoints[shards[i]]` (default: the first endpoint). `on_sent()` is called
+        once every request is on its way.
 
         Returns True once every chunk has landed and been absorbed in order, False when a chunk is
         missing (expired or replaced since the manifest was read: a miss). Raises
@@ -362,6 +364,8 @@ class BulkReader:
             self._pool.submit(self._worker, read, conn, indices, ranges, sink, offsets is not None)
             for conn, (_, indices) in zip(conns, plan, strict=True)
         ]
+        if on_sent is not None:
+            on_sent()
         ok = False
         try:
             for i, (start, stop) in enumerate(ranges):

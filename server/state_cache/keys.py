@@ -10,7 +10,6 @@ hash of any prefix is one more hash over the anchor and the tail.
 from __future__ import annotations
 
 import array
-import asyncio
 import hashlib
 import json
 import re
@@ -88,34 +87,13 @@ class PrefixHasher:
     """
 
     def __init__(self, token_ids: Sequence[int]) -> None:
-        self._start(token_ids)
-        for k in range(self.num_tokens // ANCHOR_BLOCK):
-            self._add_anchor(k)
-
-    def _start(self, token_ids: Sequence[int]) -> None:
         self.num_tokens = len(token_ids)
         self._data = tokens_to_bytes(token_ids)
         # anchors[k] summarises tokens[: k * ANCHOR_BLOCK]
         self.anchors = [_ANCHOR0]
-
-    def _add_anchor(self, k: int) -> None:
         step = 4 * ANCHOR_BLOCK
-        self.anchors.append(_anchor_step(self.anchors[-1], self._data[k * step : (k + 1) * step]))
-
-    @classmethod
-    async def cooperative(cls, token_ids: Sequence[int], blocks_per_yield: int = 8) -> PrefixHasher:
-        """The same hasher, built with a yield to the event loop every `blocks_per_yield` anchors
-        (~0.1-0.2 ms of hashing each), so tasks already started on the loop make
-        progress meanwhile: an early Redis read gets its pointer and manifest replies and starts its
-        transfer while the log it will be checked against is hashed."""
-        await asyncio.sleep(0)
-        self = cls.__new__(cls)
-        self._start(token_ids)
         for k in range(self.num_tokens // ANCHOR_BLOCK):
-            self._add_anchor(k)
-            if k % blocks_per_yield == blocks_per_yield - 1:
-                await asyncio.sleep(0)
-        return self
+            self.anchors.append(_anchor_step(self.anchors[-1], self._data[k * step : (k + 1) * step]))
 
     def anchor_for(self, n: int) -> bytes:
         """The anchor under which a prefix of length `n` is indexed."""

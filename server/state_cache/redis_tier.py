@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import struct
@@ -490,17 +491,21 @@ class RedisTier:
         key: str,
         open_decoder: Callable[[bytes], D],
         feed: Callable[[D, list[bytes]], Awaitable[None]],
+        on_transfer: Callable[[], None] | None = None,
     ) -> D | None:
         """Like `stream_snapshot`, but the chunks land in the decoder's own memory: the decoder
         must be a `ChunkSink` (`SnapshotDecoder`), and `bulk_read` fills it over plain sockets,
         each chunk checksummed by its reader thread. Without a bulk reader (bulk_connections=0,
         or a URL it does not handle) this is `stream_snapshot(key, open_decoder, feed)`.
+        `on_transfer()` is called on the loop once the payload's requests are sent.
 
         Returns the filled decoder, or None on a miss, a torn write, an outage or a timeout (a
         partly filled decoder is dropped). `open_decoder` may raise to refuse the header;
         a chunk of the wrong length raises `SnapshotCorrupt`.
         """
         if self.bulk is None:
+            if on_transfer is not None:
+                on_transfer()
             return await self.stream_snapshot(key, open_decoder, feed)
         got = await self._manifest(key)
         if got is None:
@@ -522,8 +527,12 @@ class RedisTier:
 
         async def fetch(_: aioredis.Redis) -> bool:
             read = bulk.start(len(keys))
+            # the caller's CPU work waits until the requests are out and the reader threads woken
+            loop = asyncio.get_running_loop()
+            sent = None if on_transfer is None else functools.partial(loop.call_soon_threadsafe, on_transfer)
             try:
-                return await asyncio.to_thread(bulk.read_into, read, keys, ranges, sink, timeout, offsets, shards)
+                return await asyncio.to_thread(bulk.read_into, read, keys, ranges, sink, timeout, offsets, shards,
+                                               sent)
             except asyncio.CancelledError:
                 read.abort()  # the worker threads stop at once; the sockets are not reused
                 raise

@@ -18,7 +18,7 @@ import os
 import struct
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,6 +46,33 @@ class _Unread:
 
 
 UNREAD = _Unread()
+
+
+class EarlyRead:
+    """An early Redis read of a conversation's state (`TieredStateCache.start_early_lookup`): its
+    task, and an event set once the payload's transfer has been handed to the reader threads, so
+    the caller can leave the event loop to the read's own steps (pointer, manifest, decoder) until
+    then and do its CPU work (the log's decode and prefix hash) during the transfer."""
+
+    def __init__(self, task_of: Callable[[EarlyRead], Awaitable[CacheHit | None]]) -> None:
+        self.transferring = asyncio.Event()
+        self.task: asyncio.Task[CacheHit | None] = asyncio.ensure_future(task_of(self))
+        # retrieved here, so an early read that nobody awaits is never logged as a lost exception
+        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def wait_transferring(self) -> None:
+        """Returns once the transfer has started or the read has ended (a miss, a failure, a
+        coalesced fetch that another caller leads)."""
+        if self.transferring.is_set() or self.task.done():
+            return
+        waiter = asyncio.ensure_future(self.transferring.wait())
+        try:
+            await asyncio.wait([waiter, self.task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+    def cancel(self) -> None:
+        self.task.cancel()
 
 
 @dataclass(slots=True)
@@ -77,7 +104,7 @@ class TurnStart:
 
     lease: Lease
     log: list[int] | None
-    early: asyncio.Task[CacheHit | None] | None
+    early: EarlyRead | None
 
 
 class TieredStateCache:
@@ -372,7 +399,7 @@ class TieredStateCache:
 
     def start_early_lookup(
         self, tenant: str, conversation_id: str, rejections: list[str] | None = None
-    ) -> asyncio.Task[CacheHit | None] | None:
+    ) -> EarlyRead | None:
         """Starts reading the state that the shared pointer names before the caller has the log,
         on a replica that holds no pointer of this conversation (so none of its states is in this
         host tier): the Redis read then overlaps the token log's fetch and decode and the prefix
@@ -389,15 +416,13 @@ class TieredStateCache:
 
     def _start_early(
         self, tenant: str, conversation_id: str, rejections: list[str] | None, pointer: bytes | None | _Unread
-    ) -> asyncio.Task[CacheHit | None]:
+    ) -> EarlyRead:
         self._count("early_reads")
-        task = asyncio.ensure_future(self._early_fetch(tenant, conversation_id, rejections, pointer))
-        # retrieved here, so an early read that nobody awaits is never logged as a lost exception
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task
+        return EarlyRead(lambda early: self._early_fetch(tenant, conversation_id, rejections, pointer, early))
 
     async def _early_fetch(
-        self, tenant: str, conversation_id: str, rejections: list[str] | None, remote: bytes | None | _Unread
+        self, tenant: str, conversation_id: str, rejections: list[str] | None, remote: bytes | None | _Unread,
+        early: EarlyRead,
     ) -> CacheHit | None:
         assert self.redis is not None
         if isinstance(remote, _Unread):
@@ -406,19 +431,21 @@ class TieredStateCache:
             return None
         n, phash, anchor = _POINTER.unpack(remote)
         return await self._fetch(tenant, phash, n, self.keys.anchor(tenant, anchor), try_redis=True,
-                                 rejections=rejections)
+                                 rejections=rejections, on_transfer=early.transferring.set)
 
     async def finish_early_lookup(
-        self, task: asyncio.Task[CacheHit | None], tenant: str, conversation_id: str, token_ids: Sequence[int],
+        self, early: EarlyRead, tenant: str, conversation_id: str, token_ids: Sequence[int],
         rejections: list[str] | None = None,
     ) -> CacheHit | None:
         """`lookup(tenant, conversation_id, token_ids)` for a lookup that `start_early_lookup` began:
         its state if it summarises exactly `token_ids` (the conversation's log but its last, pending
         token), else the checked lookup, which never loads a state that does not summarise a prefix
         of `token_ids`."""
-        # hashed while the read is in flight (yielding, so the read's own steps on this loop go on)
-        want = (await PrefixHasher.cooperative(token_ids)).prefix_hash(len(token_ids))
-        hit = await task
+        # hashed once the transfer runs in the reader threads: before that, the read's own steps on
+        # this loop (manifest, decoder) come first, and the hash would only delay them
+        await early.wait_transferring()
+        want = PrefixHasher(token_ids).prefix_hash(len(token_ids))
+        hit = await early.task
         if hit is not None and hit.num_tokens == len(token_ids) and want == hit.prefix_hash:
             self._count("lookups")
             return self._hit(hit)
@@ -433,7 +460,7 @@ class TieredStateCache:
 
     async def _fetch(
         self, tenant: str, phash: bytes, n: int, anchor_key: str, try_redis: bool,
-        rejections: list[str] | None = None,
+        rejections: list[str] | None = None, on_transfer: Callable[[], None] | None = None,
     ) -> CacheHit | None:
         snap_key = self.keys.snapshot(tenant, phash)
         entry = self.host.get(snap_key)
@@ -442,10 +469,12 @@ class TieredStateCache:
         if not try_redis or self.redis is None:
             return None
         return await self.flights.do(("fetch", snap_key),
-                                     lambda: self._fetch_redis(snap_key, phash, n, anchor_key, rejections))
+                                     lambda: self._fetch_redis(snap_key, phash, n, anchor_key, rejections,
+                                                               on_transfer))
 
     async def _fetch_redis(
-        self, snap_key: str, phash: bytes, n: int, anchor_key: str, rejections: list[str] | None = None
+        self, snap_key: str, phash: bytes, n: int, anchor_key: str, rejections: list[str] | None = None,
+        on_transfer: Callable[[], None] | None = None,
     ) -> CacheHit | None:
         assert self.redis is not None
 
@@ -461,7 +490,7 @@ class TieredStateCache:
 
         try:
             # chunks received in place over plain sockets, or streamed through `feed` without them
-            decoder = await self.redis.read_snapshot_into(snap_key, open_decoder, feed)
+            decoder = await self.redis.read_snapshot_into(snap_key, open_decoder, feed, on_transfer)
             if decoder is None:
                 return None
             snap = await self._offload(decoder.header.payload_len, decoder.finish)
@@ -626,7 +655,8 @@ class TieredStateCache:
         if early:
             pointer: bytes | None | _Unread = remote[1] if with_pointer and remote else UNREAD
             task = self._start_early(tenant, conversation_id, rejections, pointer)
-            await asyncio.sleep(0)  # the read sends its manifest request before the log is decoded
+            # the read's steps on this loop first; the log is decoded while its payload arrives
+            await task.wait_transferring()
         ids: list[int] | None = None
         if remote and remote[0] is not None:
             try:

@@ -1,4 +1,3 @@
-import asyncio
 
 import pytest
 import torch
@@ -26,32 +25,6 @@ def test_prefix_hash_of_any_length_matches_hashing_that_prefix_alone():
     assert len(hashes) == len(tokens) + 1
     with pytest.raises(ValueError):
         h.prefix_hash(len(tokens) + 1)
-
-
-@pytest.mark.parametrize("n", [0, 1, ANCHOR_BLOCK - 1, ANCHOR_BLOCK, 5 * ANCHOR_BLOCK + 3, 40 * ANCHOR_BLOCK])
-def test_the_cooperative_hasher_equals_the_plain_one_and_lets_other_tasks_run(n):
-    tokens = torch.randint(0, 50_000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    ticks = 0
-
-    async def other_task() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    async def main() -> PrefixHasher:
-        other = asyncio.create_task(other_task())
-        await asyncio.sleep(0)  # the other task is running
-        start = ticks
-        h = await PrefixHasher.cooperative(tokens, blocks_per_yield=4)
-        other.cancel()
-        return h, ticks - start
-
-    h, ran = asyncio.run(main())
-    plain = PrefixHasher(tokens)
-    assert h.anchors == plain.anchors
-    assert h.prefix_hash(n) == plain.prefix_hash(n) == prefix_hash(tokens)
-    assert ran >= 1 + (n // ANCHOR_BLOCK) // 4  # one yield up front, then one per 4 anchors
 
 
 def test_prefix_hash_distinguishes_trailing_zero_and_order():
