@@ -655,8 +655,18 @@ class TieredStateCache:
         if early:
             pointer: bytes | None | _Unread = remote[1] if with_pointer and remote else UNREAD
             task = self._start_early(tenant, conversation_id, rejections, pointer)
-            # the read's steps on this loop first; the log is decoded while its payload arrives
-            await task.wait_transferring()
+            try:
+                # the read's steps on this loop first; the log is decoded while its payload arrives
+                await task.wait_transferring()
+            except BaseException:
+                # cancelled (the client left) before the caller holds the lease: give it back now,
+                # or the conversation would answer 409 until the lease expired
+                task.cancel()
+                self._drop_local_lease(lease)
+                release = asyncio.ensure_future(self.release_lease(lease))
+                self._pending.add(release)  # held until done (and awaited by `flush`)
+                release.add_done_callback(self._pending.discard)
+                raise
         ids: list[int] | None = None
         if remote and remote[0] is not None:
             try:
@@ -678,11 +688,14 @@ class TieredStateCache:
         return True
 
     async def release_lease(self, lease: Lease) -> None:
+        self._drop_local_lease(lease)
+        if lease.is_distributed and self.log_redis is not None:
+            await self.log_redis.release_lease(lease.key, lease.token)
+
+    def _drop_local_lease(self, lease: Lease) -> None:
         held = self._leases.get(lease.key)
         if held is not None and held[0] == lease.token:
             del self._leases[lease.key]
-        if lease.is_distributed and self.log_redis is not None:
-            await self.log_redis.release_lease(lease.key, lease.token)
 
     # -- metrics ----------------------------------------------------------------------------------
     @property

@@ -148,6 +148,42 @@ def test_new_conversations_known_ones_and_outages_leave_no_early_read_running(re
     assert snap is None and down["early_reads"] == 1 and down["conversation_new"] == 1
 
 
+def test_a_turn_cancelled_before_its_early_read_transfers_gives_its_lease_back(redis_proc, monkeypatch):
+    """A client that leaves while the turn's start waits for the early read (after the lease was
+    taken, before the store holds it) must not leave the lease behind: the next turn would get 409
+    until it expired. The wait is held open here so the cancel lands inside it."""
+    from server.state_cache import tiered
+
+    prefix = ns()
+    never = asyncio.Event()
+
+    async def stuck(self) -> None:
+        await never.wait()
+
+    monkeypatch.setattr(tiered.EarlyRead, "wait_transferring", stuck)
+
+    async def main():
+        await started_on_a(redis_proc.url, prefix)
+        b = cold_replica(redis_proc.url, prefix)
+        start = asyncio.create_task(b.cache.begin_turn("t", "c", 30.0, early_read=True))
+        for _ in range(500):  # until the lease is taken and the start waits on the early read
+            await asyncio.sleep(0.01)
+            if b.stats().get("early_reads"):
+                break
+        assert not start.done() and b.stats().get("early_reads") == 1
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        await b.cache.flush()
+        left = await early_tasks()
+        again = await cold_replica(redis_proc.url, prefix).cache.begin_turn("t", "c", 30.0)
+        return left, again, b.stats()
+
+    left, again, stats = asyncio.run(main())
+    assert left == [] and stats["early_reads"] == 1
+    assert again is not None and again.lease.is_distributed and again.log == [1, 2, 3]
+
+
 def test_the_setting_reaches_the_store(redis_proc):
     on = build_conversation_store(Settings(redis_url=redis_proc.url, redis_early_read=True), FP)
     off = build_conversation_store(Settings(redis_url=redis_proc.url), FP)
