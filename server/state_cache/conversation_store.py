@@ -33,7 +33,7 @@ class TieredConversationStore:
             turn on another replica resumes from it instead of rebuilding from the log.
         early_read: on a replica that holds no pointer of the conversation, start reading its
             state from Redis while the token log is still being fetched, and check it against the
-            log afterwards (`TieredStateCache.start_early_lookup`). Off by default until measured
+            log afterwards (`TieredStateCache.begin_turn`). Off by default until measured
             on a GPU host.
 
     Example:

@@ -89,9 +89,9 @@ class PrefixHasher:
     def __init__(self, token_ids: Sequence[int]) -> None:
         self.num_tokens = len(token_ids)
         self._data = tokens_to_bytes(token_ids)
+        step = 4 * ANCHOR_BLOCK
         # anchors[k] summarises tokens[: k * ANCHOR_BLOCK]
         self.anchors = [_ANCHOR0]
-        step = 4 * ANCHOR_BLOCK
         for k in range(self.num_tokens // ANCHOR_BLOCK):
             self.anchors.append(_anchor_step(self.anchors[-1], self._data[k * step : (k + 1) * step]))
 

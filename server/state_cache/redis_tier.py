@@ -124,6 +124,16 @@ class _Unavailable:
 UNAVAILABLE = _Unavailable()
 
 
+def decode_token_log(data: bytes | None) -> list[int] | None:
+    """A stored token log's ids; None when absent or not a whole number of ids (a miss)."""
+    if data is None:
+        return None
+    try:
+        return bytes_to_tokens(data)
+    except ValueError:
+        return None
+
+
 def chunk_key(key: str, generation: bytes, index: int) -> str:
     return f"{key}:chunk:{generation.hex()}:{index}"
 
@@ -579,13 +589,7 @@ class RedisTier:
 
     # -- token log --------------------------------------------------------------------------------
     async def get_token_log(self, key: str) -> list[int] | None:
-        data = await self.get_bytes(key)
-        if data is None:
-            return None
-        try:
-            return bytes_to_tokens(data)
-        except ValueError:
-            return None
+        return decode_token_log(await self.get_bytes(key))
 
     async def set_token_log(self, key: str, token_ids: Sequence[int], ttl_s: float | None = None) -> bool:
         return await self.set_bytes(key, tokens_to_bytes(token_ids), ttl_s)
@@ -622,10 +626,7 @@ class RedisTier:
     # -- turn lease -------------------------------------------------------------------------------
     async def acquire_lease(self, key: str, token: str, ttl_s: float) -> bool | None:
         """True if acquired, False if someone holds it, None if Redis cannot say."""
-        res = await self._call("lease", lambda r: r.set(key, token, nx=True, px=max(1, int(ttl_s * 1000))))
-        if isinstance(res, _Unavailable):
-            return None
-        return res is True
+        return (await self.acquire_lease_and_get(key, token, ttl_s, []))[0]
 
     async def acquire_lease_and_get(
         self, key: str, token: str, ttl_s: float, read_keys: Sequence[str]

@@ -27,8 +27,8 @@ import torch
 
 from server.state_cache.flight import SingleFlight
 from server.state_cache.host import HostEntry, HostLRU, tensors_nbytes
-from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, bytes_to_tokens, model_tag
-from server.state_cache.redis_tier import RedisTier
+from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag
+from server.state_cache.redis_tier import RedisTier, decode_token_log
 from server.state_cache.snapshot import (
     SnapshotDecoder,
     SnapshotError,
@@ -49,9 +49,9 @@ UNREAD = _Unread()
 
 
 class EarlyRead:
-    """An early Redis read of a conversation's state (`TieredStateCache.start_early_lookup`): its
-    task, and an event set once the payload's transfer has been handed to the reader threads, so
-    the caller can leave the event loop to the read's own steps (pointer, manifest, decoder) until
+    """An early Redis read of a conversation's state (`TieredStateCache.begin_turn`): its task,
+    and an event set once the payload's transfer has been handed to the reader threads, so the
+    caller can leave the event loop to the read's own steps (pointer, manifest, decoder) until
     then and do its CPU work (the log's decode and prefix hash) during the transfer."""
 
     def __init__(self, task_of: Callable[[EarlyRead], Awaitable[CacheHit | None]]) -> None:
@@ -100,7 +100,7 @@ class Lease:
 class TurnStart:
     """What a resumed turn needs first, from one round trip (`TieredStateCache.begin_turn`): its
     lease, the conversation's token log (as `get_token_log` returns it) and, when asked for, the
-    early read of its state (`start_early_lookup`)."""
+    early read of its state (`EarlyRead`)."""
 
     lease: Lease
     log: list[int] | None
@@ -397,20 +397,6 @@ class TieredStateCache:
             if entry is not None:
                 self._on_host_evict(snap_key, entry)
 
-    def start_early_lookup(
-        self, tenant: str, conversation_id: str, rejections: list[str] | None = None
-    ) -> EarlyRead | None:
-        """Starts reading the state that the shared pointer names before the caller has the log,
-        on a replica that holds no pointer of this conversation (so none of its states is in this
-        host tier): the Redis read then overlaps the token log's fetch and decode and the prefix
-        hash, ~2.5 ms before the read of a 32K resume on the H200 (fourteenth session's trace).
-        `finish_early_lookup` checks the state against the log before anything uses it. None when
-        there is nothing to start; cancel the task if the log is never checked against it (a no-op
-        once it is done)."""
-        if not self._wants_early_read(tenant, conversation_id):
-            return None
-        return self._start_early(tenant, conversation_id, rejections, UNREAD)
-
     def _wants_early_read(self, tenant: str, conversation_id: str) -> bool:
         return self.redis is not None and self._pointers.get(self.keys.conversation(tenant, conversation_id)) is None
 
@@ -437,7 +423,7 @@ class TieredStateCache:
         self, early: EarlyRead, tenant: str, conversation_id: str, token_ids: Sequence[int],
         rejections: list[str] | None = None,
     ) -> CacheHit | None:
-        """`lookup(tenant, conversation_id, token_ids)` for a lookup that `start_early_lookup` began:
+        """`lookup(tenant, conversation_id, token_ids)` for a lookup that `begin_turn` began early:
         its state if it summarises exactly `token_ids` (the conversation's log but its last, pending
         token), else the checked lookup, which never loads a state that does not summarise a prefix
         of `token_ids`."""
@@ -532,11 +518,13 @@ class TieredStateCache:
     async def get_token_log(self, tenant: str, conversation_id: str) -> list[int] | None:
         """The conversation's token ids: Redis (shared by replicas) first, then this process."""
         key = self.keys.token_log(tenant, conversation_id)
-        if self.log_redis is not None:
-            remote = await self.log_redis.get_token_log(key)
-            if remote is not None:
-                self._remember(self._logs, key, remote)
-                return remote
+        return self._log_from(key, None if self.log_redis is None else await self.log_redis.get_token_log(key))
+
+    def _log_from(self, key: str, remote: list[int] | None) -> list[int] | None:
+        """The log Redis gave (remembered here), else this process's own copy."""
+        if remote is not None:
+            self._remember(self._logs, key, remote)
+            return remote
         # Not copied: a committed log is never mutated (turns build new lists), and handing out the
         # list the engine committed lets its device tier recognise its own log by identity instead
         # of comparing 32K ids (`ParkedState.summarises`).
@@ -630,11 +618,12 @@ class TieredStateCache:
         self, tenant: str, conversation_id: str, ttl_s: float = 120.0, early_read: bool = False,
         rejections: list[str] | None = None,
     ) -> TurnStart | None:
-        """`acquire_lease`, then `get_token_log` and, with `early_read`, `start_early_lookup`, with
-        the lease, the log and the conversation's pointer asked of Redis in one round trip
-        (`RedisTier.acquire_lease_and_get`) where one Redis holds them all: on the H200 host these
-        were three sequential round trips before the state's read could start. None when another
-        turn holds the lease (answer 409)."""
+        """`acquire_lease`, then `get_token_log` and, with `early_read` on a replica that holds no
+        pointer of the conversation, the early read of its state (checked against the log by
+        `finish_early_lookup` before anything uses it). The lease, the log and the pointer are
+        asked of Redis in one round trip (`RedisTier.acquire_lease_and_get`) where one Redis holds
+        them all: on the H200 host these were three sequential round trips before the state's read
+        could start. None when another turn holds the lease (answer 409)."""
         key = self.keys.lease(tenant, conversation_id)
         if self._local_lease_held(key):
             return None
@@ -667,16 +656,7 @@ class TieredStateCache:
                 self._pending.add(release)  # held until done (and awaited by `flush`)
                 release.add_done_callback(self._pending.discard)
                 raise
-        ids: list[int] | None = None
-        if remote and remote[0] is not None:
-            try:
-                ids = bytes_to_tokens(remote[0])
-            except ValueError:
-                ids = None
-        if ids is not None:
-            self._remember(self._logs, log_key, ids)
-            return TurnStart(lease, ids, task)
-        return TurnStart(lease, self._logs.get(log_key), task)
+        return TurnStart(lease, self._log_from(log_key, decode_token_log(remote[0]) if remote else None), task)
 
     async def extend_lease(self, lease: Lease, ttl_s: float = 120.0) -> bool:
         held = self._leases.get(lease.key)
