@@ -104,7 +104,7 @@ def instrument() -> None:
     import server.api_generate as api
     import server.engine as engine
 
-    def wrap(obj: Any, name: str, label: str) -> None:
+    def wrap(obj: Any, name: str, label: str, static: bool = False) -> None:
         fn = getattr(obj, name)
         if asyncio.iscoroutinefunction(fn):
             async def wrapped(*a: Any, **k: Any) -> Any:
@@ -120,7 +120,7 @@ def instrument() -> None:
                     return fn(*a, **k)
                 finally:
                     mark(label + "_out")
-        setattr(obj, name, wrapped)
+        setattr(obj, name, staticmethod(wrapped) if static else wrapped)
 
     wrap(api, "_start", "route")
     wrap(engine.AsyncEngine, "add_request", "add_request")
@@ -137,7 +137,10 @@ def instrument() -> None:
     wrap(snapshot.SnapshotDecoder, "__init__", "decoder.open")
     wrap(redis_tier.RedisTier, "_call", "redis._call")
     # inside the read, every call is stamped and the timeline keeps the first and the last
+    wrap(bulk_read.BulkReader, "_send", "bulk.send")
+    wrap(bulk_read.BulkReader, "_worker", "bulk.each.worker", static=True)
     wrap(bulk_read._Conn, "recv_exactly", "bulk.each.recv")
+    wrap(bulk_read._Conn, "recv_share", "bulk.each.recv")
     wrap(snapshot.SnapshotDecoder, "part_checksum", "bulk.each.crc")
     wrap(snapshot.SnapshotDecoder, "absorb", "bulk.each.absorb")
     wrap(snapshot.SnapshotDecoder, "finish", "decoder.finish")
@@ -292,6 +295,9 @@ def main() -> None:
                     "and re-prefills leave prefix snapshots behind): does a fuller Redis serve reads slower?")
     ap.add_argument("--gil-watchdog", action="store_true",
                     help="a thread that stamps every stretch over 3 ms in which it could not run (in all_stamps_ms)")
+    ap.add_argument("--scatter", type=int, nargs="+", default=[-1],
+                    help="bulk_read.SCATTER for each round in turn (1: one receive syscall per reply, 0: reply "
+                    "by reply as before; -1 leaves the default), e.g. 1 0 1 0 to alternate in one process")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -337,20 +343,26 @@ def main() -> None:
     pool.submit(client_process, url, "httpx", args.history, args.new_tokens, 2, vocab).result()  # warm-up
     results = []
     default_switch = sys.getswitchinterval()
-    for think_ms in args.think_ms:
-        for switch_ms in args.switch_ms:
-            for kind in args.clients:
-                sys.setswitchinterval(switch_ms / 1e3)
-                STAMPS.clear()
-                runs = pool.submit(client_process, url, kind, args.history, args.new_tokens, args.reps, vocab,
-                                   think_ms).result()
-                sys.setswitchinterval(default_switch)
-                tl = timeline(runs[1:])
-                results.append({"client": kind, "switch_ms": switch_ms, "think_ms": think_ms, "timeline_ms": tl,
-                                "read_detail_ms": read_detail(runs[-3:]),
-                                "all_stamps_ms": read_detail(runs[1:], only="")})
-                print(f"client {kind:5s} switch {switch_ms:4.2f} ms think {think_ms:g} ms: "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()), flush=True)
+    from server.state_cache import bulk_read
+
+    rounds = [(t, sw, sc, kind) for sc in args.scatter for t in args.think_ms for sw in args.switch_ms
+              for kind in args.clients]
+    for think_ms, switch_ms, scatter, kind in rounds:
+        if scatter >= 0:
+            bulk_read.SCATTER = bool(scatter)
+        sys.setswitchinterval(switch_ms / 1e3)
+        STAMPS.clear()
+        runs = pool.submit(client_process, url, kind, args.history, args.new_tokens, args.reps, vocab,
+                           think_ms).result()
+        sys.setswitchinterval(default_switch)
+        tl = timeline(runs[1:])
+        results.append({"client": kind, "switch_ms": switch_ms, "think_ms": think_ms,
+                        "scatter": bulk_read.SCATTER, "timeline_ms": tl,
+                        "read_detail_ms": read_detail(runs[-3:]),
+                        "all_stamps_ms": read_detail(runs[1:], only="")})
+        print(f"client {kind:5s} switch {switch_ms:4.2f} ms think {think_ms:g} ms scatter "
+              f"{int(bulk_read.SCATTER)}: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()), flush=True)
     server.should_exit = True
     stop_watchdog.set()
     redis_slow = None

@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis
 
+from server.state_cache import bulk_read
 from server.state_cache.bulk_read import Endpoint, chunk_ranges
 from server.state_cache.keys import prefix_hash
 from server.state_cache.redis_tier import RedisTier, chunk_key, parse_manifest, piece_ranges
@@ -339,3 +340,85 @@ def test_piece_ranges_cover_each_chunk_in_order():
     assert keys == ["a", "a", "a", "b"]
     assert ranges == [(0, 40), (40, 80), (80, 100), (100, 130)]
     assert offsets == [0, 40, 80, 0]
+
+
+@pytest.mark.parametrize("scatter", [True, False], ids=["scatter", "reply_by_reply"])
+@pytest.mark.parametrize("iov_max", [512, 5], ids=lambda n: f"iov{n}")
+def test_both_receive_paths_read_the_same_state(redis_proc, monkeypatch, scatter, iov_max):
+    """One connection's whole share through one scatter syscall (or several, when it has more
+    buffers than one call takes) equals the reply-by-reply read, pieces and all."""
+    monkeypatch.setattr(bulk_read, "SCATTER", scatter)
+    monkeypatch.setattr(bulk_read, "_IOV_MAX", iov_max)
+    key = ns() + "snap"
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=1, read_piece_bytes=30)
+        try:
+            assert await tier.put_snapshot(key, enc())
+            first = (await tier.read_snapshot_into(key, opener(per_tensor=True), feed)).finish()
+            again = (await tier.read_snapshot_into(key, opener(), feed)).finish()
+            return first, again, tier.bulk.reconnects
+        finally:
+            await tier.close()
+
+    first, again, reconnects = asyncio.run(main())
+    assert_state_equal(first.tensors, STATE)
+    assert_state_equal(again.tensors, STATE)
+    assert reconnects == 1  # the stream stayed in step: the socket went back to the pool and was reused
+
+
+@pytest.mark.parametrize("piece", [0, 30], ids=["get", "getrange"])
+def test_a_missing_last_chunk_is_a_miss_without_waiting_for_the_timeout(redis_proc, piece):
+    """The scatter read asks the kernel for every byte the replies should hold; a missing key's
+    short reply leaves it waiting for bytes that never come, until the receive slice ends."""
+    key = ns() + "snap"
+    sync = redis.Redis.from_url(redis_proc.url)
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=1,
+                         read_piece_bytes=piece)
+        try:
+            assert await tier.put_snapshot(key, enc())
+            gen, n, *_ = parse_manifest(sync.get(key))
+            sync.delete(chunk_key(key, gen, n - 1))
+            t0 = time.monotonic()
+            missing = await tier.read_snapshot_into(key, opener(), feed)
+            took = time.monotonic() - t0
+            assert await tier.put_snapshot(key, enc())
+            back = (await tier.read_snapshot_into(key, opener(), feed)).finish()
+            return missing, took, back, tier.breaker.consecutive_failures, tier.num_timeouts
+        finally:
+            await tier.close()
+
+    missing, took, back, failures, timeouts = asyncio.run(main())
+    assert missing is None and failures == 0 and timeouts == 0
+    assert took < 2.5  # half the 5 s timeout: the miss came from the reply, not from the deadline
+    assert_state_equal(back.tensors, STATE)
+
+
+def test_an_error_reply_for_a_chunk_is_a_miss_and_its_socket_is_not_reused(redis_proc):
+    key = ns() + "snap"
+    sync = redis.Redis.from_url(redis_proc.url)
+
+    async def main():
+        tier = RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=100, bulk_connections=2)
+        try:
+            assert await tier.put_snapshot(key, enc())
+            gen, *_ = parse_manifest(sync.get(key))
+            chunk = chunk_key(key, gen, 3)
+            saved = sync.get(chunk)
+            sync.delete(chunk)
+            sync.rpush(chunk, b"x")  # GET of a list: -WRONGTYPE
+            errored = await tier.read_snapshot_into(key, opener(), feed)
+            errors, reconnects = tier.num_errors, tier.bulk.reconnects
+            sync.delete(chunk)
+            sync.set(chunk, saved)
+            back = (await tier.read_snapshot_into(key, opener(), feed)).finish()
+            return errored, errors, reconnects, back, tier.bulk.reconnects, tier.breaker.consecutive_failures
+        finally:
+            await tier.close()
+
+    errored, errors, reconnects, back, reconnects_after, failures = asyncio.run(main())
+    assert errored is None and errors == 1 and failures == 0
+    assert_state_equal(back.tensors, STATE)
+    assert reconnects == 2 and reconnects_after == 4  # the failed read's sockets were closed, not pooled
