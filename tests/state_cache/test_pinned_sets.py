@@ -2,7 +2,7 @@
 
 Pinning needs CUDA, so the pool here allocates with plain `torch.empty` (its injectable allocator):
 everything else is the real thing, refills on a real event loop and its default executor, decodes
-through both the fed (MGET) and the in-place (bulk socket) paths.
+through both the fed (MGET) and the in-place (bulk socket) paths, and reads from a real redis-server.
 """
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
 import torch
 
+from server.settings import Settings
+from server.state_cache import RedisTier, TieredStateCache
+from server.state_cache.factory import build_state_cache
 from server.state_cache.keys import prefix_hash
 from server.state_cache.pinned import PinnedSets, layout_of
 from server.state_cache.snapshot import EncodedSnapshot, SnapshotDecoder, encode_snapshot
@@ -26,6 +30,7 @@ HIST = list(range(200, 211))
 PH = prefix_hash(HIST)
 # fp32 recurrent tensors of 1,020 bytes and bf16 conv tails of 30: alignment gaps between tensors
 STATE = make_state(layers=3, heads=3, v=17, k=5)
+MIB = 1 << 20
 
 
 def encoded(state: dict[str, torch.Tensor] = STATE, storage_dtype: torch.dtype | None = None) -> EncodedSnapshot:
@@ -238,3 +243,82 @@ def test_a_buffer_function_is_asked_only_where_the_decode_allocates_per_tensor()
     # a function with none ready: the decoder allocates
     assert_state_equal(decode(encoded(), in_place=True, per_tensor=True, buffers=lambda h: None).finish().tensors,
                        STATE)
+
+
+# -- the tiered cache -----------------------------------------------------------------------------
+def ns() -> str:
+    return f"ps{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("bulk", [0, 3], ids=["mget", "bulk3"])
+def test_a_redis_read_decodes_into_a_ready_set_once_the_pool_knows_the_layout(redis_proc, bulk):
+    other = make_state(layers=3, heads=3, v=17, k=5, seed=1)
+    alloc = Recording()
+    prefix = ns()
+
+    async def main():
+        def tier() -> RedisTier:
+            return RedisTier(redis_proc.url, op_timeout_s=5, chunk_bytes=256, bulk_connections=bulk)
+
+        writer = TieredStateCache(FP, host_budget_bytes=MIB, redis=tier(), key_prefix=prefix, pin_memory=False)
+        pool = PinnedSets(2, alloc, delay_s=0.01)
+        reader = TieredStateCache(FP, host_budget_bytes=MIB, redis=tier(), key_prefix=prefix, pin_memory=False,
+                                  pinned_sets=pool)
+        try:
+            await writer.store("t", HIST, STATE, wait_for_redis=True)
+            await writer.store("t", HIST + [7], other, wait_for_redis=True)
+            first = await reader.lookup_prefix("t", HIST)  # a miss in the pool: allocated by the decoder
+            await until(lambda: pool.ready(LAYOUT) == 2)  # learnt from that read, refilled after it
+            second = await reader.lookup_prefix("t", HIST + [7])
+            await until(lambda: pool.ready(LAYOUT) == 2)
+            return first, second, reader.stats()
+        finally:
+            await writer.close()
+            await reader.close()
+
+    first, second, stats = asyncio.run(main())
+    assert first is not None and first.tier == "redis" and second is not None and second.tier == "redis"
+    assert_state_equal(first.tensors, STATE)
+    assert_state_equal(second.tensors, other)
+    assert not {t.data_ptr() for t in first.tensors.values()} & alloc.ptrs
+    assert {t.data_ptr() for t in second.tensors.values()} <= alloc.ptrs  # the pool's set, decoded into
+    assert stats["pinned_set_misses"] == 1 and stats["pinned_set_hits"] == 1
+
+
+@pytest.mark.redis
+def test_writing_a_state_primes_the_pool_for_its_layout(redis_proc):
+    pool = PinnedSets(2, Recording(), delay_s=0.0)
+
+    async def main():
+        cache = TieredStateCache(FP, host_budget_bytes=MIB, redis=RedisTier(redis_proc.url, op_timeout_s=5),
+                                 key_prefix=ns(), pin_memory=False, pinned_sets=pool)
+        try:
+            await cache.store("t", HIST, STATE, wait_for_redis=True)
+            await until(lambda: pool.ready(LAYOUT) == 2)
+        finally:
+            await cache.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.redis
+def test_the_tier_keeps_a_pool_only_where_it_pins_and_reads_redis(redis_proc):
+    redis = RedisTier(redis_proc.url)
+    assert TieredStateCache(FP, host_budget_bytes=MIB, redis=redis, pin_memory=False).pinned_sets is None
+    assert TieredStateCache(FP, host_budget_bytes=MIB, pin_memory=True).pinned_sets is None  # no Redis
+    assert TieredStateCache(FP, host_budget_bytes=MIB, redis=redis, pin_memory=True, pinned_sets=0).pinned_sets is None
+    pinned = TieredStateCache(FP, host_budget_bytes=MIB, redis=redis, pin_memory=True, pinned_sets=3).pinned_sets
+    assert pinned is not None and pinned.depth == 3
+
+
+@pytest.mark.redis
+def test_the_setting_comes_from_the_environment_and_reaches_the_tier(redis_proc, monkeypatch):
+    assert Settings().state_cache_pinned_sets == 2
+    # the host tier pins where CUDA is present (nothing is pinned here: the pool only allocates later)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("GLA_STATE_CACHE_PINNED_SETS", "3")
+    pinned = build_state_cache(Settings(redis_url=redis_proc.url), FP).pinned_sets
+    assert pinned is not None and pinned.depth == 3
+    monkeypatch.setenv("GLA_STATE_CACHE_PINNED_SETS", "0")
+    assert build_state_cache(Settings(redis_url=redis_proc.url), FP).pinned_sets is None
