@@ -52,6 +52,7 @@ def build_state_cache(settings: Settings, fingerprint: bytes) -> TieredStateCach
         key_prefix=f"{settings.redis_key_prefix}:",
         storage_dtype=torch.bfloat16 if settings.state_cache_dtype == "bfloat16" else None,
         stage_device=_stage_device(settings),
+        pinned_sets=settings.state_cache_pinned_sets,
     )
 
 

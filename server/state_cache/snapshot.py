@@ -23,7 +23,7 @@ import mmap
 import os
 import struct
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,6 +70,8 @@ CHECKSUM_BLAKE2B = 2
 HUGE_BUFFER_MIN_BYTES = int(os.environ.get("GLA_STATE_HUGE_PAGE_MIN_BYTES", 4 << 20))
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
+# ready destination tensors for a decode, or a function of its validated header that returns them
+Buffers = Mapping[str, torch.Tensor] | Callable[["SnapshotHeader"], Mapping[str, torch.Tensor] | None]
 
 
 class _Checksum:
@@ -465,10 +467,17 @@ class SnapshotDecoder:
         pin_memory: bool = False,
         per_tensor: bool = False,
         stage_device: torch.device | None = None,
+        buffers: Buffers | None = None,
     ) -> None:
         # per_tensor: one buffer per tensor instead of one for the payload; what pinned decodes
         # always get (each tensor is its own pinned allocation), selectable so the CPU tests
         # cover that layout and its alignment gaps too.
+        # buffers: ready destination tensors for that per-tensor layout (`pinned.PinnedSets`), so
+        # the decode allocates nothing on a resumed turn's critical path; or a function of the
+        # validated header that returns them, called only when the decode would use them (the
+        # header is then parsed once, and no set is spent on another model's snapshot or on a
+        # reduced one that is widened anyway). Tensors that do not match the header's names,
+        # stored dtypes and shapes, or are not contiguous, are ignored: the decode allocates.
         # stage_device: also copy the payload there as it arrives (`staging.py`); `finish` then
         # leaves the device tensors, in the stored dtypes, in `staged`.
         self.header = SnapshotHeader.from_bytes(header_bytes)
@@ -479,7 +488,11 @@ class SnapshotDecoder:
         self._checksum = _Checksum(self.header.checksum_alg)
         self._pos = 0
         if (pin_memory or per_tensor) and not self._reduced:
-            self._out = {i.name: torch.empty(i.shape, dtype=i.dtype, pin_memory=pin_memory) for i in infos}
+            ready = buffers(self.header) if callable(buffers) else buffers
+            if ready is not None and _fits(ready, infos):
+                self._out = dict(ready)
+            else:
+                self._out = {i.name: torch.empty(i.shape, dtype=i.dtype, pin_memory=pin_memory) for i in infos}
             self._segments = [(i.offset, i.offset + i.nbytes, _flat_bytes(self._out[i.name]))
                               for i in infos if i.nbytes]
         else:
@@ -596,6 +609,18 @@ class SnapshotDecoder:
         if self._stager is not None:
             self.staged = self._stager.finish()
         return Snapshot(self.header, out)
+
+
+def _fits(buffers: Mapping[str, torch.Tensor], infos: Sequence[TensorInfo]) -> bool:
+    """Whether `buffers` can take the decode of `infos` as they are (one tensor each, in place)."""
+    if len(buffers) != len(infos):
+        return False
+    for i in infos:
+        t = buffers.get(i.name)
+        if (t is None or t.dtype != i.dtype or tuple(t.shape) != i.shape or not t.is_contiguous()
+                or t.device.type != "cpu"):
+            return False
+    return True
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:

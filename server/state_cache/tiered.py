@@ -28,10 +28,12 @@ import torch
 from server.state_cache.flight import SingleFlight
 from server.state_cache.host import HostEntry, HostLRU, tensors_nbytes
 from server.state_cache.keys import ANCHOR_BLOCK, KeySpace, PrefixHasher, model_tag
+from server.state_cache.pinned import PinnedSets, layout_of
 from server.state_cache.redis_tier import RedisTier, decode_token_log
 from server.state_cache.snapshot import (
     SnapshotDecoder,
     SnapshotError,
+    SnapshotHeader,
     encode_snapshot,
 )
 
@@ -131,6 +133,10 @@ class TieredStateCache:
         stage_device: a CUDA device to copy states read from Redis to while they arrive
             (`staging.py`; only with pinned host memory): the hit's tensors are then on it, and the
             step's copy into a slot is device to device. None (default): hits stay on the host.
+        pinned_sets: how many ready sets of pinned destination tensors to keep per snapshot layout
+            for Redis reads (`pinned.PinnedSets`), so a read allocates none on the turn's critical
+            path; only with `redis` and where the host tier pins (0: off, each read allocates its
+            own). A `PinnedSets` is used as given, pinned or not (the CPU tests inject an allocator).
         on_event: called as on_event(name, amount) for every counter increment (Prometheus).
 
     Example:
@@ -155,6 +161,7 @@ class TieredStateCache:
         thread_threshold_bytes: int = 1 << 20,
         on_event: Callable[[str, int], None] | None = None,
         stage_device: torch.device | None = None,
+        pinned_sets: int | PinnedSets = 2,
     ) -> None:
         if len(fingerprint) != 32:
             raise ValueError("fingerprint must be 32 bytes (keys.model_fingerprint)")
@@ -169,6 +176,11 @@ class TieredStateCache:
         # copy (a CPU stage_device is what the CPU tests exercise the staging with)
         self.stage_device = (stage_device if stage_device is not None
                              and (stage_device.type != "cuda" or self.host.pin_memory) else None)
+        if isinstance(pinned_sets, PinnedSets):
+            self.pinned_sets: PinnedSets | None = pinned_sets
+        else:
+            wanted = pinned_sets > 0 and self.host.pin_memory and redis is not None
+            self.pinned_sets = PinnedSets(pinned_sets) if wanted else None
         self.max_pending_write_bytes = max_pending_write_bytes
         self.max_local_conversations = max_local_conversations
         self.thread_threshold_bytes = thread_threshold_bytes
@@ -300,6 +312,7 @@ class TieredStateCache:
             nbytes, encode_snapshot, tensors, num_tokens=n, prefix_hash=phash,
             fingerprint=self.fingerprint, storage_dtype=self.storage_dtype,
         )
+        self._prime_pinned(enc.header)
         if previous is not None:
             # Commits of one conversation land in order, so an older pointer never wins.
             await asyncio.wait([previous])
@@ -311,6 +324,14 @@ class TieredStateCache:
             # Written after the snapshot: a reader never follows a pointer to nothing.
             await self.redis.set_bytes(conv_key, pointer, ttl_s)
         self._count("redis_writes")
+
+    def _prime_pinned(self, header: SnapshotHeader) -> None:
+        """A replica that writes states of a layout will usually read one back (another replica's
+        turn of the same model): have sets ready before its first read rather than after it. Only
+        for layouts a read decodes into as stored (not those widened on the host)."""
+        reduced = any(t.dtype != t.orig_dtype for t in header.tensors)
+        if self.pinned_sets is not None and not (reduced and self.widen_on_host):
+            self.pinned_sets.prime(layout_of(header))
 
     async def flush(self) -> None:
         """Waits for background Redis writes (shutdown, tests)."""
@@ -464,12 +485,19 @@ class TieredStateCache:
     ) -> CacheHit | None:
         assert self.redis is not None
 
+        pinned = self.pinned_sets
+
+        def ready_set(header: SnapshotHeader) -> dict[str, torch.Tensor] | None:
+            assert pinned is not None
+            return pinned.take(layout_of(header))  # and refills later, off this read's path
+
         def open_decoder(header_bytes: bytes) -> SnapshotDecoder:
             # straight from the Redis chunks into the tensors (pinned on CUDA, so promotion below
-            # needs no second copy and the copy into a device slot is a DMA)
+            # needs no second copy and the copy into a device slot is a DMA), ready ones if any
             return SnapshotDecoder(header_bytes, fingerprint=self.fingerprint, prefix_hash=phash,
                                    pin_memory=self.host.pin_memory, restore_dtype=self.widen_on_host,
-                                   stage_device=self.stage_device)
+                                   stage_device=self.stage_device, per_tensor=pinned is not None,
+                                   buffers=ready_set if pinned is not None else None)
 
         async def feed(decoder: SnapshotDecoder, parts: list[bytes]) -> None:
             await self._offload(sum(len(p) for p in parts), decoder.feed, parts)
@@ -690,6 +718,8 @@ class TieredStateCache:
         out["pending_write_bytes"] = self._pending_bytes
         out["prefill_waits_total"] = self.flights.num_waits
         out["fetches_coalesced"] = self.flights.num_coalesced
+        if self.pinned_sets is not None:
+            out.update(self.pinned_sets.stats())
         if self.redis is not None:
             out.update(self.redis.stats())
         if self.log_redis is not None and self.log_redis is not self.redis:
