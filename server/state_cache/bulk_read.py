@@ -18,8 +18,10 @@ the tier falls back to MGET.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import queue
 import select
 import socket
 import ssl
@@ -27,7 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,9 +43,10 @@ log = logging.getLogger(__name__)
 _MAX_LINE = 128  # a bulk-string header is "$<up to 20 digits>\r\n"; error lines are cut here
 _IOV_MAX = 512  # buffers per recvmsg_into (Linux takes up to 1024)
 RECV_SLICE_S = 0.05  # longest wait in one receive syscall before the reader looks at what it has
-# plain sockets receive a connection's replies in one scatter syscall (`_Conn.recv_share`);
-# GLA_BULK_SCATTER=0 reads them reply by reply as before (kept to measure the two against each other)
-SCATTER = os.environ.get("GLA_BULK_SCATTER", "1") != "0"
+# how plain sockets receive (`_Conn.recv_share`): 1 = each reply (header, payload, CRLF) in one
+# scatter syscall; 2 = a connection's replies all in one, checksummed once they are in; 0 = header
+# line, payload and CRLF in three receives as before. GLA_BULK_SCATTER picks one, to measure them.
+SCATTER = int(os.environ.get("GLA_BULK_SCATTER", "1"))
 
 
 def _timeval(seconds: float) -> bytes:
@@ -282,6 +285,67 @@ class _Read:
                 pass
 
 
+class _Workers:
+    """Threads that run a read's per-connection tasks, each on its own thread, all at once.
+
+    Why not a ThreadPoolExecutor: it starts a thread only when its count of idle threads says none
+    is free, and that count runs ahead of the threads really waiting (each finished task adds one),
+    so on the H200 host a read's 24 tasks ran on 19 threads and the last ones waited for earlier
+    ones to finish. Here a task goes to an idle thread or a new one, never into a queue.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._idle: list[queue.SimpleQueue[tuple[Callable[[], None], Future[None]] | None]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.started = 0
+
+    def run(self, tasks: Sequence[Callable[[], None]]) -> list[Future[None]]:
+        futures: list[Future[None]] = []
+        for task in tasks:
+            fut: Future[None] = Future()
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("bulk reader closed")
+                inbox = self._idle.pop() if self._idle else None
+                if inbox is None:
+                    self.started += 1
+                    inbox = queue.SimpleQueue()
+                    threading.Thread(target=self._loop, args=(inbox,), daemon=True,
+                                     name=f"{self._name}-{self.started}").start()
+            inbox.put((task, fut))
+            futures.append(fut)
+        return futures
+
+    def _loop(self, inbox: queue.SimpleQueue[tuple[Callable[[], None], Future[None]] | None]) -> None:
+        while (item := inbox.get()) is not None:
+            task, fut = item
+            error: BaseException | None = None
+            try:
+                task()
+            except BaseException as e:  # noqa: BLE001 - handed to the reader through the future
+                error = e
+            with self._lock:  # idle again before the reader hears of it: its next read finds this thread
+                closed = self._closed
+                if not closed:
+                    self._idle.append(inbox)
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(None)
+            del item, task, fut, error  # nothing of this read stays referenced while the thread idles
+            if closed:
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for inbox in idle:
+            inbox.put(None)
+
+
 class BulkReader:
     """Pooled plain connections and reader threads for `RedisTier.read_snapshot_into`.
 
@@ -307,8 +371,7 @@ class BulkReader:
         self._idle: list[list[_Conn]] = [[] for _ in self.endpoints]
         self._lock = threading.Lock()
         self.per_shard = -(-connections // len(self.endpoints))
-        self._pool = ThreadPoolExecutor(max_workers=4 * self.per_shard * len(self.endpoints),
-                                        thread_name_prefix="gla-redis-bulk")
+        self._pool = _Workers("gla-redis-bulk")
         self.reads = 0
         self.reconnects = 0
 
@@ -347,7 +410,7 @@ class BulkReader:
 
     def close(self) -> None:
         self.drop_idle()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
     def start(self, n: int) -> _Read:
         return _Read(n)
@@ -405,10 +468,10 @@ class BulkReader:
             for c in conns:
                 c.close()
             raise TimeoutError("bulk snapshot read abandoned")
-        futures = [
-            self._pool.submit(self._worker, read, conn, indices, ranges, sink, offsets is not None, deadline)
+        futures = self._pool.run([
+            functools.partial(self._worker, read, conn, indices, ranges, sink, offsets is not None, deadline)
             for conn, (_, indices) in zip(conns, plan, strict=True)
-        ]
+        ])
         if on_sent is not None:
             on_sent()
         ok = False
@@ -464,6 +527,9 @@ class BulkReader:
         deadline: float,
     ) -> None:
         """Receives the replies to the requests `read_into` sent on `conn`, in order."""
+        if conn.waitall and SCATTER == 2:
+            BulkReader._share_worker(read, conn, indices, ranges, sink, getrange, deadline)
+            return
         if conn.waitall and SCATTER:
             BulkReader._scatter_worker(read, conn, indices, ranges, sink, getrange, deadline)
             return
@@ -529,6 +595,58 @@ class BulkReader:
                 # checksummed here, in parallel, so only the last chunk's crc follows the last byte
                 read.checksums[i] = sink.part_checksum(start, stop)
                 read.done[i].set()
+        except BaseException as e:
+            read.fail(e)
+            raise
+
+
+    @staticmethod
+    def _share_worker(
+        read: _Read,
+        conn: _Conn,
+        indices: list[int],
+        ranges: Sequence[tuple[int, int]],
+        sink: ChunkSink,
+        getrange: bool,
+        deadline: float,
+    ) -> None:
+        """`_scatter_worker` with the connection's replies all in one `recv_share`: one GIL
+        hand-off to start and one to finish, however many pieces it carries; each piece is
+        checked and checksummed as the bytes received pass its end."""
+        try:
+            bufs: list[memoryview] = []
+            pieces: list[tuple[int, bytes, bytearray, bytearray, int, int]] = []  # i, want, header, crlf, begin, end
+            pos = 0
+            for i in indices:
+                start, stop = ranges[i]
+                want = b"$%d\r\n" % (stop - start)
+                header, trailer = bytearray(len(want)), bytearray(2)
+                end = pos + len(want) + stop - start + 2
+                pieces.append((i, want, header, trailer, pos, end))
+                bufs += [memoryview(header), *sink.views(start, stop), memoryview(trailer)]
+                pos = end
+            done = 0
+
+            def check(got: int) -> None:
+                nonlocal done
+                if read.error is not None or read.missing:
+                    raise ConnectionAbortedError("another connection of this read failed")
+                while done < len(pieces):
+                    i, want, header, trailer, begin, end = pieces[done]
+                    seen = min(got - begin, len(want))
+                    if seen <= 0:
+                        return
+                    if header[:seen] != want[:seen]:
+                        _bad_reply(read, i, want, bytes(header[:seen]), getrange)
+                    if got < end:
+                        return
+                    if trailer != b"\r\n":
+                        raise ResponseError("bulk reply not terminated by CRLF")
+                    read.checksums[i] = sink.part_checksum(*ranges[i])
+                    read.done[i].set()
+                    done += 1
+
+            conn.recv_share(bufs, deadline, check)
         except BaseException as e:
             read.fail(e)
             raise

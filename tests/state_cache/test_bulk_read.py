@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import signal
+import threading
 import time
 import uuid
 
@@ -342,7 +343,7 @@ def test_piece_ranges_cover_each_chunk_in_order():
     assert offsets == [0, 40, 80, 0]
 
 
-@pytest.mark.parametrize("scatter", [True, False], ids=["scatter", "reply_by_reply"])
+@pytest.mark.parametrize("scatter", [1, 2, 0], ids=["scatter", "share", "reply_by_reply"])
 @pytest.mark.parametrize("iov_max", [512, 5], ids=lambda n: f"iov{n}")
 def test_both_receive_paths_read_the_same_state(redis_proc, monkeypatch, scatter, iov_max):
     """One connection's whole share through one scatter syscall (or several, when it has more
@@ -422,3 +423,29 @@ def test_an_error_reply_for_a_chunk_is_a_miss_and_its_socket_is_not_reused(redis
     assert errored is None and errors == 1 and failures == 0
     assert_state_equal(back.tensors, STATE)
     assert reconnects == 2 and reconnects_after == 4  # the failed read's sockets were closed, not pooled
+
+
+def test_a_reads_tasks_all_run_at_once_on_reused_threads():
+    """Every per-connection task of a read runs on its own thread at the same time (a barrier of
+    all of them passes), and the next read reuses those threads."""
+    workers = bulk_read._Workers("test-bulk")
+    try:
+        for _ in range(3):
+            barrier = threading.Barrier(8, timeout=5)
+            names: list[str] = []
+
+            def task(barrier: threading.Barrier = barrier, names: list[str] = names) -> None:
+                barrier.wait()
+                names.append(threading.current_thread().name)
+
+            for f in workers.run([task] * 8):
+                f.result(timeout=10)
+            assert len(set(names)) == 8
+        failing = workers.run([lambda: 1 / 0])[0]
+        with pytest.raises(ZeroDivisionError):
+            failing.result(timeout=10)
+        assert workers.started == 8  # the failed task ran on an idle thread too
+    finally:
+        workers.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        workers.run([lambda: None])
