@@ -322,3 +322,21 @@ def test_the_setting_comes_from_the_environment_and_reaches_the_tier(redis_proc,
     assert pinned is not None and pinned.depth == 3
     monkeypatch.setenv("GLA_STATE_CACHE_PINNED_SETS", "0")
     assert build_state_cache(Settings(redis_url=redis_proc.url), FP).pinned_sets is None
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_pool_refills_with_page_locked_sets_and_a_decode_lands_in_them():
+    """The default allocator, on a CUDA host: sets allocated in the refill's worker thread are
+    page-locked, and a decode into one hands out those very tensors."""
+    pool = PinnedSets(1, delay_s=0.0)
+
+    async def main():
+        assert pool.take(LAYOUT) is None
+        await until(lambda: pool.ready(LAYOUT) == 1 and not pool.refilling)
+        return pool.take(LAYOUT)
+
+    ready = asyncio.run(main())
+    assert ready is not None and all(t.is_pinned() for t in ready.values())
+    snap = decode(encoded(), in_place=True, per_tensor=True, buffers=ready).finish()
+    assert_state_equal(snap.tensors, STATE)
+    assert all(snap.tensors[name] is ready[name] and snap.tensors[name].is_pinned() for name in ready)
