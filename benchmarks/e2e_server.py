@@ -42,6 +42,7 @@ from benchmarks.raw_http import RawSSEClient  # noqa: E402
 from model import GLAConfig, GLAForCausalLM, load_tokenizer  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
+from server.state_cache import bulk_read  # noqa: E402
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype, state_shape: bool = False) -> GLAForCausalLM:
@@ -386,8 +387,9 @@ def add_redis_args(ap: argparse.ArgumentParser) -> None:
                     help="the server's redis_bulk_connections (default: the setting's default)")
     ap.add_argument("--read-piece-bytes", type=int, default=None,
                     help="the server's redis_read_piece_bytes (0: one GET per chunk; default: the setting's)")
-    ap.add_argument("--early-read", action="store_true",
-                    help="the server's redis_early_read: a cold replica reads the state while the log is fetched")
+    ap.add_argument("--early-read", action=argparse.BooleanOptionalAction, default=None,
+                    help="the server's redis_early_read (on by default): a cold replica reads the state while the "
+                    "log is decoded; --no-early-read turns it off")
     ap.add_argument("--cold-replica", action="store_true",
                     help="every turn's load first forgets what this server holds of the conversation (pointer, log, "
                     "host copy), as on a replica that never saw it: the cross-replica case the Redis tier is for")
@@ -427,8 +429,8 @@ def redis_settings(args: argparse.Namespace, url: str, shards: list[Any] | None 
         out["redis_bulk_connections"] = args.bulk_connections
     if args.read_piece_bytes is not None:
         out["redis_read_piece_bytes"] = args.read_piece_bytes
-    if args.early_read:
-        out["redis_early_read"] = True
+    if args.early_read is not None:
+        out["redis_early_read"] = args.early_read
     if args.device_staging:
         out["redis_device_staging"] = True
     return out
@@ -597,7 +599,8 @@ def main() -> None:
         "think_ms": args.think_ms,
         "redis": {k: getattr(args, k) for k in ("redis_io_threads", "redis_chunk_shards", "state_cache_dtype",
                                                 "bulk_connections", "read_piece_bytes", "early_read",
-                                                "device_staging", "cold_replica")},
+                                                "device_staging", "cold_replica")}
+        | {"early_read": settings.redis_early_read, "receive_mode": bulk_read.SCATTER},
         "cache_counters": cache_counters(conversations),
         "ttft": ttft_rows,
         "cuda_graph_prefill": settings.cuda_graph_prefill,

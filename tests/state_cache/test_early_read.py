@@ -185,8 +185,8 @@ def test_a_turn_cancelled_before_its_early_read_transfers_gives_its_lease_back(r
 
 
 def test_the_setting_reaches_the_store(redis_proc):
-    on = build_conversation_store(Settings(redis_url=redis_proc.url, redis_early_read=True), FP)
-    off = build_conversation_store(Settings(redis_url=redis_proc.url), FP)
+    on = build_conversation_store(Settings(redis_url=redis_proc.url), FP)  # the default
+    off = build_conversation_store(Settings(redis_url=redis_proc.url, redis_early_read=False), FP)
     assert on.early_read and not off.early_read
 
 
