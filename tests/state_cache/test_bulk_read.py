@@ -2,7 +2,6 @@
 
 import asyncio
 import gc
-import shutil
 import signal
 import threading
 import time
@@ -11,7 +10,7 @@ import uuid
 import pytest
 import redis
 
-from server.state_cache import bulk_read, native
+from server.state_cache import bulk_read
 from server.state_cache.bulk_read import Endpoint, chunk_ranges
 from server.state_cache.keys import prefix_hash
 from server.state_cache.redis_tier import RedisTier, chunk_key, parse_manifest, piece_ranges
@@ -31,18 +30,6 @@ PH = prefix_hash(range(9))
 # odd sizes: fp32 recurrent tensors of 1,020 bytes and bf16 conv tails of 30, so the payload has
 # alignment gaps, and 100-byte chunks cut tensors, gaps and chunk boundaries at every offset
 STATE = make_state(layers=3, heads=3, v=17, k=5)
-
-
-@pytest.fixture(autouse=True, params=["native", "threads"])
-def receiver(request, monkeypatch):
-    """Every test here runs with both receive loops: native threads without the GIL
-    (`recv_many.c`, built with the machine's C compiler) and the Python reader threads."""
-    if request.param == "native":
-        if shutil.which("cc") is None and shutil.which("gcc") is None:
-            pytest.skip("no C compiler to build the native receive loop")
-        assert native.library() is not None, "the native receive loop did not build"
-    monkeypatch.setattr(bulk_read, "NATIVE", request.param == "native")
-    return request.param
 
 
 def ns() -> str:
@@ -67,7 +54,7 @@ def enc(state=STATE, checksum_alg=CHECKSUM_CRC32):
 
 @pytest.mark.parametrize("connections", [1, 3], ids=lambda c: f"conns{c}")
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["flat", "per_tensor"])
-def test_read_in_place_equals_the_stored_state(redis_proc, connections, per_tensor, receiver):
+def test_read_in_place_equals_the_stored_state(redis_proc, connections, per_tensor):
     key = ns() + "snap"
 
     async def main():
@@ -78,7 +65,6 @@ def test_read_in_place_equals_the_stored_state(redis_proc, connections, per_tens
             first = await tier.read_snapshot_into(key, opener(per_tensor), feed)
             again = await tier.read_snapshot_into(key, opener(per_tensor), feed)  # pooled sockets reused
             absent = await tier.read_snapshot_into(ns() + "absent", opener(per_tensor), feed)
-            assert tier.bulk.native_reads == (2 if receiver == "native" else 0)
             return first.finish(), again.finish(), absent, tier.stats(), tier.bulk.reconnects, tier.bulk.reads
         finally:
             await tier.close()
@@ -359,10 +345,9 @@ def test_piece_ranges_cover_each_chunk_in_order():
 
 @pytest.mark.parametrize("scatter", [1, 2, 0], ids=["scatter", "share", "reply_by_reply"])
 @pytest.mark.parametrize("iov_max", [512, 5], ids=lambda n: f"iov{n}")
-def test_the_python_receive_paths_read_the_same_state(redis_proc, monkeypatch, scatter, iov_max):
+def test_both_receive_paths_read_the_same_state(redis_proc, monkeypatch, scatter, iov_max):
     """One connection's whole share through one scatter syscall (or several, when it has more
     buffers than one call takes) equals the reply-by-reply read, pieces and all."""
-    monkeypatch.setattr(bulk_read, "NATIVE", False)
     monkeypatch.setattr(bulk_read, "SCATTER", scatter)
     monkeypatch.setattr(bulk_read, "_IOV_MAX", iov_max)
     key = ns() + "snap"
