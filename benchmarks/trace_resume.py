@@ -302,9 +302,8 @@ def main() -> None:
     ap.add_argument("--gil-watchdog", action="store_true",
                     help="a thread that stamps every stretch over 3 ms in which it could not run (in all_stamps_ms)")
     ap.add_argument("--scatter", type=int, nargs="+", default=[-1],
-                    help="bulk_read.SCATTER for each round in turn (1: one receive syscall per reply, 2: one per "
-                    "connection, 0: reply by reply as before; -1 leaves the default), e.g. 1 0 1 0 to alternate "
-                    "in one process")
+                    help="bulk_read.SCATTER for each round in turn (1: a socket's replies in one receive syscall, "
+                    "0: reply by reply as before; -1 leaves the default), e.g. 1 0 1 0 to alternate in one process")
     ap.add_argument("--spin", type=int, nargs="+", default=[0],
                     help="busy processes running through each round in turn (0: none): if the read is bound by "
                     "waking idle CPUs rather than by the GIL, busy CPUs shorten it (probe_wakeup.py)")
@@ -363,7 +362,7 @@ def main() -> None:
         for p in spin_procs:
             p.start()
         if scatter >= 0:
-            bulk_read.SCATTER = scatter
+            bulk_read.SCATTER = bool(scatter)
         sys.setswitchinterval(switch_ms / 1e3)
         STAMPS.clear()
         runs = pool.submit(client_process, url, kind, args.history, args.new_tokens, args.reps, vocab,

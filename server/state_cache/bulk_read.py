@@ -43,12 +43,11 @@ log = logging.getLogger(__name__)
 _MAX_LINE = 128  # a bulk-string header is "$<up to 20 digits>\r\n"; error lines are cut here
 _IOV_MAX = 512  # buffers per recvmsg_into (Linux takes up to 1024)
 RECV_SLICE_S = 0.05  # longest wait in one receive syscall before the reader looks at what it has
-# how plain sockets receive (`_Conn.recv_share`): 2 (default) = a connection's replies all in one
-# scatter syscall, each checked and checksummed as the bytes pass its end; 1 = one syscall per reply
-# (header, payload, CRLF); 0 = header line, payload and CRLF in three receives, as before.
-# GLA_BULK_SCATTER picks one, to measure them (H200, 8 shards, 16 sockets: read 8.1 ms with 2
-# against 9.8 with 1; 32 sockets: 9.8 against 10.9 with 1 and 11.3 with 0; one trace each).
-SCATTER = int(os.environ.get("GLA_BULK_SCATTER", "2"))
+# plain sockets receive each connection's replies in one scatter syscall (`_Conn.recv_share`);
+# GLA_BULK_SCATTER=0 reads them reply by reply (header line, payload, CRLF) as before, to compare
+# (H200, 8 shards: read 8.1-10.0 ms with 16 sockets, 9.8 ms against 11.3 with 32; one
+# syscall per reply instead, removed since, 9.8-10.9 ms)
+SCATTER = os.environ.get("GLA_BULK_SCATTER", "1") != "0"
 
 
 def _timeval(seconds: float) -> bytes:
@@ -206,10 +205,11 @@ class _Conn:
         """Fills `bufs` in order from the socket, each syscall taking as many of them as it can.
 
         Why: a piece read as header line, payload and trailer cost three `recv`s, and each one
-        gives the GIL back and must win it again; in the H200 server's traces the reader threads
-        spent most of a 48 MiB read waiting for the GIL, not for bytes. With the replies' lengths
-        known in advance, one `recvmsg_into(MSG_WAITALL)` scatters a reply (its header into a
-        small buffer, its payload into the state, its CRLF) in a single syscall.
+        gives the GIL back and must win it again (a hand-off to a sleeping thread is a wake-up of
+        0.13-0.19 ms on the idle H200 host). With the replies' lengths known in advance, one
+        `recvmsg_into(MSG_WAITALL)` scatters a socket's replies (headers into small buffers,
+        payloads into the state, CRLFs) in a single syscall. (The read stays bound by how fast the
+        Redis servers deliver: a receive loop in C without the GIL was no faster.)
 
         `check(n)` runs after each syscall with the bytes received so far and raises on a reply
         that does not match its expected header (so a short reply, say a missing key's, is caught
@@ -529,11 +529,8 @@ class BulkReader:
         deadline: float,
     ) -> None:
         """Receives the replies to the requests `read_into` sent on `conn`, in order."""
-        if conn.waitall and SCATTER == 2:
-            BulkReader._share_worker(read, conn, indices, ranges, sink, getrange, deadline)
-            return
         if conn.waitall and SCATTER:
-            BulkReader._scatter_worker(read, conn, indices, ranges, sink, getrange, deadline)
+            BulkReader._share_worker(read, conn, indices, ranges, sink, getrange, deadline)
             return
         try:
             for i in indices:
@@ -564,45 +561,6 @@ class BulkReader:
 
 
     @staticmethod
-    def _scatter_worker(
-        read: _Read,
-        conn: _Conn,
-        indices: list[int],
-        ranges: Sequence[tuple[int, int]],
-        sink: ChunkSink,
-        getrange: bool,
-        deadline: float,
-    ) -> None:
-        """`_worker` for a plain socket: each reply's header, payload and CRLF land through one
-        `recv_share`, the header in a small buffer checked against the length asked for. Reply by
-        reply, not the connection's whole share at once, so each piece's checksum runs while the
-        next one is on its way (one share per syscall measured 62-68 against 37-57 ms for 48 MiB on
-        the 2-core CI box, its checksums all at the end)."""
-        try:
-            for i in indices:
-                if read.error is not None or read.missing:
-                    raise ConnectionAbortedError("another connection of this read failed")
-                start, stop = ranges[i]
-                want = b"$%d\r\n" % (stop - start)
-                header, trailer = bytearray(len(want)), bytearray(2)
-
-                def check(got: int, header: bytearray = header, want: bytes = want, i: int = i) -> None:
-                    seen = min(got, len(want))
-                    if header[:seen] != want[:seen]:
-                        _bad_reply(read, i, want, bytes(header[:seen]), getrange)
-
-                conn.recv_share([memoryview(header), *sink.views(start, stop), memoryview(trailer)], deadline, check)
-                if trailer != b"\r\n":
-                    raise ResponseError("bulk reply not terminated by CRLF")
-                # checksummed here, in parallel, so only the last chunk's crc follows the last byte
-                read.checksums[i] = sink.part_checksum(start, stop)
-                read.done[i].set()
-        except BaseException as e:
-            read.fail(e)
-            raise
-
-
-    @staticmethod
     def _share_worker(
         read: _Read,
         conn: _Conn,
@@ -612,8 +570,9 @@ class BulkReader:
         getrange: bool,
         deadline: float,
     ) -> None:
-        """`_scatter_worker` with the connection's replies all in one `recv_share`: one GIL
-        hand-off to start and one to finish, however many pieces it carries; each piece is
+        """`_worker` for a plain socket: its replies all land through one `recv_share` (headers
+        in small buffers checked against the lengths asked for, payloads in place, CRLFs), so one
+        GIL hand-off starts it and one ends it however many pieces it carries; each piece is
         checked and checksummed as the bytes received pass its end."""
         try:
             bufs: list[memoryview] = []

@@ -600,6 +600,13 @@ class SnapshotDecoder:
             lo, hi = max(a, start), min(b, stop)
             self._stager.copy(lo, dst[lo - a : hi - a])
 
+    @property
+    def finish_bytes(self) -> int:
+        """About how many bytes `finish` still has to touch: the payload when it widens a reduced
+        state or waits for the device copies, else none (the checksum is already computed, and
+        only compared), so the caller can run it inline rather than hop to a thread and back."""
+        return self.header.payload_len if self._reduced or self._stager is not None else 0
+
     def finish(self) -> Snapshot:
         if self._pos != self.header.payload_len:
             raise SnapshotCorrupt(f"snapshot payload is {self._pos} bytes, header says {self.header.payload_len}")

@@ -507,7 +507,7 @@ class TieredStateCache:
             decoder = await self.redis.read_snapshot_into(snap_key, open_decoder, feed, on_transfer)
             if decoder is None:
                 return None
-            snap = await self._offload(decoder.header.payload_len, decoder.finish)
+            snap = await self._offload(decoder.finish_bytes, decoder.finish)
         except SnapshotError as e:
             # Never loaded, and deleted so the next lookup does not pay for it again.
             self._count(f"rejected_{e.reason}")

@@ -211,3 +211,24 @@ def test_streamed_decode_rejects_bad_payloads_and_headers():
         SnapshotDecoder(enc.header_bytes, fingerprint=fp("model-b"))
     with pytest.raises(PrefixMismatch):
         SnapshotDecoder(enc.header_bytes, fingerprint=FP, prefix_hash=prefix_hash([1]))
+
+
+def test_finish_says_when_it_has_work_left_widening_or_device_copies():
+    """`finish_bytes` lets the tier run `finish` inline when it only compares the checksum; a state
+    widened from bf16 or copied to a device must still finish on a worker thread."""
+    state = make_state()
+    plain = _encode(state)
+    reduced = _encode(state, storage_dtype=torch.bfloat16)
+    cases = {
+        "plain": (SnapshotDecoder(plain.header_bytes, fingerprint=FP, prefix_hash=PH), plain, 0),
+        "kept reduced": (SnapshotDecoder(reduced.header_bytes, fingerprint=FP, prefix_hash=PH, restore_dtype=False),
+                         reduced, 0),
+        "widened": (SnapshotDecoder(reduced.header_bytes, fingerprint=FP, prefix_hash=PH), reduced,
+                    len(reduced.payload)),
+        "staged": (SnapshotDecoder(plain.header_bytes, fingerprint=FP, prefix_hash=PH,
+                                   stage_device=torch.device("cpu")), plain, len(plain.payload)),
+    }
+    for name, (dec, enc, want) in cases.items():
+        assert dec.finish_bytes == want, name
+        dec.feed([enc.payload])
+        dec.finish()  # and it does finish, whichever way it is run
