@@ -470,8 +470,11 @@ class BulkReader:
             for c in conns:
                 c.close()
             raise TimeoutError("bulk snapshot read abandoned")
+        getrange = offsets is not None
         futures = self._pool.run([
-            functools.partial(self._worker, read, conn, indices, ranges, sink, offsets is not None, deadline)
+            functools.partial(self._share_worker, read, conn, indices, ranges, sink, getrange, deadline)
+            if conn.waitall and SCATTER else
+            functools.partial(self._worker, read, conn, indices, ranges, sink, getrange)
             for conn, (_, indices) in zip(conns, plan, strict=True)
         ])
         if on_sent is not None:
@@ -526,12 +529,9 @@ class BulkReader:
         ranges: Sequence[tuple[int, int]],
         sink: ChunkSink,
         getrange: bool,
-        deadline: float,
     ) -> None:
-        """Receives the replies to the requests `read_into` sent on `conn`, in order."""
-        if conn.waitall and SCATTER:
-            BulkReader._share_worker(read, conn, indices, ranges, sink, getrange, deadline)
-            return
+        """Receives the replies to the requests `read_into` sent on `conn`, in order, reply by
+        reply (TLS sockets, or `GLA_BULK_SCATTER=0`; the socket's timeout bounds each receive)."""
         try:
             for i in indices:
                 if read.error is not None or read.missing:
